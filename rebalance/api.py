@@ -1,4 +1,8 @@
-"""The Python API: ``run(spec, out) -> Result`` and ``load_result(out)``."""
+"""The Python API: ``run(spec, out) -> Result`` and ``load_result(out)``.
+
+``out`` (the run directory) and ``data.path`` may be local paths or URIs of any ``pyarrow.fs`` filesystem
+(``s3://bucket/run1``, ``gs://...``): see :mod:`rebalance.data.fs` for the options and credentials.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from rebalance.data.fs import StoragePath, as_path, check_location
 from rebalance.data.parts import read_parts
 from rebalance.data.readers import dataset_fingerprint, list_shards, resolve_format
 from rebalance.runtime.manifest import STAGES, RunDir, fingerprint, package_versions
@@ -26,9 +31,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Result:
-    """A finished run: its directory, manifest and report; per-row weights are read on first access."""
+    """A finished run: its directory (a ``Path``, or a ``StoragePath`` for a URI), manifest and report;
+    per-row weights are read on first access."""
 
-    out: Path
+    out: Path | StoragePath
     manifest: dict[str, Any]
     report: dict[str, Any]
 
@@ -38,7 +44,7 @@ class Result:
         return read_parts(self.out / "weights")
 
     @property
-    def paths(self) -> dict[str, Path]:
+    def paths(self) -> dict[str, Path | StoragePath]:
         names = (
             "manifest.json",
             "embeddings",
@@ -115,6 +121,7 @@ def run(
     if until not in STAGES:
         raise ValueError(f"until must be one of {STAGES}, got {until!r}")
     spec = as_spec(spec)
+    check_location(out, "run directory")
     run_dir = RunDir(out)
     shards = list_shards(spec.data)
     inputs = dataset_fingerprint(shards)
@@ -144,8 +151,9 @@ def run(
 
 
 def load_result(out: str | os.PathLike) -> Result:
-    """The :class:`Result` of a finished run directory."""
-    out = Path(out)
+    """The :class:`Result` of a finished run directory (a local path or a URI)."""
+    out = as_path(out)
+    check_location(out, "run directory")
     run_dir = RunDir(out)
     if not run_dir.manifest_path.is_file():
         raise FileNotFoundError(f"{out} is not a run directory (no manifest.json)")
@@ -163,6 +171,7 @@ def rebuild_report(out: str | os.PathLike) -> Result:
     from rebalance.stages.context import StageContext
     from rebalance.stages.report import run_report
 
+    check_location(out, "run directory")
     run_dir = RunDir(out)
     if not run_dir.manifest_path.is_file():
         raise FileNotFoundError(f"{out} is not a run directory (no manifest.json)")

@@ -25,6 +25,7 @@ __all__ = [
     "KMeansSpec",
     "ClusterSpec",
     "BalanceSpec",
+    "SoftSpec",
     "ReportSpec",
     "RaySpec",
     "Spec",
@@ -200,11 +201,38 @@ def cluster_marginal(name: str) -> tuple[str, int] | None:
 
 
 @dataclass(frozen=True)
+class SoftSpec:
+    """Balanced soft labels: a log-domain Sinkhorn on the scores S = x C^T / temperature of every row's
+    ``side`` embedding x against that side's centroids C, with row marginal 1/N and column marginal the
+    balance target of ``<side>_cluster``; each row keeps its ``top_k`` largest codes.
+
+    ``iterations`` is a fixed count (GH: 300, SwAV: 3) or ``auto`` (until the column marginal's total
+    variation is below ``balance.tol``, at most ``balance.max_iter``).
+    """
+
+    side: Literal["image", "text"] = "image"
+    temperature: float = 0.05
+    iterations: int | Literal["auto"] = 3
+    top_k: int = 5
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise SpecError("balance.soft.temperature", "must be > 0", self.temperature)
+        if self.iterations != "auto" and self.iterations < 1:
+            raise SpecError("balance.soft.iterations", "must be >= 1 or 'auto'", self.iterations)
+        if self.top_k < 1:
+            raise SpecError("balance.soft.top_k", "must be >= 1", self.top_k)
+
+
+@dataclass(frozen=True)
 class BalanceSpec:
     """Iterative proportional fitting of the joint measure over ``marginals`` toward their targets.
 
     ``iterations`` is a fixed number of passes (the k-step balanced measure) or ``auto`` (until the largest
-    total-variation marginal error is below ``tol``, at most ``max_iter`` passes).
+    total-variation marginal error is below ``tol``, at most ``max_iter`` passes). ``path``: ``cell`` runs
+    IPF on the table of distinct label tuples on the driver, ``rows`` keeps the rows on actors and reduces
+    per-label sums each step, ``auto`` takes the cell path while the parts hold at most ``max_cells``
+    distinct tuples in all. ``soft``: also write balanced soft labels (:class:`SoftSpec`).
     """
 
     marginals: tuple[str, ...] = MARGINAL_CLUSTERS
@@ -215,6 +243,9 @@ class BalanceSpec:
     max_iter: int = 1000
     max_weight: float | None = None
     allow_partial: bool = False
+    path: Literal["auto", "cell", "rows"] = "auto"
+    max_cells: int = 4_000_000
+    soft: SoftSpec | None = None
 
     def __post_init__(self) -> None:
         if not self.marginals:
@@ -230,6 +261,8 @@ class BalanceSpec:
             raise SpecError("balance.tol", "must be > 0", self.tol)
         if self.max_iter < 1:
             raise SpecError("balance.max_iter", "must be >= 1", self.max_iter)
+        if self.max_cells < 1:
+            raise SpecError("balance.max_cells", "must be >= 1", self.max_cells)
         if self.max_weight is not None and not self.max_weight >= 1:
             raise SpecError(
                 "balance.max_weight", "must be >= 1 (weights have mean 1) or null", self.max_weight
@@ -361,6 +394,9 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
+        others = [o for o in options if o is not type(None)]
+        if len(others) == 1 and dataclasses.is_dataclass(others[0]):  # its own errors name the field
+            return _convert(others[0], value, path)
         for option in options:
             if option is type(None):
                 continue

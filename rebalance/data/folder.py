@@ -7,7 +7,8 @@ the image's path relative to ``data.path`` without its suffix (``cats/001``), wi
 
 Shards are fixed-size chunks of the image list sorted by relative path: ``FOLDER_SHARD_SIZE`` images each,
 whatever the sub-folders (so a flat folder of a million images still spreads over many actors). Each shard
-carries its file list, so workers never list the folder again.
+carries its file list, so workers never list the folder again. ``data.path`` may be a URI
+(:mod:`rebalance.data.fs`); a remote folder is listed once, recursively.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from rebalance.data import fs
 from rebalance.data.rows import MAX_ENCODED_BYTES, BatchBuilder, RowBatch, Shard, decode_caption
 
 __all__ = [
@@ -32,14 +34,9 @@ FOLDER_SHARD_SIZE = 10_000
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
-def walk_files(root: Path) -> Iterator[str]:
-    """Relative POSIX paths of the visible files under ``root``."""
-    for directory, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        rel_dir = Path(directory).relative_to(root).as_posix()
-        for name in files:
-            if not name.startswith("."):
-                yield name if rel_dir == "." else f"{rel_dir}/{name}"
+def walk_files(root: Path | fs.StoragePath) -> Iterator[str]:
+    """Relative POSIX paths of the visible files under ``root`` (a local directory or a URI)."""
+    return fs.walk_files(root)
 
 
 def folder_key(rel: str) -> str:
@@ -48,10 +45,12 @@ def folder_key(rel: str) -> str:
     return stem if dot and "/" not in suffix else rel
 
 
-def list_folder_shards(root: str | os.PathLike, shard_size: int | None = None) -> list[Shard]:
+def list_folder_shards(
+    root: str | os.PathLike | fs.StoragePath, shard_size: int | None = None
+) -> list[Shard]:
     """The folder's images in chunks of ``shard_size`` (default FOLDER_SHARD_SIZE), each image followed by
     its sidecar caption when it has one."""
-    root = Path(root)
+    root = fs.as_path(root)
     shard_size = shard_size or FOLDER_SHARD_SIZE
     images, texts = [], set()
     for rel in walk_files(root):
@@ -76,17 +75,24 @@ def list_folder_shards(root: str | os.PathLike, shard_size: int | None = None) -
 
 def has_captions(shards: list[Shard]) -> bool:
     """Whether any image of the folder has a sidecar caption (then the dataset has a text side)."""
-    return any(f.endswith(".txt") for s in shards for f in s.files)
+    return any(_is_caption(f) for s in shards for f in s.files)
+
+
+def _is_caption(path: str) -> bool:
+    """Whether a shard file (a path or a URI, whose query follows the name) is a sidecar caption."""
+    return fs.as_path(path).name.endswith(".txt")
 
 
 def _read(path: str, side: str) -> tuple[bytes | None, str | None]:
     try:
-        size = os.stat(path).st_size
+        size = fs.stat(path)[0]
         if size > MAX_ENCODED_BYTES:
             return None, f"{side}:too large ({size} bytes)"
-        with open(path, "rb") as handle:
+        with fs.open_input(path, stream=True) as handle:
             return handle.read(), None
     except OSError as err:
+        if fs.is_transient(err):  # the store, not the file: fail, and let a resume read it again
+            raise fs.StorageError(f"cannot read {path}: {err}") from err
         return None, f"{side}:unreadable ({type(err).__name__}: {err.strerror or err})"
 
 
@@ -98,7 +104,7 @@ def read_folder_shard(shard: Shard, root: str, has_text: bool, batch_size: int) 
     (``text:not utf-8``). An image without a sidecar (when others have one) gets caption None, which the
     embed stage rejects as ``text:missing``.
     """
-    root_path = Path(root)
+    root_path = fs.as_path(root)
     files = shard.files
     builder = BatchBuilder(batch_size, True, has_text)
     yielded = False
@@ -106,10 +112,10 @@ def read_folder_shard(shard: Shard, root: str, has_text: bool, batch_size: int) 
     while i < len(files):
         image_path = files[i]
         sidecar = None
-        if i + 1 < len(files) and files[i + 1].endswith(".txt"):
+        if i + 1 < len(files) and _is_caption(files[i + 1]):
             sidecar = files[i + 1]
         i += 2 if sidecar else 1
-        key = folder_key(Path(image_path).relative_to(root_path).as_posix())
+        key = folder_key(fs.as_path(image_path).relative_to(root_path).as_posix())
         image, reason = _read(image_path, "image")
         text = None
         if reason is None and has_text and sidecar is not None:

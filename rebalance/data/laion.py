@@ -11,6 +11,9 @@ through a read-only memory map, ``batch_size`` rows at a time. The key of a row 
 ``data.key_column`` (default ``key``) when the metadata has it, else ``<i>:<j>``; carried columns come from
 the metadata. Files of one shard with different row counts, a shard missing one of the files the others
 have, or vectors of different widths are a :class:`LaionLayoutError` that names the files.
+
+``data.path`` may be a URI (:mod:`rebalance.data.fs`): remote ``.npy`` files are not memory-mapped but read
+``batch_size`` rows at a time by ranged reads after their header.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from rebalance.data import fs
 from rebalance.data.rows import RowBatch, Shard
 
 __all__ = ["LaionLayoutError", "is_laion", "list_laion_shards", "read_laion_shard", "shard_files"]
@@ -38,17 +41,54 @@ class LaionLayoutError(ValueError):
     """The three files of the clip-retrieval layout do not line up."""
 
 
-def is_laion(root: str | Path) -> bool:
+def is_laion(root: str | Path | fs.StoragePath) -> bool:
     """Whether ``root`` is a directory with ``img_emb/`` or ``text_emb/``."""
-    root = Path(root)
+    root = fs.as_path(root)
     return root.is_dir() and ((root / "img_emb").is_dir() or (root / "text_emb").is_dir())
 
 
-def _numbered(directory: Path, prefix: str, suffix: str) -> dict[str, Path]:
+def _numbered(directory: Path | fs.StoragePath, prefix: str, suffix: str) -> dict[str, Path | fs.StoragePath]:
     pattern = re.compile(rf"^{prefix}_(\d+){re.escape(suffix)}$")
     if not directory.is_dir():
         return {}
     return {m.group(1): p for p in directory.iterdir() if (m := pattern.match(p.name)) and p.is_file()}
+
+
+class RemoteNpy:
+    """The rows of a remote ``.npy`` file, read on demand: ``shape``, ``ndim``, ``dtype`` and row slices
+    ``[start:stop]`` (ranged reads after the header; C order only)."""
+
+    def __init__(self, path: str | fs.StoragePath):
+        self.handle = fs.open_input(path)
+        version = np.lib.format.read_magic(self.handle)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(self.handle)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(self.handle)
+        if dtype.hasobject:
+            raise ValueError(f"{path}: object arrays are not vectors")
+        if fortran and len(shape) > 1:
+            raise ValueError(f"{path}: Fortran-ordered arrays are not supported remotely")
+        self.shape, self.dtype, self.ndim = tuple(shape), dtype, len(shape)
+        self.offset = self.handle.tell()
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, step = rows.indices(self.shape[0] if self.ndim else 0)
+        if step != 1:
+            raise ValueError("only contiguous row slices")
+        n = max(0, stop - start)
+        data = self.handle.read_at(n * self.row_bytes, self.offset + start * self.row_bytes)
+        if len(data) != n * self.row_bytes:
+            raise EOFError(f"truncated .npy file: rows {start}:{stop} are not all there")
+        return np.frombuffer(data, dtype=self.dtype).reshape(n, *self.shape[1:])
+
+
+def open_npy(path: str | fs.StoragePath) -> np.ndarray | RemoteNpy:
+    """A local ``.npy`` file memory-mapped read-only, or a :class:`RemoteNpy` for a URI."""
+    if fs.is_remote(path):
+        return RemoteNpy(path)
+    return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
 def shard_files(shard: Shard) -> dict[str, str]:
@@ -56,7 +96,7 @@ def shard_files(shard: Shard) -> dict[str, str]:
     out = {}
     for path in shard.all_files:
         for role in ROLES:
-            if Path(path).name.startswith(role + "_"):
+            if fs.as_path(path).name.startswith(role + "_"):
                 out[role] = path
     return out
 
@@ -64,11 +104,13 @@ def shard_files(shard: Shard) -> dict[str, str]:
 def _rows_and_width(path: str) -> tuple[int, int | None] | None:
     """(rows, width) of an .npy file or (rows, None) of a Parquet file; None when it cannot be read."""
     try:
-        if path.endswith(".npy"):
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        if fs.as_path(path).suffix == ".npy":
+            array = open_npy(path)
             return int(array.shape[0]) if array.ndim else 0, int(array.shape[1]) if array.ndim == 2 else -1
-        return pq.ParquetFile(path).metadata.num_rows, None
-    except (OSError, ValueError, pa.ArrowException):
+        return fs.parquet_file(path).metadata.num_rows, None
+    except (OSError, ValueError, pa.ArrowException) as err:
+        if fs.is_transient(err):
+            raise fs.StorageError(f"cannot read {path}: {err}") from err
         return None
 
 
@@ -95,10 +137,10 @@ def check_shard(
     return next(iter(rows.values()), None)
 
 
-def list_laion_shards(root: str | Path) -> list[Shard]:
+def list_laion_shards(root: str | Path | fs.StoragePath) -> list[Shard]:
     """The shards of a clip-retrieval layout in order of their number, after checking that every shard has
     the same kinds of file and that their row counts and widths agree."""
-    root = Path(root)
+    root = fs.as_path(root)
     found = {role: _numbered(root / role, prefix, suffix) for role, (prefix, suffix) in ROLES.items()}
     vector_roles = [r for r in ("img_emb", "text_emb") if found[r]]
     if not vector_roles:
@@ -125,7 +167,7 @@ def list_laion_shards(root: str | Path) -> list[Shard]:
 def metadata_schema(shard: Shard) -> pa.Schema | None:
     """The schema of the shard's metadata file, or None when it has none."""
     path = shard_files(shard).get("metadata")
-    return pq.read_schema(path) if path else None
+    return fs.read_schema(path) if path else None
 
 
 def read_laion_shard(
@@ -137,10 +179,10 @@ def read_laion_shard(
     arrays = {}
     for role, side in (("img_emb", "image"), ("text_emb", "text")):
         if role in files:
-            arrays[side] = np.load(files[role], mmap_mode="r", allow_pickle=False)
+            arrays[side] = open_npy(files[role])
     if rows is None:
         raise OSError(f"no readable file in shard {shard.rel}")
-    meta = pq.ParquetFile(files["metadata"]) if "metadata" in files else None
+    meta = fs.parquet_file(files["metadata"]) if "metadata" in files else None
     names = meta.schema_arrow.names if meta is not None else []
     has_key = key_column in names
     columns = list(dict.fromkeys([key_column] * has_key + list(carry)))

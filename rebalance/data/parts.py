@@ -1,7 +1,9 @@
 """Per-shard part files of a run directory: ``part-NNNNN.parquet`` plus its summary ``part-NNNNN.json``.
 
 The summary is written after the Parquet file, so it is the commit point of a part: a part whose summary
-exists is complete (resume skips it); a Parquet file without a summary is redone.
+exists is complete (resume skips it); a Parquet file without a summary is redone. This holds on object
+stores too, where each file is published whole (:mod:`rebalance.data.atomic`) and readers list only the
+parts that have a summary. ``directory`` may be a local path or a URI (:mod:`rebalance.data.fs`).
 """
 
 from __future__ import annotations
@@ -12,25 +14,29 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from rebalance.data.atomic import atomic_write_json, atomic_write_table
+from rebalance.data.fs import StoragePath, as_path, read_table
 
-__all__ = ["part_path", "write_part", "part_summary", "read_parts", "list_parts"]
+__all__ = ["part_path", "write_part", "part_summary", "read_parts", "read_part", "list_parts"]
 
 
-def part_path(directory: str | os.PathLike, index: int, suffix: str = ".parquet") -> Path:
+def part_path(
+    directory: str | os.PathLike | StoragePath, index: int, suffix: str = ".parquet"
+) -> Path | StoragePath:
     """Path of part ``index`` in ``directory``."""
-    return Path(directory) / f"part-{index:05d}{suffix}"
+    return as_path(directory) / f"part-{index:05d}{suffix}"
 
 
-def write_part(directory: str | os.PathLike, index: int, table: pa.Table, summary: dict[str, Any]) -> None:
+def write_part(
+    directory: str | os.PathLike | StoragePath, index: int, table: pa.Table, summary: dict[str, Any]
+) -> None:
     """Write the table, then its summary (the commit point), both atomically."""
     atomic_write_table(table, part_path(directory, index))
     atomic_write_json({"rows": table.num_rows, **summary}, part_path(directory, index, ".json"))
 
 
-def part_summary(directory: str | os.PathLike, index: int) -> dict[str, Any] | None:
+def part_summary(directory: str | os.PathLike | StoragePath, index: int) -> dict[str, Any] | None:
     """The summary of a committed part, or None when the part is not complete."""
     path = part_path(directory, index, ".json")
     if not path.is_file() or not part_path(directory, index).is_file():
@@ -38,14 +44,21 @@ def part_summary(directory: str | os.PathLike, index: int) -> dict[str, Any] | N
     return json.loads(path.read_text())
 
 
-def list_parts(directory: str | os.PathLike) -> list[Path]:
+def list_parts(directory: str | os.PathLike | StoragePath) -> list[Path | StoragePath]:
     """The committed Parquet parts of ``directory`` in index order."""
-    return sorted(p.with_suffix(".parquet") for p in Path(directory).glob("part-*.json"))
+    return sorted(p.with_suffix(".parquet") for p in as_path(directory).glob("part-*.json"))
 
 
-def read_parts(directory: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+def read_part(
+    directory: str | os.PathLike | StoragePath, index: int, columns: list[str] | None = None
+) -> pa.Table:
+    """The Parquet table of part ``index`` of ``directory`` (``columns`` only, when given)."""
+    return read_table(part_path(directory, index), columns=columns)
+
+
+def read_parts(directory: str | os.PathLike | StoragePath, columns: list[str] | None = None) -> pa.Table:
     """All committed parts of ``directory`` concatenated in part order."""
-    tables = [pq.read_table(p, columns=columns) for p in list_parts(directory)]
+    tables = [read_table(p, columns=columns) for p in list_parts(directory)]
     if not tables:
         raise FileNotFoundError(f"no committed parts in {directory}")
     return pa.concat_tables(tables)

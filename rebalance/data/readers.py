@@ -10,12 +10,15 @@ Layouts (``data.format``; ``auto`` picks the first that matches, in this order):
   optional ``status``), or ``embeddings`` when the image/text columns hold float lists;
 - ``folder``: image files with optional sidecar ``.txt`` captions (:mod:`rebalance.data.folder`).
 
-``data.path`` may also be a single ``.parquet`` or ``.tar`` file. Directories are searched recursively;
+``data.path`` may also be a single ``.parquet`` or ``.tar`` file, and a local path or a URI of any
+``pyarrow.fs`` filesystem (``s3://bucket/prefix``, ``gs://...``; see :mod:`rebalance.data.fs`). Directories are searched recursively;
 names and folders starting with ``.`` are skipped. A batch holds at most ``batch_size`` rows (kept and
 rejected together), so memory is bounded by the batch size, not the shard. A shard that cannot be read
 yields no rows and one rejected entry ``(<shard>, "shard:unreadable (...)")``; keys repeated within a shard
 raise :class:`DuplicateKeyError` when the shard has been read, and :func:`check_unique_keys` finds keys
-repeated across the parts of the embed stage.
+repeated across the parts of the embed stage. A remote shard whose store cannot be reached (a network
+error, throttling) is not marked unreadable: :class:`~rebalance.data.fs.StorageError` fails the stage, and
+a resumed run reads the shard again.
 """
 
 from __future__ import annotations
@@ -31,10 +34,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from rebalance.data import folder, laion, webdataset
-from rebalance.data.parts import part_path
+from rebalance.data import folder, fs, laion, webdataset
+from rebalance.data.parts import part_path, read_part
 from rebalance.data.rows import BatchBuilder, RowBatch, Shard
 from rebalance.spec import DataSpec, SpecError
 
@@ -72,7 +74,7 @@ class DuplicateKeyError(ValueError):
 # ---------------------------------------------------------------------------------------------- listing
 
 
-def _search(root: Path) -> tuple[list[Path], list[Path]]:
+def _search(root: Path | fs.StoragePath) -> tuple[list, list]:
     """The visible .tar and .parquet files under ``root``, each list in sorted path order."""
     tars, parquets = [], []
     for rel in folder.walk_files(root):
@@ -84,7 +86,7 @@ def _search(root: Path) -> tuple[list[Path], list[Path]]:
     return sorted(tars), sorted(parquets)
 
 
-def _file_shards(paths: list[Path], root: Path, kind: str) -> list[Shard]:
+def _file_shards(paths: list, root: Path | fs.StoragePath, kind: str) -> list[Shard]:
     return [Shard(i, str(p), kind=kind, rel=p.relative_to(root).as_posix()) for i, p in enumerate(paths)]
 
 
@@ -95,8 +97,11 @@ def list_shards(data: DataSpec) -> list[Shard]:
     path, LAION shards by their number, folder chunks in image-path order. Raises :class:`SpecError` when
     the path holds nothing of the requested format, or a LAION layout whose files do not line up.
     """
-    root = Path(data.path)
+    root = fs.as_path(data.path)
+    fs.check_location(root, "data.path")
     fmt = data.format
+    if isinstance(root, fs.StoragePath) and not root.exists():
+        raise SpecError("data.path", "nothing exists at this URI", data.path)
     if root.is_file():
         if fmt == "folder":
             raise SpecError("data.path", "format folder needs a directory", data.path)
@@ -133,7 +138,7 @@ def list_shards(data: DataSpec) -> list[Shard]:
 
 def columns_of(shard: Shard) -> pa.Schema:
     """The schema of one Parquet shard, read from its footer."""
-    return pq.read_schema(shard.path)
+    return fs.read_schema(shard.path)
 
 
 # ---------------------------------------------------------------------------------------------- format
@@ -242,7 +247,7 @@ def _read_parquet_shard(
 ) -> Iterator[RowBatch]:
     """Keys come from ``data.key_column`` when the shard has it, else ``<shard>:<row>``. Rows whose
     img2dataset ``status`` is not ``success`` are rejected with reason ``status:<value>``."""
-    parquet = pq.ParquetFile(shard.path)
+    parquet = fs.parquet_file(shard.path)
     names = parquet.schema_arrow.names
     has_key = data.key_column in names
     has_status = "status" in names and fmt == "parquet"
@@ -356,6 +361,8 @@ def read_shard(
         except laion.LaionLayoutError:
             raise
         except UNREADABLE as err:
+            if fs.is_transient(err):  # the store, not the shard: fail, and let a resume read it again
+                raise fs.StorageError(f"cannot read shard {shard.label}: {err}") from err
             where = f" after {rows} rows" if rows else ""
             detail = f"{type(err).__name__}: {err}"[:300]
             batch = (
@@ -429,15 +436,15 @@ def dataset_fingerprint(shards: list[Shard]) -> list[dict]:
     for shard in shards:
         files = shard.all_files
         if len(files) == 1:
-            st = os.stat(shard.path)
-            out.append({"path": shard.path, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+            size, mtime = fs.stat(shard.path)
+            out.append({"path": shard.path, "size": size, "mtime_ns": mtime})
             continue
         digest = hashlib.blake2b(digest_size=16)
         size = mtime = 0
         for path in files:
-            st = os.stat(path)
-            size, mtime = size + st.st_size, max(mtime, st.st_mtime_ns)
-            digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            file_size, file_mtime = fs.stat(path)
+            size, mtime = size + file_size, max(mtime, file_mtime)
+            digest.update(f"{path}\0{file_size}\0{file_mtime}\n".encode())
         out.append(
             {
                 "path": shard.path,
@@ -456,14 +463,14 @@ def key_hashes(keys: Iterable[str]) -> np.ndarray:
     return np.frombuffer(digest, dtype="<u8")
 
 
-def _part_keys(directory: Path, index: int) -> list[str]:
+def _part_keys(directory: Path | fs.StoragePath, index: int) -> list[str]:
     """Every key of an embeddings part: its rows and the rows it rejected (shard-level entries aside)."""
-    keys = pq.read_table(part_path(directory, index), columns=["key"]).column("key").to_pylist()
+    keys = read_part(directory, index, columns=["key"]).column("key").to_pylist()
     summary = json.loads(part_path(directory, index, ".json").read_text())
     return keys + [k for k, reason in summary.get("rejected", []) if not reason.startswith("shard:")]
 
 
-def check_unique_keys(directory: str | os.PathLike, shards: Sequence[Shard]) -> int:
+def check_unique_keys(directory: str | os.PathLike | fs.StoragePath, shards: Sequence[Shard]) -> int:
     """Check that no key occurs twice among the committed parts of an embed-stage ``directory`` (written
     and rejected rows); returns the number of keys. Raises :class:`DuplicateKeyError` naming up to
     MAX_DUPLICATES_NAMED repeated keys and the parts (and shards) they occur in.
@@ -472,7 +479,7 @@ def check_unique_keys(directory: str | os.PathLike, shards: Sequence[Shard]) -> 
     holding a repeated hash are read a second time to confirm the repeat on the keys (hash collisions are
     not errors).
     """
-    directory = Path(directory)
+    directory = fs.as_path(directory)
     hashes, owners = [], []
     for position, shard in enumerate(shards):
         h = key_hashes(_part_keys(directory, shard.index))

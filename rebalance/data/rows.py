@@ -5,10 +5,11 @@ formats that are not columnar (WebDataset tars, image folders)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+
+from rebalance.data.fs import as_path
 
 __all__ = ["Shard", "RowBatch", "BatchBuilder", "MAX_ENCODED_BYTES", "decode_caption"]
 
@@ -24,7 +25,8 @@ class Shard:
     ``kind`` is ``parquet`` (one Parquet file), ``tar`` (one WebDataset tar), ``folder`` (a chunk of an
     image folder: ``files`` are its images and sidecar captions) or ``laion`` (the clip-retrieval layout:
     ``files`` are the shard's ``img_emb``/``text_emb`` ``.npy`` and ``metadata`` Parquet files). ``path``
-    is the shard's first file. ``rel`` is how keys and messages name the shard: the path relative to
+    is the shard's first file (a local path or a URI: a string, so that it travels to Ray actors on any
+    node). ``rel`` is how keys and messages name the shard: the path relative to
     ``data.path`` (the file name when ``data.path`` is a file), or the number ``i`` of a LAION shard.
     """
 
@@ -36,7 +38,7 @@ class Shard:
 
     @property
     def name(self) -> str:
-        return Path(self.path).name
+        return as_path(self.path).name
 
     @property
     def label(self) -> str:

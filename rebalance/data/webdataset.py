@@ -10,11 +10,13 @@ members (``.cls``, ``.npy``, ...) and names starting with ``.`` are skipped with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from rebalance.data.fs import is_remote, open_input
 from rebalance.data.rows import MAX_ENCODED_BYTES, BatchBuilder, RowBatch, Shard, decode_caption
 
 __all__ = ["IMAGE_EXTENSIONS", "TarSample", "iter_samples", "probe_tar", "read_tar_shard", "split_member"]
@@ -48,9 +50,9 @@ def split_member(name: str) -> tuple[str, str] | None:
 
 def iter_samples(path: str, wanted: tuple[str, ...]) -> Iterator[TarSample]:
     """The samples of the tar at ``path`` in member order; only members with an extension in ``wanted``
-    are read. Streams: memory is one sample, whatever the size of the tar."""
+    are read. Streams: memory is one sample, whatever the size of the tar (``path`` may be a URI)."""
     current: TarSample | None = None
-    with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+    with open_input(path, stream=True) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
         for member in tar:
             tar.members = []  # tarfile keeps every member header it has seen; a stream needs none of them
             if not member.isfile():
@@ -75,11 +77,17 @@ def iter_samples(path: str, wanted: tuple[str, ...]) -> Iterator[TarSample]:
 
 
 def probe_tar(path: str) -> tuple[bool, bool, set[str]]:
-    """(has images, has captions, json field names) from the first PROBE_MEMBERS members of a tar."""
+    """(has images, has captions, json field names) from the first PROBE_MEMBERS members of a tar. A
+    remote tar is read as a stream (one request, not one per member header)."""
     has_image = has_text = False
     fields: set[str] = set()
     parsed = 0
-    with tarfile.open(path, mode="r:") as tar:
+    with contextlib.ExitStack() as stack:
+        if is_remote(path):
+            raw = stack.enter_context(open_input(path, stream=True))
+            tar = stack.enter_context(tarfile.open(fileobj=raw, mode="r|"))
+        else:
+            tar = stack.enter_context(tarfile.open(path, mode="r:"))
         for n, member in enumerate(tar):
             if n >= PROBE_MEMBERS:
                 break

@@ -29,6 +29,7 @@ __all__ = [
     "IPFResult",
     "MissingMassError",
     "RowIPFResult",
+    "clip_scale",
     "clip_weights",
     "ess",
     "ipf",
@@ -162,28 +163,43 @@ def _worst_labels(
     return worst
 
 
+def clip_scale(above: Callable[[float], tuple[float, float]], total: float, max_weight: float) -> float:
+    """The scale s >= 1 of capping weights at ``max_weight`` with the row mean kept at 1 (water-filling):
+    sum_i min(s w_i, max_weight) = N.
+
+    above(t) -> (free mass sum_{w_i <= t} w_i, rows with w_i > t): one reduction over the rows (or the
+    cells, counted by their rows). total: N, the number of rows, with sum_i w_i = N. Each round caps the
+    rows above max_weight / s and solves s for the rest; s only grows, so the capped set only grows and the
+    loop ends after at most one round per distinct weight (a few in practice).
+    """
+    if max_weight < 1:
+        raise ValueError(f"max_weight must be >= 1 when weights have mean 1, got {max_weight}")
+    scale = 1.0
+    n_capped = -1.0
+    while True:
+        free_mass, capped = above(max_weight / scale)
+        if capped == n_capped:
+            return float(scale)
+        n_capped = capped
+        scale = (total - max_weight * capped) / free_mass if free_mass > 0 else scale
+
+
 def clip_weights(weights: np.ndarray, counts: np.ndarray, max_weight: float) -> tuple[np.ndarray, float]:
-    """Cap per-cell weights at ``max_weight`` keeping the row mean at 1 (water-filling).
+    """Cap per-cell weights at ``max_weight`` keeping the row mean at 1 (:func:`clip_scale`).
 
     weights, counts: (C,) weight of each cell and its number of rows, with sum(counts * weights) =
     sum(counts). Returns (w', s) with w' = min(s * w, max_weight) and the scale s >= 1 chosen so the mean
     stays 1; s applies unchanged to any other cell weighted by the same balancing.
     """
-    if max_weight < 1:
-        raise ValueError(f"max_weight must be >= 1 when weights have mean 1, got {max_weight}")
     w = np.asarray(weights, dtype=np.float64)
     n = np.asarray(counts, dtype=np.float64)
-    total = n.sum()
-    capped = np.zeros(w.shape, dtype=bool)
-    scale = 1.0
-    for _ in range(w.size + 1):
-        free_mass = (n * w)[~capped].sum()
-        scale = (total - max_weight * n[capped].sum()) / free_mass if free_mass > 0 else 1.0
-        new_capped = capped | (scale * w > max_weight)
-        if (new_capped == capped).all():
-            break
-        capped = new_capped
-    return np.minimum(scale * w, max_weight), float(scale)
+
+    def above(threshold: float) -> tuple[float, float]:
+        free = w <= threshold
+        return float((n * w)[free].sum()), float(n[~free].sum())
+
+    scale = clip_scale(above, float(n.sum()), max_weight)
+    return np.minimum(scale * w, max_weight), scale
 
 
 def ess(weights: np.ndarray, counts: np.ndarray | None = None) -> float:

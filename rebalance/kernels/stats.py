@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
 
-__all__ = ["imbalance_stats", "gini", "normalized_entropy", "normalized_mutual_info"]
+__all__ = [
+    "WeightMoments",
+    "gini",
+    "imbalance_stats",
+    "normalized_entropy",
+    "normalized_mutual_info",
+    "weight_moments",
+]
 
 
 def gini(counts: np.ndarray) -> float:
@@ -59,3 +69,82 @@ def normalized_mutual_info(a: np.ndarray, b: np.ndarray) -> float:
     if ha == 0 and hb == 0:
         return 1.0
     return max(0.0, mi / ((ha + hb) / 2))
+
+
+@dataclass
+class WeightMoments:
+    """Additive summaries of weighted labelled rows; the sum (``+``) of two parts' is the whole's.
+
+    rows: N; weighted: sum w; squares: sum w^2; largest, smallest: max and min weight (over rows);
+    counts[m], balanced[m]: (K_m,) rows and weighted rows per label of marginal m; pairs[(a, b)]: (K_a, K_b)
+    rows per label pair of marginals a < b (the joint count table); histogram: rows per bin of
+    log10(max(w, 1e-12)) over ``edges`` (None when no edges were given).
+    """
+
+    rows: float
+    weighted: float
+    squares: float
+    largest: float
+    smallest: float
+    counts: list[np.ndarray]
+    balanced: list[np.ndarray]
+    pairs: dict[tuple[int, int], np.ndarray]
+    histogram: np.ndarray | None = None
+
+    def __add__(self, other: WeightMoments) -> WeightMoments:
+        hist = None if self.histogram is None else self.histogram + other.histogram
+        return WeightMoments(
+            self.rows + other.rows,
+            self.weighted + other.weighted,
+            self.squares + other.squares,
+            max(self.largest, other.largest),
+            min(self.smallest, other.smallest),
+            [a + b for a, b in zip(self.counts, other.counts, strict=True)],
+            [a + b for a, b in zip(self.balanced, other.balanced, strict=True)],
+            {k: v + other.pairs[k] for k, v in self.pairs.items()},
+            hist,
+        )
+
+    @property
+    def ess(self) -> float:
+        """Effective sample size (sum w)^2 / sum w^2."""
+        return self.weighted**2 / self.squares
+
+
+def weight_moments(
+    codes: np.ndarray,
+    weights: np.ndarray,
+    sizes: Sequence[int],
+    *,
+    counts: np.ndarray | None = None,
+    pairs: Sequence[tuple[int, int]] = (),
+    edges: np.ndarray | None = None,
+) -> WeightMoments:
+    """:class:`WeightMoments` of rows with labels codes (n, M), codes[:, m] in [0, sizes[m]), and weights
+    (n,); ``counts`` (n,) repeats each row that often (a table of cells). pairs: the marginal pairs (a, b)
+    whose joint count table to build; edges: log10 histogram bin edges."""
+    codes = np.asarray(codes)
+    w = np.asarray(weights, dtype=np.float64)
+    c = np.ones_like(w) if counts is None else np.asarray(counts, dtype=np.float64)
+    cw = c * w
+    seen = c > 0
+    joint = {}
+    for a, b in pairs:
+        flat = codes[:, a].astype(np.int64) * sizes[b] + codes[:, b]
+        joint[(a, b)] = np.bincount(flat, weights=c, minlength=sizes[a] * sizes[b]).reshape(
+            sizes[a], sizes[b]
+        )
+    hist = None
+    if edges is not None:
+        hist = np.histogram(np.log10(np.maximum(w, 1e-12)), bins=edges, weights=c)[0].astype(np.float64)
+    return WeightMoments(
+        float(c.sum()),
+        float(cw.sum()),
+        float((cw * w).sum()),
+        float(w[seen].max()) if seen.any() else -np.inf,
+        float(w[seen].min()) if seen.any() else np.inf,
+        [np.bincount(codes[:, m], weights=c, minlength=k) for m, k in enumerate(sizes)],
+        [np.bincount(codes[:, m], weights=cw, minlength=k) for m, k in enumerate(sizes)],
+        joint,
+        hist,
+    )

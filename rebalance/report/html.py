@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rebalance.data.atomic import atomic_write_bytes  # noqa: E402
+from rebalance.data.fs import StoragePath, as_path  # noqa: E402
 
 __all__ = ["write_html"]
 
@@ -97,8 +98,12 @@ def _scores_plot(title: str, entry: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
-def write_html(report: dict[str, Any], balance: dict[str, Any], out_dir: Path) -> list[str]:
-    """Render the plots and ``report.html`` into ``out_dir``; returns the file names written."""
+def write_html(
+    report: dict[str, Any], balance: dict[str, Any], out_dir: str | Path | StoragePath
+) -> list[str]:
+    """Render the plots and ``report.html`` into ``out_dir`` (a local directory or a URI); returns the file
+    names written."""
+    out_dir = as_path(out_dir)
     plots: dict[str, tuple[str, bytes]] = {}
     for name, dist in balance["marginal_distributions"].items():
         plots[f"sizes_{name}.png"] = (f"Sizes per {name} value, before and after", _sizes_plot(name, dist))

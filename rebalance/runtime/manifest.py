@@ -5,6 +5,13 @@ before it and (for the first stage) the input fingerprints. A stage whose record
 with the same fingerprint, and whose outputs exist, is skipped. A stage found ``running`` with the same
 fingerprint resumes (its committed parts are kept); any other stage start clears its outputs and those of
 every later stage first, so stale files never mix with new ones.
+
+The run directory may be a local path or a URI (``s3://bucket/run``, see :mod:`rebalance.data.fs`). On an
+object store the same order makes it safe without renames: every file is published whole, a part's
+summary after its Parquet file, and ``manifest.json`` (rewritten whole on every update) records a stage
+``complete`` only after all its outputs are published. Before a stage's outputs are deleted for new work,
+the manifest stops claiming them, so a crash half-way through a deletion never leaves a ``complete``
+record over missing files.
 """
 
 from __future__ import annotations
@@ -13,13 +20,13 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from rebalance.data.atomic import atomic_write_json
+from rebalance.data.fs import StoragePath, as_path, remove
 
 __all__ = ["STAGES", "STAGE_OUTPUTS", "RunDir", "fingerprint", "package_versions"]
 
@@ -59,17 +66,23 @@ def package_versions() -> dict[str, str]:
 
 
 class RunDir:
-    """A run directory and its manifest; every manifest update is an atomic rewrite."""
+    """A run directory (local path or URI) and its manifest; every manifest update is an atomic rewrite."""
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+    def __init__(self, root: str | os.PathLike | StoragePath):
+        self.root: Path | StoragePath = as_path(root)
         self.manifest_path = self.root / "manifest.json"
         if self.manifest_path.is_file():
             self.manifest: dict[str, Any] = json.loads(self.manifest_path.read_text())
         else:
             self.manifest = {"stages": {}}
 
-    def path(self, *parts: str) -> Path:
+    @property
+    def remote(self) -> bool:
+        """Whether the run directory is on a remote filesystem (an object store)."""
+        return isinstance(self.root, StoragePath)
+
+    def path(self, *parts: str) -> Path | StoragePath:
+        """A path inside the run directory (a :class:`~rebalance.data.fs.StoragePath` when remote)."""
         return self.root.joinpath(*parts)
 
     def stage(self, name: str) -> dict[str, Any]:
@@ -92,14 +105,17 @@ class RunDir:
             record.get("status") in ("running", "failed") and record.get("fingerprint") == stage_fingerprint
         )
         if not resuming:
-            for later in STAGES[STAGES.index(name) :]:
-                for output in STAGE_OUTPUTS[later]:
-                    target = self.path(output)
-                    if target.is_dir():
-                        shutil.rmtree(target)
-                    elif target.exists():
-                        target.unlink()
-                self.manifest["stages"].pop(later, None)
+            later = STAGES[STAGES.index(name) :]
+            if any(s in self.manifest["stages"] for s in later):
+                # Withdraw the records first: a crash during the deletions must not leave a complete
+                # record over half-deleted outputs (deleting a directory is not atomic, least of all on an
+                # object store).
+                for stage in later:
+                    self.manifest["stages"].pop(stage, None)
+                self.save()
+            for stage in later:
+                for output in STAGE_OUTPUTS[stage]:
+                    remove(self.path(output))
         self.manifest.update(header)
         self.manifest["stages"][name] = {
             "status": "running",
@@ -124,5 +140,7 @@ class RunDir:
         self.save()
 
     def save(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Rewrite ``manifest.json`` atomically."""
+        if not self.remote:
+            self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.manifest, self.manifest_path)

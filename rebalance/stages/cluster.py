@@ -17,10 +17,10 @@ from typing import Any
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
 from rebalance.data.atomic import atomic_save_npy, atomic_write_json
+from rebalance.data.fs import read_table
 from rebalance.data.parts import part_path, part_summary, write_part
 from rebalance.kernels.kmeans import assign, gpu_available, hierarchical_kmeans, level_labels, train_kmeans
 from rebalance.kernels.sampling import bottom_k, key_priorities
@@ -43,7 +43,7 @@ def _vectors(table: pa.Table, side: str) -> np.ndarray:
 
 def sample_part(path: str, sides: list[str], m: int, seed: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The ``m`` lowest-priority rows of one embeddings part: (priorities (m',), {side: (m', d) vectors})."""
-    table = pq.read_table(path, columns=["key", *sides])
+    table = read_table(path, columns=["key", *sides])
     priorities = key_priorities(table.column("key").to_pylist(), seed)
     idx = bottom_k(priorities, m)
     return priorities[idx], {side: _vectors(table, side)[idx] for side in sides}
@@ -62,7 +62,7 @@ def assign_part(
     done = part_summary(out_dir, index)
     if done is not None:
         return done
-    table = pq.read_table(emb_path)
+    table = read_table(emb_path)
     columns: dict[str, Any] = {"key": table.column("key")}
     sizes = {}
     for side, c in centroids.items():

@@ -13,6 +13,7 @@ import logging
 import time
 import warnings
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from rebalance.data.atomic import atomic_open, atomic_write_json
 from rebalance.data.parts import part_path, part_summary
 from rebalance.data.readers import RowBatch, Shard, check_unique_keys, read_shard
 from rebalance.runtime.pool import ActorPool
+from rebalance.runtime.prefetch import prefetch
 from rebalance.spec import DataSpec, EmbedSpec
 from rebalance.stages.context import StageContext
 
@@ -106,6 +108,22 @@ def normalize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return out, ok
 
 
+PREFETCH_BATCHES = 2
+"""Batches an embed actor prepares ahead of the one its model is encoding."""
+
+
+@dataclass
+class _Prepared:
+    """A batch after its CPU work: per-row rejection reasons, preprocessed image tensors and captions
+    (None for a side the dataset lacks), or normalised given vectors (``format: embeddings``)."""
+
+    batch: RowBatch
+    reasons: list[str | None]
+    images: list | None = None
+    texts: list[str | None] | None = None
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+
+
 class EmbedWorker:
     """Ray actor holding one open_clip model; embeds whole shards and commits one part per shard."""
 
@@ -145,9 +163,10 @@ class EmbedWorker:
             batches = read_shard(
                 shard, self.data, self.fmt, self.image_column, self.text_column, self.embed.batch_size
             )
-            for batch in batches:
-                table, batch_rejected = self._embed_batch(batch)
-                rejected += batch.rejected + batch_rejected
+            # Reading, decoding and preprocessing batch i + 1 overlap the model's encoding of batch i.
+            for prepared in prefetch(batches, self._prepare, depth=PREFETCH_BATCHES):
+                table, batch_rejected = self._encode(prepared)
+                rejected += prepared.batch.rejected + batch_rejected
                 if writer is None:
                     writer = pq.ParquetWriter(handle, table.schema)
                 writer.write_table(table)
@@ -157,42 +176,50 @@ class EmbedWorker:
         atomic_write_json(summary, part_path(out_dir, shard.index, ".json"))
         return summary
 
-    def _embed_batch(self, batch: RowBatch) -> tuple[pa.Table, list[tuple[str, str]]]:
+    def _prepare(self, batch: RowBatch) -> _Prepared:
+        """The CPU side of a batch: decode and preprocess images, check captions, normalise given vectors."""
         n = len(batch.keys)
-        reasons: list[str | None] = [None] * n
-        sides: dict[str, np.ndarray] = {}
+        prepared = _Prepared(batch, [None] * n)
+        reasons = prepared.reasons
         if self.fmt == "embeddings":
             for side, vectors in (("image", batch.image_vectors), ("text", batch.text_vectors)):
                 if vectors is not None:
-                    sides[side], ok = normalize_rows(vectors)
+                    prepared.vectors[side], ok = normalize_rows(vectors)
                     for i in np.flatnonzero(~ok):
                         reasons[i] = reasons[i] or f"{side}:non-finite or zero vector"
-        else:
-            images = []
-            if batch.images is not None:
-                for i, data in enumerate(batch.images):
-                    try:
-                        image = decode_image(data)
-                    except ValueError as err:
-                        reasons[i] = str(err)
-                        images.append(None)
-                        continue
-                    try:
-                        images.append(self.model.preprocess(image))
-                    except Exception as err:  # a decoded image the model's transform cannot take
-                        reasons[i] = f"image:preprocess failed ({type(err).__name__}: {err})"
-                        images.append(None)
-            texts: list[str | None] = []
-            if batch.texts is not None:
-                for i, text in enumerate(batch.texts):
-                    text, reason = _caption(text)
-                    reasons[i] = reasons[i] or reason
-                    texts.append(text)
+            return prepared
+        if batch.images is not None:
+            prepared.images = []
+            for i, data in enumerate(batch.images):
+                try:
+                    image = decode_image(data)
+                except ValueError as err:
+                    reasons[i] = str(err)
+                    prepared.images.append(None)
+                    continue
+                try:
+                    prepared.images.append(self.model.preprocess(image))
+                except Exception as err:  # a decoded image the model's transform cannot take
+                    reasons[i] = f"image:preprocess failed ({type(err).__name__}: {err})"
+                    prepared.images.append(None)
+        if batch.texts is not None:
+            prepared.texts = []
+            for i, text in enumerate(batch.texts):
+                text, reason = _caption(text)
+                reasons[i] = reasons[i] or reason
+                prepared.texts.append(text)
+        return prepared
+
+    def _encode(self, prepared: _Prepared) -> tuple[pa.Table, list[tuple[str, str]]]:
+        """The model side of a prepared batch: encode the rows that passed, build the part's table."""
+        batch, reasons, sides = prepared.batch, prepared.reasons, prepared.vectors
+        n = len(batch.keys)
+        if self.fmt != "embeddings":
             keep = [i for i in range(n) if reasons[i] is None]
-            if batch.images is not None:
-                sides["image"] = self._encode_images([images[i] for i in keep], len(keep))
-            if batch.texts is not None:
-                sides["text"] = self._encode_texts([str(texts[i]) for i in keep])
+            if prepared.images is not None:
+                sides["image"] = self._encode_images([prepared.images[i] for i in keep], len(keep))
+            if prepared.texts is not None:
+                sides["text"] = self._encode_texts([str(prepared.texts[i]) for i in keep])
             sides = {s: _scatter(v, keep, n) for s, v in sides.items()}
         mask = np.array([r is None for r in reasons], dtype=bool)
         columns = {"key": pa.array([k for k, ok in zip(batch.keys, mask, strict=True) if ok], pa.string())}

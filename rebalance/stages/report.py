@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from rebalance.data.atomic import atomic_write_json
-from rebalance.data.parts import list_parts, part_path
+from rebalance.data.fs import join, read_table
+from rebalance.data.parts import list_parts, read_part
 from rebalance.kernels.sampling import key_priorities
 from rebalance.kernels.spectra import GroupMoments, GroupSample, group_spectra, spectral_scores
 from rebalance.kernels.stats import imbalance_stats
@@ -52,16 +52,16 @@ def _group_vocab(run: RunDir, column: str) -> list[str] | None:
         return dist["values"]
     values: set[str] = set()
     for path in list_parts(run.path("embeddings")):
-        column_values = pq.read_table(path, columns=[column]).column(column)
+        column_values = read_table(path, columns=[column]).column(column)
         values.update(pc.unique(pc.fill_null(pc.cast(column_values, pa.string()), "<missing>")).to_pylist())
     return sorted(values)
 
 
 def spectra_part(run_root: str, index: int, plan: list[dict[str, Any]], sample_seed: int) -> dict:
     """Per-group moments (or samples) of one part for every (column, side) of ``plan``, before and after."""
-    emb = pq.read_table(part_path(f"{run_root}/embeddings", index))
-    assignments = pq.read_table(part_path(f"{run_root}/assignments", index))
-    weights = pq.read_table(part_path(f"{run_root}/weights", index), columns=["weight"]).column("weight")
+    emb = read_part(join(run_root, "embeddings"), index)
+    assignments = read_part(join(run_root, "assignments"), index)
+    weights = read_part(join(run_root, "weights"), index, columns=["weight"]).column("weight")
     weights = weights.to_numpy()
     priorities = key_priorities(emb.column("key").to_pylist(), sample_seed)
     out = {}

@@ -1,0 +1,104 @@
+"""Actors that keep per-part state in memory while the driver iterates (IPF's row path, soft Sinkhorn).
+
+An iterative reduction reads its rows once: each actor loads its parts (``load(*item)`` per part, items
+dealt round-robin), then every driver step sends one small message (a ratio, a potential) to all actors,
+each applies ``fn(state, *args)`` to its parts and combines the results, and the driver combines the
+actors'. The state lives only in actor memory, so an actor lost mid-iteration cannot be redone item by
+item: :class:`PartsLostError` says so, and a rerun of the stage (resume) starts the iteration again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import reduce
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError
+
+__all__ = ["PartsLostError", "ResidentParts"]
+
+Combine = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+class PartsLostError(RuntimeError):
+    """An actor holding parts died during an iterative reduction; the stage must be rerun."""
+
+
+class _PartHolder:
+    """One actor's parts: ``states[i]`` is ``load(*items[i])`` for the items dealt to it."""
+
+    def __init__(self) -> None:
+        self.states: list[Any] = []
+
+    def load(self, load: Callable[..., Any], items: Sequence[tuple]) -> int:
+        self.states = [load(*item) for item in items]
+        return len(self.states)
+
+    def reduce(self, fn: Callable[..., np.ndarray], args: tuple, combine: Combine) -> np.ndarray | None:
+        parts = [fn(state, *args) for state in self.states]
+        return reduce(combine, parts) if parts else None
+
+    def map(self, fn: Callable[..., Any], args: tuple) -> list[Any]:
+        return [fn(state, *args) for state in self.states]
+
+
+class ResidentParts:
+    """``n_actors`` actors holding ``load(*item)`` for every item, for repeated reductions.
+
+    Use as a context manager (the actors are killed on exit). ``num_cpus`` per actor.
+    """
+
+    def __init__(
+        self, load: Callable[..., Any], items: Sequence[tuple], n_actors: int, *, num_cpus: float = 1
+    ):
+        if not items:
+            raise ValueError("ResidentParts needs at least one item")
+        n_actors = max(1, min(n_actors, len(items)))
+        remote_cls = ray.remote(_PartHolder).options(num_cpus=num_cpus, max_restarts=0)
+        self.actors = [remote_cls.remote() for _ in range(n_actors)]
+        self._dealt = [list(range(j, len(items), n_actors)) for j in range(n_actors)]
+        load_ref = ray.put(load)
+        self._get(
+            [
+                a.load.remote(load_ref, [items[i] for i in idx])
+                for a, idx in zip(self.actors, self._dealt, strict=True)
+            ]
+        )
+
+    def reduce(self, fn: Callable[..., np.ndarray], *args: Any, combine: Combine = np.add) -> np.ndarray:
+        """combine over all parts of ``fn(state, *args)`` (``np.add`` for sums, ``np.logaddexp`` for
+        log-sums; it must be associative and commutative, as the grouping of parts is the actors')."""
+        results = self._get([a.reduce.remote(fn, args, combine) for a in self.actors])
+        return reduce(combine, [r for r in results if r is not None])
+
+    def map(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        """``fn(state, *args)`` for every part, in item order."""
+        per_actor = self._get([a.map.remote(fn, args) for a in self.actors])
+        out: list[Any] = [None] * sum(len(idx) for idx in self._dealt)
+        for idx, results in zip(self._dealt, per_actor, strict=True):
+            for i, r in zip(idx, results, strict=True):
+                out[i] = r
+        return out
+
+    @staticmethod
+    def _get(refs: list[ray.ObjectRef]) -> list[Any]:
+        try:
+            return ray.get(refs)
+        except RayActorError as err:
+            raise PartsLostError(
+                "an actor holding parts in memory died during the iteration; rerun the run with the same "
+                "--out to redo this stage"
+            ) from err
+
+    def shutdown(self) -> None:
+        """Kill the actors."""
+        for actor in self.actors:
+            ray.kill(actor)
+
+    def __enter__(self) -> ResidentParts:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
