@@ -57,6 +57,27 @@ def training_parser(prog: str, description: str | None) -> argparse.ArgumentPars
     return parser
 
 
+def add_ray_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The Ray Train options every job takes (--address, --num-workers, --cpus-per-worker, --gpu); returns
+    their argument group so a job can add its own Ray options to it."""
+    g = parser.add_argument_group("Ray")
+    g.add_argument(
+        "--address",
+        default="auto",
+        help="Ray to use: 'auto' joins RAY_ADDRESS when set (inside `ray job submit`) and starts a local "
+        "instance otherwise; 'local' always starts one; or a cluster address",
+    )
+    g.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (default: %(default)s)")
+    g.add_argument(
+        "--cpus-per-worker",
+        type=int,
+        default=1,
+        help="CPUs (and torch threads) per worker (default: %(default)s)",
+    )
+    g.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    return g
+
+
 def add_common_args(parser: argparse.ArgumentParser, *, model_default: str = "rebalance-tiny") -> None:
     """Arguments every training job takes."""
     g = parser.add_argument_group("data and output")
@@ -93,21 +114,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, model_default: str = "re
         "--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: %(default)s)"
     )
     g.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of the sampler")
-    g = parser.add_argument_group("Ray")
-    g.add_argument(
-        "--address",
-        default="auto",
-        help="Ray to use: 'auto' joins RAY_ADDRESS when set (inside `ray job submit`) and starts a local "
-        "instance otherwise; 'local' always starts one; or a cluster address",
-    )
-    g.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (default: %(default)s)")
-    g.add_argument(
-        "--cpus-per-worker",
-        type=int,
-        default=1,
-        help="CPUs (and torch threads) per worker (default: %(default)s)",
-    )
-    g.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    g = add_ray_args(parser)
     g.add_argument(
         "--loader-workers", type=int, default=0, help="DataLoader processes per worker (default: %(default)s)"
     )

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from jobs import _common as C
 from jobs import train_gan
 
 log = logging.getLogger("jobs.fair_gan")
@@ -102,8 +103,6 @@ def real_features(
     """CLIP features ``(m, d)`` of up to ``max_rows`` real images (a seeded sample, decoded and resized to
     the generator's ``image_size`` as the generated images are) and their class indices under the
     classifier's names (rows whose label is not a class name are left out)."""
-    from jobs import _common as C
-
     data = C.ImageTextParquet(path, text_column=None, label_column=label_column)
     index = {name: i for i, name in enumerate(classifier.class_names)}
     names = data.class_names
@@ -257,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="class weights w_k ∝ max(p_k, 1e-3)^-power from the measured fractions (default: %(default)s)",
     )
     train_gan.add_classifier_args(parser)
-    train_gan.add_ray_args(parser)
+    C.add_ray_args(parser)
     return parser
 
 

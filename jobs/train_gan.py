@@ -124,24 +124,6 @@ def classifier_from_args(args: argparse.Namespace, device: str = "cpu"):
     )
 
 
-def add_ray_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("Ray")
-    g.add_argument(
-        "--address",
-        default="auto",
-        help="Ray to use: 'auto' joins RAY_ADDRESS when set (inside `ray job submit`) and starts a local "
-        "instance otherwise; 'local' always starts one; or a cluster address",
-    )
-    g.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (default: %(default)s)")
-    g.add_argument(
-        "--cpus-per-worker",
-        type=int,
-        default=1,
-        help="CPUs (and torch threads) per worker (default: %(default)s)",
-    )
-    g.add_argument("--gpu", action="store_true", help="one GPU per worker")
-
-
 # --------------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------------
@@ -339,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="file with the K class weights w_k (a JSON list, or {'weights': [...]}); default all 1",
     )
     add_classifier_args(parser)
-    add_ray_args(parser)
+    C.add_ray_args(parser)
     return parser
 
 

@@ -13,12 +13,14 @@ from typing import Any
 import open_clip
 import torch
 
-__all__ = ["TINY_MODEL", "TINY_CHECKPOINT", "LoadedModel", "load_model", "list_models"]
+__all__ = ["TINY_MODEL", "TINY_CHECKPOINT", "TINY_TAG", "LoadedModel", "load_model", "list_models"]
 
 TINY_MODEL = "rebalance-tiny"
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 #: rebalance-tiny trained by ``jobs.train_clip`` on the built-in dataset (fp16 safetensors, docs/downstream.md).
 TINY_CHECKPOINT = _CONFIG_DIR / "rebalance-tiny-synthetic.safetensors"
+#: ``embed.pretrained`` tag of that checkpoint for ``rebalance-tiny`` (what ``rebalance demo`` uses).
+TINY_TAG = "synthetic"
 open_clip.add_model_config(_CONFIG_DIR)
 
 
@@ -42,9 +44,12 @@ def load_model(name: str, pretrained: str | None, device: str = "cpu", seed: int
     """Create open_clip model ``name`` on ``device``.
 
     ``pretrained`` is an open_clip tag (e.g. ``openai``), a local checkpoint path (``.pt``/``.bin`` loaded
-    with ``weights_only=True``, or ``.safetensors``), or None for random weights drawn with ``seed``, which
-    are identical in every process.
+    with ``weights_only=True``, or ``.safetensors``), ``synthetic`` for ``rebalance-tiny`` (the shipped
+    :data:`TINY_CHECKPOINT`), or None for random weights drawn with ``seed``, which are identical in every
+    process.
     """
+    if name == TINY_MODEL and pretrained == TINY_TAG:
+        pretrained = str(TINY_CHECKPOINT)
     if name not in open_clip.list_models() and not name.startswith(("hf-hub:", "local-dir:")):
         raise ValueError(
             f"unknown open_clip model {name!r}; known models include {TINY_MODEL!r} and ViT-B-32"

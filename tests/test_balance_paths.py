@@ -26,7 +26,7 @@ def _balance(run, balance: dict) -> tuple[dict[str, float], dict]:
 @pytest.mark.parametrize(
     "balance",
     [
-        {"marginals": ["image_cluster", "text_cluster"], "tol": 1e-10},
+        {"marginals": ["image_cluster", "source"], "tol": 1e-10},
         {"marginals": ["image_cluster", "text_cluster", "source"], "iterations": 7, "max_weight": 4.0},
         {"marginals": ["label", "image_cluster"], "target": {"power": 0.5}, "iterations": 50},
     ],

@@ -14,6 +14,8 @@ __all__ = [
     "assign",
     "gpu_available",
     "hierarchical_kmeans",
+    "resampled_kmeans",
+    "closest_per_cluster",
     "level_labels",
 ]
 
@@ -21,8 +23,11 @@ __all__ = [
 def gpu_available() -> bool:
     """True when torch sees a CUDA device and faiss was built with GPU support.
 
-    torch is asked first: faiss GPU calls on a machine with a missing or old driver have aborted processes.
+    A CPU-only faiss answers first (without importing torch, ~1 s); otherwise torch is asked before faiss:
+    faiss GPU calls on a machine with a missing or old driver have aborted processes.
     """
+    if not hasattr(faiss, "StandardGpuResources"):
+        return False
     try:
         import torch
 
@@ -30,7 +35,7 @@ def gpu_available() -> bool:
             return False
     except ImportError:
         return False
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    return faiss.get_num_gpus() > 0
 
 
 @dataclass
@@ -93,20 +98,64 @@ class KMeansLevel:
     objective: list[float]
 
 
+def closest_per_cluster(labels: np.ndarray, distances: np.ndarray, k: int, s: int) -> np.ndarray:
+    """Indices (ascending) of the ``s`` rows nearest to their centroid in each of the ``k`` clusters (all rows
+    of a cluster with fewer), given each row's cluster ``labels`` (n,) and ``distances`` (n,) to it; ties
+    go to the lower index."""
+    order = np.lexsort((np.arange(labels.size), distances, labels))  # by cluster, then distance, then index
+    starts = np.searchsorted(labels[order], np.arange(k))
+    rank = np.arange(labels.size) - starts[labels[order]]
+    return np.sort(order[rank < s])
+
+
+def resampled_kmeans(
+    x: np.ndarray, k: int, *, steps: int = 10, sample_size: int | None = None, niter: int = 20,
+    spherical: bool = True, seed: int = 0, gpu: bool = False,
+) -> KMeansResult:  # fmt: skip
+    """k-means with resampling steps (Vo et al. 2024, Algorithm 1; their code's "closest" strategy).
+
+    k-means on ``x`` (n, d), then ``steps`` times: assign every row of ``x`` to the current centroids, keep
+    the ``s`` rows nearest to the centroid in each cluster (``sample_size``; default ceil(n / 2k), half the
+    mean cluster size, as in the paper's configurations), and re-run k-means from a fresh initialisation
+    (seed + step) on that union of at most k * s rows. Each cluster, dense or sparse, weighs at most s rows
+    in the next run, so centroids drift from where ``x`` is dense toward an even cover of its support.
+    Stops early when the union holds fewer than k rows. Returns the last run's centroids (k, d).
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = x.shape[0]
+    s = max(1, -(-n // (2 * k))) if sample_size is None else sample_size
+    if s < 1:
+        raise ValueError(f"sample_size must be >= 1, got {s}")
+    result = train_kmeans(x, k, niter=niter, spherical=spherical, seed=seed, gpu=gpu)
+    for step in range(1, steps + 1):
+        labels, distances = assign(x, result.centroids)
+        chosen = closest_per_cluster(labels, distances, k, s)
+        if chosen.size < k:
+            break
+        result = train_kmeans(x[chosen], k, niter=niter, spherical=spherical, seed=seed + step, gpu=gpu)
+    return result
+
+
 def hierarchical_kmeans(
     centroids: np.ndarray, levels: list[int], *, niter: int = 20, spherical: bool = True, seed: int = 0,
-    gpu: bool = False,
+    gpu: bool = False, resampling_steps: int = 10, sample_size: int | None = None,
 ) -> list[KMeansLevel]:  # fmt: skip
-    """k-means on the centroids of the level below, once per entry of ``levels`` (Vo et al. 2024).
+    """k-means on the centroids of the level below, once per entry of ``levels`` (Vo et al. 2024), each
+    with ``resampling_steps`` resampling steps (:func:`resampled_kmeans`; 0: plain k-means).
 
-    Every centroid counts once, however many rows it holds, so the coarse concepts are spread over the
-    embedding space rather than concentrated where the data is dense. Levels nest by construction: a row's
-    level-l cluster is ``parent_l[...parent_1[base cluster]]``.
+    Every centroid of the level below counts once, however many rows it holds; the resampling steps then
+    keep a dense region's many near-duplicate centroids from drawing most coarse centroids to it, so the
+    coarse concepts cover the embedding space evenly rather than following the data's density. Levels nest
+    by construction: a row's level-l cluster is ``parent_l[...parent_1[base cluster]]``, where parent_l
+    (k_{l-1},) is the nearest level-l centroid of each level-(l-1) centroid.
     """
     out = []
     below = np.ascontiguousarray(centroids, dtype=np.float32)
     for k in levels:
-        result = train_kmeans(below, k, niter=niter, spherical=spherical, seed=seed, gpu=gpu)
+        result = resampled_kmeans(
+            below, k, steps=resampling_steps, sample_size=sample_size, niter=niter, spherical=spherical,
+            seed=seed, gpu=gpu,
+        )  # fmt: skip
         parent, _ = assign(below, result.centroids)
         out.append(KMeansLevel(result.centroids, parent, result.objective))
         below = result.centroids

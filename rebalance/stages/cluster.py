@@ -1,8 +1,11 @@
 """Cluster stage: faiss k-means on a bounded uniform sample, then every row assigned by the actor pool.
 
-Sampling: every row gets a seeded priority hash of its key; each shard returns its ``m`` lowest-priority
-rows and the driver keeps the ``m`` lowest overall, where m = k * sample_per_centroid (largest k of the
-sides). That is a uniform sample without replacement, independent of sharding, in O(m) driver memory.
+Sampling: every row gets a seeded priority hash of its key and the sample is the ``m`` rows of lowest
+priority, where m = k * sample_per_centroid (largest k of the sides): a uniform sample without replacement,
+independent of sharding. When the parts hold more than m rows, a first pass over the key columns finds the
+m-th lowest priority (merged a chunk of parts at a time); each part then ships only its rows at or below
+it, so the driver holds O(m) vectors and floats, and scatters them once into the training array. When
+they hold at most m rows, the driver reads them itself (they all go to it anyway) while the actors start.
 Outputs: ``clusters/{side}_centroids.npy``, ``clusters/clusters.json`` and ``assignments/part-NNNNN.parquet``
 with ``key``, ``{side}_cluster`` (int32) and ``{side}_distance`` (float32, squared L2 to the centroid).
 """
@@ -41,11 +44,24 @@ def _vectors(table: pa.Table, side: str) -> np.ndarray:
     return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
 
 
-def sample_part(path: str, sides: list[str], m: int, seed: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The ``m`` lowest-priority rows of one embeddings part: (priorities (m',), {side: (m', d) vectors})."""
+def part_priorities(path: str, m: int, seed: int) -> np.ndarray:
+    """The ``m`` lowest key priorities of one embeddings part, ascending: (min(m, rows),) float64.
+
+    Reads the key column only; the driver merges these to find the sample's priority threshold."""
+    keys = read_table(path, columns=["key"]).column("key").to_pylist()
+    priorities = key_priorities(keys, seed)
+    return priorities[bottom_k(priorities, m)]
+
+
+def sample_part(
+    path: str, sides: list[str], m: int, seed: int, threshold: float = np.inf
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The rows of one embeddings part among its ``m`` lowest priorities whose priority is <= ``threshold``,
+    in (priority, row) order: (priorities (m',), {side: (m', d) float32 vectors})."""
     table = read_table(path, columns=["key", *sides])
     priorities = key_priorities(table.column("key").to_pylist(), seed)
     idx = bottom_k(priorities, m)
+    idx = idx[priorities[idx] <= threshold]
     return priorities[idx], {side: _vectors(table, side)[idx] for side in sides}
 
 
@@ -62,7 +78,7 @@ def assign_part(
     done = part_summary(out_dir, index)
     if done is not None:
         return done
-    table = read_table(emb_path)
+    table = read_table(emb_path, columns=["key", *centroids])
     columns: dict[str, Any] = {"key": table.column("key")}
     sizes = {}
     for side, c in centroids.items():
@@ -78,17 +94,102 @@ def assign_part(
     return {"rows": table.num_rows, **summary}
 
 
+def _warm_up(path: str, sides: list[str], k: int) -> None:
+    """Sent to every actor as it starts, to run while the driver samples and trains: reads a part and
+    assigns it to k dummy centroids, so that the first assignment item does not pay for first-touch page
+    faults of the Arrow and faiss buffers (0.2-0.5 s per actor here)."""
+    try:
+        table = read_table(path, columns=["key", *sides])
+        for side in sides:
+            x = _vectors(table, side)
+            assign(x, np.zeros((k, x.shape[1]), np.float32))
+    except Exception:  # only a warm-up: the work items that follow meet and report any real error
+        log.debug("cluster: warm-up failed", exc_info=True)
+
+
 def _assign(emb_path: str, out_dir: str, index: int, model: tuple) -> dict[str, Any]:
     return assign_part(emb_path, out_dir, index, *model)
 
 
+SAMPLE_CHUNK = 256  # parts per round of the threshold pass: driver memory O((SAMPLE_CHUNK + 1) * m) floats
+
+
+def _sample_threshold(pool: ActorPool, paths: list[str], m: int, seed: int) -> float:
+    """The m-th smallest key priority over all parts, which hold more than m rows.
+
+    A pass over the key columns only, merged a chunk of parts at a time so the driver keeps O(m) floats."""
+    lowest = np.zeros(0)
+    for start in range(0, len(paths), SAMPLE_CHUNK):
+        chunk = [(part_priorities, p, m, seed) for p in paths[start : start + SAMPLE_CHUNK]]
+        lowest = np.concatenate([lowest, *pool.map("call", chunk, "sample keys")])
+        lowest = lowest[bottom_k(lowest, m)]
+    return float(lowest[m - 1])
+
+
 def _merge_samples(
-    samples: list[tuple[np.ndarray, dict[str, np.ndarray]]], m: int
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    samples: list[tuple[np.ndarray, dict[str, np.ndarray]]], m: int, rows: dict[str, int]
+) -> dict[str, np.ndarray]:
+    """The ``m`` lowest-priority rows over all parts' samples, in (priority, part, row) order, as one
+    (min(m, rows[side]), d) float32 array per side holding the first ``rows[side]`` of them.
+
+    Equal to ``concatenate(vectors)[bottom_k(concatenate(priorities), m)][: rows[side]]``, with one copy:
+    each part's rows are scattered straight to their final position."""
     priorities = np.concatenate([p for p, _ in samples])
-    idx = bottom_k(priorities, m)
-    sides = samples[0][1].keys()
-    return priorities[idx], {s: np.concatenate([v[s] for _, v in samples])[idx] for s in sides}
+    order = bottom_k(priorities, m)
+    dest = np.full(priorities.size, -1, dtype=np.int64)
+    dest[order] = np.arange(order.size)
+    out = {}
+    for side, n in rows.items():
+        d = samples[0][1][side].shape[1]
+        out[side] = np.empty((min(n, order.size), d), dtype=np.float32)
+    offset = 0
+    for p, vectors in samples:
+        part_dest = dest[offset : offset + p.size]
+        offset += p.size
+        for side, x in out.items():
+            keep = (part_dest >= 0) & (part_dest < x.shape[0])
+            x[part_dest[keep]] = vectors[side][keep]
+    return out
+
+
+def _sample_everything(
+    paths: list[str], sides: list[str], seed: int, rows: dict[str, int]
+) -> dict[str, np.ndarray]:
+    """The whole dataset as the sample (when it holds at most m rows), read by the driver: every byte goes to
+    the driver anyway, so actors would only add a hop through the object store. The key columns give the
+    (priority, part, row) order; then each part's vectors are scattered straight to their place. Equal to
+    :func:`_merge_samples` of every part's :func:`sample_part` (tested)."""
+    priorities = np.concatenate(
+        [key_priorities(read_table(p, columns=["key"]).column("key").to_pylist(), seed) for p in paths]
+    )
+    order = bottom_k(priorities, priorities.size)
+    dest = np.empty(priorities.size, dtype=np.int64)
+    dest[order] = np.arange(order.size)
+    out: dict[str, np.ndarray] = {}
+    offset = 0
+    for path in paths:
+        table = read_table(path, columns=["key", *sides])
+        part_dest = dest[offset : offset + table.num_rows]
+        offset += table.num_rows
+        for side in sides:
+            x = _vectors(table, side)
+            if side not in out:
+                out[side] = np.empty((min(rows[side], order.size), x.shape[1]), dtype=np.float32)
+            keep = part_dest < out[side].shape[0]
+            out[side][part_dest[keep]] = x[keep]
+    return out
+
+
+def _distinct_rows(x: np.ndarray, k: int) -> int:
+    """Number of distinct rows of ``x`` (n, d), or a lower bound of it when that bound is already >= k.
+
+    Rows with different projections x.r on a fixed random r are different rows, so the number of distinct
+    projections bounds the count from below (one GEMV and a sort); only below k are the rows compared."""
+    r = np.random.default_rng(0).standard_normal(x.shape[1]).astype(x.dtype)
+    lower = int(np.unique(x @ r).size)
+    if lower >= k:
+        return lower
+    return len(set(x.view(f"V{x.shape[1] * x.itemsize}").ravel().tolist()))
 
 
 def run_cluster(ctx: StageContext) -> dict[str, Any]:
@@ -102,7 +203,8 @@ def run_cluster(ctx: StageContext) -> dict[str, Any]:
     ks = {side: getattr(spec, side).k for side in ctx.sides}
     m = max(ks.values()) * spec.sample_per_centroid
     items = [(s.index, str(part_path(emb_dir, s.index))) for s in ctx.shards]
-    n_rows = sum(part_summary(emb_dir, i)["rows"] for i, _ in items)
+    part_rows = {i: part_summary(emb_dir, i)["rows"] for i, _ in items}
+    n_rows = sum(part_rows.values())
     for side, k in ks.items():
         if k > n_rows:
             raise ClusterError(
@@ -114,17 +216,29 @@ def run_cluster(ctx: StageContext) -> dict[str, Any]:
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
+    nonempty = [p for i, p in items if part_rows[i] > 0]
     with ActorPool(ShardWorker, ctx.workers(len(items))) as pool:
-        # 1. Uniform bounded sample: bottom-m priorities per part, then merged, m rows per side at most.
-        nonempty = [(i, p) for i, p in items if part_summary(emb_dir, i)["rows"] > 0]
-        samples = pool.map("call", [(sample_part, p, ctx.sides, m, spec.seed) for _, p in nonempty], "sample")
-        _, sample = _merge_samples(samples, m)
+        for actor in pool.actors:  # fire and forget: an actor runs its calls in order, this one first
+            actor.call.remote(_warm_up, nonempty[0], ctx.sides, max(ks.values()))
+        # 1. Uniform bounded sample: the m lowest key priorities over all parts. When that is every row, the
+        # driver reads the parts itself while the actors start. Otherwise a key-only pass on the actors finds
+        # the m-th priority, then each part ships only its rows at or below it.
+        rows = {side: k * spec.sample_per_centroid for side, k in ks.items()}
+        if n_rows <= m:
+            sample = _sample_everything(nonempty, ctx.sides, spec.seed, rows)
+        else:
+            threshold = _sample_threshold(pool, nonempty, m, spec.seed)
+            samples = pool.map(
+                "call", [(sample_part, p, ctx.sides, m, spec.seed, threshold) for p in nonempty], "sample"
+            )
+            sample = _merge_samples(samples, m, rows)
+            del samples
         seconds["sample"], clock = time.perf_counter() - clock, time.perf_counter()
         # 2. k-means per side on the first k * sample_per_centroid sampled rows (a uniform sample too).
         centroids, info = {}, {}
         for side, k in ks.items():
-            x = sample[side][: k * spec.sample_per_centroid]
-            distinct = len(set(x.view(f"V{x.shape[1] * x.itemsize}").ravel().tolist()))
+            x = sample.pop(side)
+            distinct = _distinct_rows(x, k)
             if distinct < k:
                 raise ClusterError(
                     f"cluster.{side}.k = {k} exceeds the {distinct} distinct {side} vectors in the training "
