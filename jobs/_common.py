@@ -337,6 +337,28 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 # --------------------------------------------------------------------------------------------------
 
 
+def resume(
+    model: torch.nn.Module,
+    extra: dict[str, Any] | None = None,
+    modules: dict[str, torch.nn.Module] | None = None,
+    *,
+    epochs: int,
+) -> tuple[int, int] | None:
+    """Restore the latest checkpoint (:func:`load_checkpoint`) and return (first epoch to run, global
+    step): (0, 0) without a checkpoint. None when all ``epochs`` are done: the saved metrics are reported
+    again (the checkpoint stays the latest) and the worker has nothing left to do."""
+    from ray import train
+
+    state = load_checkpoint(model, extra, modules)
+    if state is None:
+        return 0, 0
+    start = int(state["epoch"]) + 1
+    if start >= epochs:
+        train.report({**state["metrics"], "start_epoch": start})
+        return None
+    return start, int(state["step"])
+
+
 def load_checkpoint(
     model: torch.nn.Module,
     extra: dict[str, Any] | None = None,

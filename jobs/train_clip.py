@@ -45,7 +45,6 @@ def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
 
 
 def train_loop(config: dict) -> None:
-    from ray import train
     from ray.train.torch import prepare_model
 
     from rebalance.losses import balanced_clip_loss
@@ -62,12 +61,10 @@ def train_loop(config: dict) -> None:
     total_steps = steps * args.epochs
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    state = C.load_checkpoint(model, {"optimizer": optimizer})
-    start = 0 if state is None else int(state["epoch"]) + 1
-    step = 0 if state is None else int(state["step"])
-    if start >= args.epochs:  # nothing left to do: report where we are (the checkpoint stays the latest)
-        train.report({**state["metrics"], "start_epoch": start})
+    resumed = C.resume(model, {"optimizer": optimizer}, epochs=args.epochs)
+    if resumed is None:
         return
+    start, step = resumed
     model = prepare_model(model)
     inner = C.unwrap(model)
     for epoch in range(start, args.epochs):

@@ -193,16 +193,14 @@ def train_loop(config: dict) -> None:
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
     extra = {"opt_g": opt_g, "opt_d": opt_d}
     modules = {"discriminator.safetensors": D}
-    state = C.load_checkpoint(G, extra, modules)
-    if state is None and args.init_generator:
+    resumed = C.resume(G, extra, modules, epochs=args.epochs)
+    if resumed is None:
+        return
+    if resumed[0] == 0 and args.init_generator:
         from rebalance.fairgan.io import load_generator
 
         G.load_state_dict(load_generator(args.init_generator).state_dict())
-    start = 0 if state is None else int(state["epoch"]) + 1
-    step = 0 if state is None else int(state["step"])
-    if start >= args.epochs:
-        train.report({**state["metrics"], "start_epoch": start})
-        return
+    start, step = resumed
     G, D = G.to(device), D.to(device)
     classifier, w = None, None
     if args.bias_weight > 0:

@@ -82,7 +82,6 @@ def make_loss(args: argparse.Namespace, counts: np.ndarray):
 
 
 def train_loop(config: dict) -> None:
-    from ray import train
     from ray.train.torch import prepare_model
 
     from rebalance.losses import drw_weights
@@ -101,12 +100,10 @@ def train_loop(config: dict) -> None:
     steps = C.steps_per_epoch(args, len(data))
     total_steps = steps * args.epochs
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    state = C.load_checkpoint(model, {"optimizer": optimizer}, {"head.safetensors": head})
-    start = 0 if state is None else int(state["epoch"]) + 1
-    step = 0 if state is None else int(state["step"])
-    if start >= args.epochs:
-        train.report({**state["metrics"], "start_epoch": start})
+    resumed = C.resume(model, {"optimizer": optimizer}, {"head.safetensors": head}, epochs=args.epochs)
+    if resumed is None:
         return
+    start, step = resumed
     from jobs.train_clip import cosine_lr
 
     net = prepare_model(net)
