@@ -18,7 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from rebalance.data import fs
-from rebalance.data.rows import MAX_ENCODED_BYTES, BatchBuilder, RowBatch, Shard, decode_caption
+from rebalance.data.rows import (
+    MAX_ENCODED_BYTES,
+    BatchBuilder,
+    RowBatch,
+    Shard,
+    SourceRow,
+    decode_caption,
+)
 
 __all__ = [
     "FOLDER_SHARD_SIZE",
@@ -104,10 +111,11 @@ def read_folder_shard(shard: Shard, root: str, has_text: bool, batch_size: int) 
     (``text:not utf-8``). An image without a sidecar (when others have one) gets caption None, which the
     embed stage rejects as ``text:missing``.
     """
+    return BatchBuilder(batch_size, True, has_text).batches(_folder_rows(shard.files, root, has_text))
+
+
+def _folder_rows(files: list, root: str, has_text: bool) -> Iterator[SourceRow]:
     root_path = fs.as_path(root)
-    files = shard.files
-    builder = BatchBuilder(batch_size, True, has_text)
-    yielded = False
     i = 0
     while i < len(files):
         image_path = files[i]
@@ -122,13 +130,4 @@ def read_folder_shard(shard: Shard, root: str, has_text: bool, batch_size: int) 
             raw, reason = _read(sidecar, "text")
             if reason is None:
                 text, reason = decode_caption(raw)
-        if reason is not None:
-            builder.reject(key, reason)
-        else:
-            builder.add(key, image, text)
-        if builder.full:
-            yield builder.flush()
-            yielded = True
-    last = builder.flush()
-    if last is not None or not yielded:
-        yield last if last is not None else builder.empty()
+        yield key, image, text, None, reason

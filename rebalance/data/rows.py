@@ -4,6 +4,7 @@ formats that are not columnar (WebDataset tars, image folders)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,7 +12,7 @@ import pyarrow as pa
 
 from rebalance.data.fs import as_path
 
-__all__ = ["Shard", "RowBatch", "BatchBuilder", "MAX_ENCODED_BYTES", "decode_caption"]
+__all__ = ["Shard", "RowBatch", "BatchBuilder", "SourceRow", "MAX_ENCODED_BYTES", "decode_caption"]
 
 # An image or caption file / tar member larger than this is rejected without being read into memory, so a
 # batch holds at most batch_size * MAX_ENCODED_BYTES bytes of encoded data.
@@ -95,6 +96,10 @@ def decode_caption(raw: bytes) -> tuple[str | None, str | None]:
         return None, "text:not utf-8"
 
 
+SourceRow = tuple[str, bytes | None, str | None, dict[str, str | None] | None, str | None]
+"""One row as a reader finds it: key, image bytes, caption, carried values, rejection reason (or None)."""
+
+
 class BatchBuilder:
     """Collects rows one by one and hands out a :class:`RowBatch` whenever ``batch_size`` rows (kept and
     rejected together) have arrived. Carried values are strings (or None)."""
@@ -143,6 +148,22 @@ class BatchBuilder:
         )
         self._reset()
         return batch
+
+    def batches(self, rows: Iterable[SourceRow]) -> Iterator[RowBatch]:
+        """Batch a shard's rows: (key, image, text, carried, reason), rejected when ``reason`` is not None;
+        always at least one batch (an empty one for a shard without rows)."""
+        yielded = False
+        for key, image, text, carried, reason in rows:
+            if reason is not None:
+                self.reject(key, reason)
+            else:
+                self.add(key, image, text, carried)
+            if self.full:
+                yield self.flush()
+                yielded = True
+        last = self.flush()
+        if last is not None or not yielded:
+            yield last if last is not None else self.empty()
 
     def empty(self) -> RowBatch:
         """A batch with no rows and this builder's sides and carried columns."""

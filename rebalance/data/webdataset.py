@@ -17,7 +17,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from rebalance.data.fs import is_remote, open_input
-from rebalance.data.rows import MAX_ENCODED_BYTES, BatchBuilder, RowBatch, Shard, decode_caption
+from rebalance.data.rows import (
+    MAX_ENCODED_BYTES,
+    BatchBuilder,
+    RowBatch,
+    Shard,
+    SourceRow,
+    decode_caption,
+)
 
 __all__ = ["IMAGE_EXTENSIONS", "TarSample", "iter_samples", "probe_tar", "read_tar_shard", "split_member"]
 
@@ -128,9 +135,14 @@ def read_tar_shard(
     """
     need_json = bool(carry) or has_text
     wanted = (IMAGE_EXTENSIONS if has_image else ()) + ("txt",) * has_text + ("json",) * need_json
-    builder = BatchBuilder(batch_size, has_image, has_text, carry)
-    yielded = False
-    for sample in iter_samples(shard.path, wanted):
+    rows = _tar_rows(shard.path, wanted, has_image, has_text, carry)
+    return BatchBuilder(batch_size, has_image, has_text, carry).batches(rows)
+
+
+def _tar_rows(
+    path: str, wanted: tuple[str, ...], has_image: bool, has_text: bool, carry: tuple[str, ...]
+) -> Iterator[SourceRow]:
+    for sample in iter_samples(path, wanted):
         members = sample.members
         reason = None
         meta: dict = {}
@@ -162,13 +174,4 @@ def read_tar_shard(
             else:
                 value = next((meta[f] for f in CAPTION_FIELDS if meta.get(f) is not None), None)
                 text = value if value is None or isinstance(value, str) else str(value)
-        if reason is not None:
-            builder.reject(sample.key, reason)
-        else:
-            builder.add(sample.key, image, text, {c: _carried_value(meta.get(c)) for c in carry})
-        if builder.full:
-            yield builder.flush()
-            yielded = True
-    last = builder.flush()
-    if last is not None or not yielded:
-        yield last if last is not None else builder.empty()
+        yield sample.key, image, text, {c: _carried_value(meta.get(c)) for c in carry}, reason
