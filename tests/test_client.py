@@ -1,13 +1,10 @@
 """rebalance.Client: in-process runs, and Ray Jobs against a real local Ray head with the dashboard and token
 authentication (the documented deployment, on this machine)."""
 
-import contextlib
 import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 import yaml
+from processes import free_port, http_ok, server_process
 
 from rebalance.client import Client, JobFailedError, resolve_token
 from rebalance.data.parts import read_parts
@@ -25,12 +22,6 @@ from rebalance.spec import SpecError
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = str(Path(sys.executable).parent)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +33,7 @@ def ray_head():
     token_path = Path(temp_dir) / "auth_token"
     token_path.write_text(token)
     token_path.chmod(0o600)
-    dashboard = _free_port()
+    dashboard = free_port()
     env = {
         **os.environ,
         "RAY_USAGE_STATS_ENABLED": "0",
@@ -55,35 +46,18 @@ def ray_head():
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_TOKEN", None)
     cmd = [
-        str(Path(VENV_BIN) / "ray"), "start", "--head", f"--port={_free_port()}", "--num-cpus=2",
+        str(Path(VENV_BIN) / "ray"), "start", "--head", f"--port={free_port()}", "--num-cpus=2",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-        f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-        f"--runtime-env-agent-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}", f"--ray-client-server-port={free_port()}",
         f"--temp-dir={temp_dir}", "--disable-usage-stats", "--block",
     ]  # fmt: skip
-    log = Path(temp_dir) / "head.log"
-    with log.open("w") as handle:
-        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
+    probe = http_ok(f"{address}/api/jobs/", {"Authorization": f"Bearer {token}"})
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, f"ray start exited {proc.returncode}:\n{log.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, f"job API not up in 180 s:\n{log.read_text()[-4000:]}"
-            with contextlib.suppress(requests.RequestException):
-                r = requests.get(
-                    f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=5
-                )
-                if r.status_code == 200:
-                    break
-            time.sleep(0.5)
-        yield {"address": address, "token": token, "token_path": token_path, "temp_dir": temp_dir}
+        with server_process(cmd, Path(temp_dir) / "head.log", env, probe, 180, "ray head"):
+            yield {"address": address, "token": token, "token_path": token_path, "temp_dir": temp_dir}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=60)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever of this head's own group is left
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

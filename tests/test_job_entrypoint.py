@@ -5,7 +5,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,21 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from processes import free_port
 
 from rebalance.data.parts import read_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def ray_head(tmp_path):
-    port = _free_port()
+    port = free_port()
     ray = str(Path(sys.executable).with_name("ray"))
     # Token authentication on, as in the documented deployment: the head and the job share the token file.
     token = tmp_path / "auth_token"

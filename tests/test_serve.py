@@ -6,14 +6,11 @@ metadata marginals and the clip formula are checked against the offline run too.
 """
 
 import base64
-import contextlib
 import io
 import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 import yaml
+from processes import free_port, http_ok, server_process
 
 from rebalance.data.parts import read_parts
 
@@ -31,12 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_BODY = 4_000_000  # the test server's body limit (the default is 32 MiB)
 MAX_BATCH = 256
 _ENV = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _vectors(table, column: str) -> np.ndarray:
@@ -72,7 +64,7 @@ def server(rebalanced_run, tmp_path_factory):
     token_file = tmp_path_factory.mktemp("token") / "token"
     token_file.write_text(token)
     token_file.chmod(0o600)
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
     cmd = [
         sys.executable, "-m", "rebalance.cli", "serve", str(rebalanced_run), "--port", str(port),
@@ -80,29 +72,9 @@ def server(rebalanced_run, tmp_path_factory):
         "--num-cpus", "1",
     ]  # fmt: skip
     env = {**_ENV, "RAY_ADDRESS": "local"}  # a Ray of its own, whatever else runs on this machine
-    with log.open("w") as handle:
-        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, f"server exited {proc.returncode}:\n{log.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, f"server not up in 240 s:\n{log.read_text()[-4000:]}"
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                    break
-            time.sleep(0.5)
+    with server_process(cmd, log, env, http_ok(f"{url}/healthz"), 240, "server"):
         yield {"url": url, "token": token, "auth": {"Authorization": f"Bearer {token}"}, "log": log}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        # Ray's processes of the local instance were started by the server, in its process group.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _weigh(server, body, headers=None, **kwargs) -> requests.Response:

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image
+from processes import free_port
 
 import rebalance
 from rebalance.cli import demo_spec
@@ -44,12 +45,6 @@ CLEARED = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in CLEARED}
     return {**env, **CREDENTIALS, "AWS_EC2_METADATA_DISABLED": "true", "PYTHONPATH": str(ROOT), **extra}
@@ -70,7 +65,7 @@ def aws_env():
 @pytest.fixture(scope="module")
 def s3_endpoint(aws_env):
     """A moto S3 server on a free loopback port, for this module."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
@@ -416,7 +411,7 @@ def test_unsupported_scheme_missing_bucket_and_unreachable_endpoint_are_clear_er
         rebalance.load_result(missing_uri)
     with pytest.raises(fs.StorageError, match=r"data.path .* does not exist"):
         list_shards(DataSpec(path=missing_uri.replace("/run", "/data")))
-    closed = f"s3://{bucket.name}/run?endpoint_override=127.0.0.1:{_free_port()}&scheme=http&region={REGION}"
+    closed = f"s3://{bucket.name}/run?endpoint_override=127.0.0.1:{free_port()}&scheme=http&region={REGION}"
     start = time.monotonic()
     with pytest.raises(fs.StorageError, match=r"cannot reach the store: .*NETWORK_CONNECTION"):
         rebalance.run(spec, closed)
@@ -445,7 +440,7 @@ def test_cli_reports_a_missing_bucket_without_a_traceback(bucket, tmp_path):
 
 
 def test_a_store_failure_while_reading_fails_instead_of_marking_the_shard_unreadable(bucket):
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     path = f"s3://{bucket.name}/data/00000.parquet?endpoint_override=127.0.0.1:{port}&scheme=http&region={REGION}"
     data = DataSpec(path=path)
     with pytest.raises(fs.StorageError, match="NETWORK_CONNECTION"):
