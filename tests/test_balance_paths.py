@@ -10,7 +10,7 @@ from ot.bregman import sinkhorn_log
 
 import rebalance
 from rebalance.data.parts import read_parts
-from rebalance.data.readers import _vectors
+from rebalance.data.readers import vector_matrix
 from rebalance.stages.balance import BalanceError
 
 
@@ -70,7 +70,7 @@ def test_soft_labels_match_pot_and_meet_the_column_marginal(demo_copy, ray_local
     emb = read_parts(demo_copy / "embeddings").select(["key", "image"])
     order = {key: i for i, key in enumerate(emb.column("key").to_pylist())}
     rows = [order[key] for key in weights.column("key").to_pylist()]
-    x = _vectors(emb.column("image").combine_chunks())[rows].astype(np.float64)
+    x = vector_matrix(emb.column("image").combine_chunks())[rows].astype(np.float64)
     centroids = np.load(demo_copy / "clusters" / "image_centroids.npy").astype(np.float64)
     sizes = np.bincount(weights.column("image_cluster").to_numpy(), minlength=k)
     pi = (sizes > 0) / (sizes > 0).sum()  # uniform over the non-empty clusters

@@ -51,6 +51,7 @@ __all__ = [
     "dataset_fingerprint",
     "check_unique_keys",
     "key_hashes",
+    "vector_matrix",
     "MAX_DUPLICATES_NAMED",
 ]
 
@@ -275,9 +276,9 @@ def _read_parquet_shard(
         batch.carried = {c: record_batch.column(c) for c in data.carry}
         if fmt == "embeddings":
             if image_column:
-                batch.image_vectors = _vectors(record_batch.column(image_column))
+                batch.image_vectors = vector_matrix(record_batch.column(image_column))
             if text_column:
-                batch.text_vectors = _vectors(record_batch.column(text_column))
+                batch.text_vectors = vector_matrix(record_batch.column(text_column))
         else:
             if image_column:
                 batch.images = record_batch.column(image_column).to_pylist()
@@ -286,7 +287,7 @@ def _read_parquet_shard(
         yield batch
 
 
-def _vectors(column: pa.Array) -> np.ndarray:
+def vector_matrix(column: pa.Array) -> np.ndarray:
     """A list<float> column as an (n, d) float32 array; rows must all have the same length."""
     if pa.types.is_fixed_size_list(column.type):
         d = column.type.list_size

@@ -40,7 +40,7 @@ import ray
 from rebalance.data.atomic import atomic_write_json
 from rebalance.data.fs import join
 from rebalance.data.parts import part_summary, read_part, write_part
-from rebalance.data.readers import _vectors
+from rebalance.data.readers import vector_matrix
 from rebalance.kernels.ipf import (
     MissingMassError,
     apply_ratio_and_sum,
@@ -440,7 +440,7 @@ class SoftLabels:
 
 def _load_scores(run_root: str, index: int, side: str, centroids: np.ndarray, temperature: float) -> tuple:
     table = read_part(join(run_root, "embeddings"), index, columns=[side])
-    scores = _vectors(table.column(side).combine_chunks()).astype(np.float64) @ centroids.T
+    scores = vector_matrix(table.column(side).combine_chunks()).astype(np.float64) @ centroids.T
     return scores, soft_sinkhorn_kernel(scores, temperature)
 
 
@@ -514,7 +514,7 @@ def weigh_part(
         table = table.append_column(m, labels.column(m))
     if soft is not None:
         emb = read_part(join(run_root, "embeddings"), index, columns=[soft.side])
-        scores = soft.scores(_vectors(emb.column(soft.side).combine_chunks()))
+        scores = soft.scores(vector_matrix(emb.column(soft.side).combine_chunks()))
         idx, probs = top_k_codes(soft_sinkhorn_codes(scores, soft.log_v, soft.temperature), soft.top_k)
         k = soft.top_k
         table = table.append_column(
