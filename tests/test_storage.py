@@ -337,6 +337,27 @@ def test_pipeline_on_s3_matches_local_run(runs):
     assert remote_emb.column("key").to_pylist() == read_parts(local / "embeddings").column("key").to_pylist()
 
 
+def test_weighting_endpoint_reads_a_run_on_s3(runs):
+    from rebalance.serve.weigher import Sample, Weigher
+
+    bucket, local = runs["bucket"], runs["local"]
+    emb = read_parts(local / "embeddings")
+    samples = [
+        Sample(key=k, image_embedding=a, text_embedding=b)
+        for k, a, b in zip(
+            emb.column("key").to_pylist()[:50],
+            emb.column("image").to_pylist()[:50],
+            emb.column("text").to_pylist()[:50],
+            strict=True,
+        )
+    ]
+    remote = Weigher(bucket.uri("run"), load_model=False).weigh(samples)
+    offline = _weights_by_key(read_parts(bucket.uri("run/weights")))
+    assert [r["weight"] for r in remote] == pytest.approx([offline[s.key] for s in samples], rel=1e-9)
+    here = Weigher(local, load_model=False).weigh(samples)
+    assert [r["weight"] for r in remote] == pytest.approx([r["weight"] for r in here], rel=1e-9)
+
+
 def test_load_result_and_report_command_on_s3(runs):
     bucket, local = runs["bucket"], runs["local"]
     result = rebalance.load_result(bucket.uri("run"))

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import io
 import os
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -48,6 +50,7 @@ __all__ = [
     "read_table",
     "read_schema",
     "parquet_file",
+    "read_npy",
     "open_input",
     "stat",
     "walk_files",
@@ -424,6 +427,11 @@ def read_schema(path: str | os.PathLike | StoragePath) -> pa.Schema:
     if isinstance(target, StoragePath):
         return target._call("read", pq.read_schema, target.fs_path, filesystem=target.fs)
     return pq.read_schema(target)
+
+
+def read_npy(path: str | os.PathLike | StoragePath) -> np.ndarray:
+    """A local or remote ``.npy`` array (never a pickle)."""
+    return np.load(io.BytesIO(as_path(path).read_bytes()), allow_pickle=False)
 
 
 def parquet_file(path: str | os.PathLike | StoragePath) -> pq.ParquetFile:

@@ -21,6 +21,7 @@ from pathlib import Path
 import ray
 from ray import serve
 
+from rebalance.data import fs
 from rebalance.serve.app import Limits, build_app, token_sha256
 from rebalance.serve.weigher import Weigher
 
@@ -92,7 +93,7 @@ def run_server(
     """
     if token is None and not is_loopback(host):
         raise ValueError(f"refusing to serve without authentication on {host}: give a token")
-    run_dir = str(Path(run_dir).resolve())
+    run_dir = str(run_dir) if fs.is_remote(run_dir) else str(Path(run_dir).resolve())
     # Fail here, with the reason, rather than in a replica: the run must be complete and carry scaling.
     probe = Weigher(run_dir, load_model=False)
     if load_model and probe.format != "embeddings":

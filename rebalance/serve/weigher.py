@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from rebalance.data import fs
 from rebalance.kernels.kmeans import level_labels
 from rebalance.spec import cluster_marginal
 
@@ -78,7 +79,7 @@ class Weigher:
     def __init__(self, run_dir: str | Path, *, load_model: bool = True, device: str = "cpu"):
         import faiss
 
-        self.root = Path(run_dir)
+        self.root = fs.as_path(run_dir)
         manifest_path = self.root / "manifest.json"
         if not manifest_path.is_file():
             raise FileNotFoundError(f"{self.root} is not a run directory (no manifest.json)")
@@ -116,7 +117,7 @@ class Weigher:
         for side in self.dataset_sides:
             if side not in clusters:
                 continue
-            centroids = np.load(self.root / "clusters" / f"{side}_centroids.npy").astype(np.float32)
+            centroids = fs.read_npy(self.root / "clusters" / f"{side}_centroids.npy").astype(np.float32)
             index = faiss.IndexFlatL2(centroids.shape[1])
             index.add(np.ascontiguousarray(centroids))
             parents = [

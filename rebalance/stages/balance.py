@@ -25,7 +25,6 @@ weight, and is written before a failure is raised, so a failed run still explain
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import operator
@@ -38,7 +37,7 @@ import pyarrow.compute as pc
 import ray
 
 from rebalance.data.atomic import atomic_write_json
-from rebalance.data.fs import join
+from rebalance.data.fs import join, read_npy
 from rebalance.data.parts import part_summary, read_part, write_part
 from rebalance.data.readers import vector_matrix
 from rebalance.kernels.ipf import (
@@ -453,8 +452,7 @@ def _soft_labels(ctx: StageContext, spec: BalanceSpec) -> tuple[SoftLabels, dict
     """Run the distributed soft Sinkhorn of ``balance.soft``. Its column marginal is the balance target of
     ``<side>_cluster`` (``balance.targets`` or ``balance.target``) applied to the cluster sizes."""
     soft: SoftSpec = spec.soft
-    raw = (ctx.run.path("clusters") / f"{soft.side}_centroids.npy").read_bytes()
-    centroids = np.load(io.BytesIO(raw), allow_pickle=False).astype(np.float64)
+    centroids = read_npy(ctx.run.path("clusters") / f"{soft.side}_centroids.npy").astype(np.float64)
     k = centroids.shape[0]
     if soft.top_k > k:
         raise BalanceError(f"balance.soft.top_k = {soft.top_k} exceeds the {k} {soft.side} clusters")
