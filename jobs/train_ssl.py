@@ -34,11 +34,13 @@ from jobs import _common as C
 
 def run_cluster_marginal(run_dir: str | Path, side: str = "image") -> np.ndarray:
     """Fraction of a run's rows in each ``side`` cluster (length k from ``clusters/clusters.json``)."""
+    from rebalance.data.fs import as_path
     from rebalance.data.parts import read_parts
 
-    info = json.loads((Path(run_dir) / "clusters" / "clusters.json").read_text())
+    root = as_path(run_dir)
+    info = json.loads((root / "clusters" / "clusters.json").read_text())
     k = int(info[side]["k"])
-    labels = read_parts(Path(run_dir) / "assignments", columns=[f"{side}_cluster"]).column(0).to_numpy()
+    labels = read_parts(root / "assignments", columns=[f"{side}_cluster"]).column(0).to_numpy()
     counts = np.bincount(labels, minlength=k).astype(np.float64)
     return counts / counts.sum()
 

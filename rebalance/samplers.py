@@ -43,9 +43,10 @@ __all__ = [
 
 def load_run_weights(run_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """``(keys, weights)`` of every row of a run directory's ``weights/`` parts (object array of str, float64)."""
+    from rebalance.data.fs import as_path
     from rebalance.data.parts import read_parts
 
-    weights_dir = Path(run_dir) / "weights"
+    weights_dir = as_path(run_dir) / "weights"
     if not weights_dir.is_dir():
         raise FileNotFoundError(
             f"{run_dir} has no weights/ directory: is it a finished rebalance run directory?"

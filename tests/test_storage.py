@@ -337,7 +337,8 @@ def test_pipeline_on_s3_matches_local_run(runs):
     assert remote_emb.column("key").to_pylist() == read_parts(local / "embeddings").column("key").to_pylist()
 
 
-def test_weighting_endpoint_reads_a_run_on_s3(runs):
+def test_weighting_endpoint_and_samplers_read_a_run_on_s3(runs):
+    from rebalance.samplers import load_run_weights
     from rebalance.serve.weigher import Sample, Weigher
 
     bucket, local = runs["bucket"], runs["local"]
@@ -356,6 +357,9 @@ def test_weighting_endpoint_reads_a_run_on_s3(runs):
     assert [r["weight"] for r in remote] == pytest.approx([offline[s.key] for s in samples], rel=1e-9)
     here = Weigher(local, load_model=False).weigh(samples)
     assert [r["weight"] for r in remote] == pytest.approx([r["weight"] for r in here], rel=1e-9)
+    # what training jobs read: the run's keys and weights (rebalance.samplers)
+    keys, weights = load_run_weights(bucket.uri("run"))
+    assert dict(zip(keys.tolist(), weights.tolist(), strict=True)) == pytest.approx(offline, rel=0)
 
 
 def test_load_result_and_report_command_on_s3(runs):
