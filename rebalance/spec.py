@@ -167,6 +167,7 @@ class ClusterSpec:
     seed: int = 0
     nredo: int = 1  # random initialisations; the best objective is kept
     levels: tuple[int, ...] = ()  # coarser levels: k-means on the centroids of the level below
+    resampling_steps: int = 10  # per coarser level: re-run k-means on each cluster's nearest members
 
     def __post_init__(self) -> None:
         below = min(self.image.k, self.text.k)
@@ -182,6 +183,8 @@ class ClusterSpec:
             raise SpecError("cluster.nredo", "must be >= 1", self.nredo)
         if self.sample_per_centroid < 1:
             raise SpecError("cluster.sample_per_centroid", "must be >= 1", self.sample_per_centroid)
+        if self.resampling_steps < 0:
+            raise SpecError("cluster.resampling_steps", "must be >= 0", self.resampling_steps)
 
 
 MARGINAL_CLUSTERS = ("image_cluster", "text_cluster")

@@ -10,6 +10,7 @@ from sklearn.metrics import normalized_mutual_info_score
 
 import rebalance
 from rebalance.data.parts import read_parts
+from rebalance.stages import cluster
 from rebalance.stages.cluster import ClusterError
 
 
@@ -90,6 +91,8 @@ def test_level_marginal_needs_the_level(tmp_path):
         rebalance.Spec.from_dict(spec)
     with pytest.raises(rebalance.SpecError, match=r"cluster.levels\[0\]"):
         rebalance.Spec.from_dict(spec_for(tmp_path / "data", levels=[9]))
+    with pytest.raises(rebalance.SpecError, match=r"cluster.resampling_steps"):
+        rebalance.Spec.from_dict(spec_for(tmp_path / "data", levels=[3], resampling_steps=-1))
 
 
 def test_nan_vectors_are_rejected_with_their_keys(tmp_path, ray_local):
@@ -114,3 +117,42 @@ def test_too_few_rows_or_distinct_vectors(tmp_path, ray_local):
     )
     with pytest.raises(ClusterError, match=r"exceeds the 1 distinct image vectors"):
         rebalance.run({**spec_for(same), "data": {"path": str(same)}}, tmp_path / "out2")
+
+
+class _InlinePool:
+    """Runs ``pool.map("call", items)`` in this process, as the actors would."""
+
+    def map(self, method, items, desc=""):
+        return [fn(*args) for fn, *args in items]
+
+
+def test_sampling_and_assignment_paths_agree(tmp_path):
+    """The two sampling paths (actors with a priority threshold, or the driver reading everything) give the
+    bottom-m rows of the old per-part merge, and the driver's assignment equals the actors' part by part."""
+    write_mixture(tmp_path / "data", n=900, shards=3)
+    paths = [str(p) for p in sorted((tmp_path / "data").glob("*.parquet"))]
+    sides = ["image", "text"]
+    keys, positions, everything = cluster._read_everything(paths, sides, seed=3)
+    for m in (100, 450, 899):
+        merged = cluster._merge_samples(
+            [cluster.sample_part(p, sides, m, 3) for p in paths], m, {"image": m, "text": m // 2}
+        )
+        threshold = cluster._sample_threshold(_InlinePool(), paths, m, 3)
+        parts = [cluster.sample_part(p, sides, m, 3, threshold) for p in paths]
+        assert sum(len(pr) for pr, _ in parts) == m  # only the sample's rows are shipped
+        sampled = cluster._merge_samples(parts, m, {"image": m, "text": m // 2})
+        for side, n in (("image", m), ("text", m // 2)):
+            np.testing.assert_array_equal(sampled[side], merged[side])
+            np.testing.assert_array_equal(everything[side][:n], merged[side])
+    rng = np.random.default_rng(0)
+    centroids = {s: rng.normal(size=(8, 32)).astype(np.float32) for s in sides}
+    parents = {"image": [np.array([0, 1, 2, 0, 1, 2, 0, 1])]}
+    items = list(enumerate(paths))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    by_actor = [cluster.assign_part(p, str(tmp_path / "a"), i, centroids, parents) for i, p in items]
+    by_driver = cluster._assign_in_driver(
+        items, str(tmp_path / "b"), keys, positions, everything, centroids, parents
+    )
+    assert by_actor == by_driver
+    assert read_parts(tmp_path / "a").equals(read_parts(tmp_path / "b"))

@@ -291,7 +291,7 @@ def vector_matrix(column: pa.Array) -> np.ndarray:
     """A list<float> column as an (n, d) float32 array; rows must all have the same length."""
     if pa.types.is_fixed_size_list(column.type):
         d = column.type.list_size
-        return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, d)
+        return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, d)
     lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
     if lengths.size and (lengths != lengths[0]).any():
         raise ValueError(f"embedding rows have different lengths: {sorted(set(lengths.tolist()))[:5]}")

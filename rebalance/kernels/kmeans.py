@@ -46,16 +46,37 @@ class KMeansResult:
     objective: list[float]
 
 
+def kmeans_plus_plus(x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007): k rows of ``x`` (n, d), the first uniform, each next
+    drawn with probability D(x)^2 / sum D^2, D the distance to the nearest row drawn so far; (k, d) float32.
+    One GEMV per draw, O(n k d) in all: meant for the coarser levels, whose inputs are centroids."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    n = x.shape[0]
+    norms = np.einsum("ij,ij->i", x, x).astype(np.float64)
+    chosen = [int(rng.integers(n))]
+    d2 = np.full(n, np.inf)
+    for _ in range(k - 1):
+        i = chosen[-1]
+        d2 = np.minimum(d2, np.maximum(norms + norms[i] - 2.0 * (x @ x[i]).astype(np.float64), 0.0))
+        total = d2.sum()
+        chosen.append(int(rng.choice(n, p=d2 / total)) if total > 0 else int(rng.integers(n)))
+    return x[chosen].copy()
+
+
 def train_kmeans(
     x: np.ndarray, k: int, *, niter: int = 20, spherical: bool = True, seed: int = 0, gpu: bool = False,
-    nredo: int = 1,
+    nredo: int = 1, init: str = "random",
 ) -> KMeansResult:  # fmt: skip
     """Train k-means on ``x`` (n, d) float32 with faiss; the caller bounds n (faiss does no subsampling here).
 
     Spherical k-means re-normalises the centroids each iteration (for L2-normalised CLIP vectors).
     ``nredo`` runs from seeds seed, seed + 1, ... and keeps the centroids with the smallest sum of squared
     distances sum_i min_j ||x_i - c_j||^2 (one criterion for spherical and plain k-means alike).
+    ``init``: ``random`` (faiss: k distinct random rows) or ``kmeans++`` (:func:`kmeans_plus_plus`).
     """
+    if init not in ("random", "kmeans++"):
+        raise ValueError(f"init must be 'random' or 'kmeans++', got {init!r}")
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
     if k < 1 or k > n:
@@ -66,7 +87,7 @@ def train_kmeans(
             d, k, niter=niter, spherical=spherical, seed=seed + redo, gpu=gpu, verbose=False,
             max_points_per_centroid=max(1, -(-n // k)), min_points_per_centroid=1,
         )  # fmt: skip
-        km.train(x)
+        km.train(x, init_centroids=kmeans_plus_plus(x, k, seed + redo) if init == "kmeans++" else None)
         result = KMeansResult(np.array(km.centroids, dtype=np.float32), [float(v) for v in km.obj])
         sse = float(assign(x, result.centroids)[1].astype(np.float64).sum()) if nredo > 1 else 0.0
         if best is None or sse < best[0]:
@@ -110,7 +131,7 @@ def closest_per_cluster(labels: np.ndarray, distances: np.ndarray, k: int, s: in
 
 def resampled_kmeans(
     x: np.ndarray, k: int, *, steps: int = 10, sample_size: int | None = None, niter: int = 20,
-    spherical: bool = True, seed: int = 0, gpu: bool = False,
+    spherical: bool = True, seed: int = 0, gpu: bool = False, init: str = "kmeans++",
 ) -> KMeansResult:  # fmt: skip
     """k-means with resampling steps (Vo et al. 2024, Algorithm 1; their code's "closest" strategy).
 
@@ -126,19 +147,21 @@ def resampled_kmeans(
     s = max(1, -(-n // (2 * k))) if sample_size is None else sample_size
     if s < 1:
         raise ValueError(f"sample_size must be >= 1, got {s}")
-    result = train_kmeans(x, k, niter=niter, spherical=spherical, seed=seed, gpu=gpu)
+    result = train_kmeans(x, k, niter=niter, spherical=spherical, seed=seed, gpu=gpu, init=init)
     for step in range(1, steps + 1):
         labels, distances = assign(x, result.centroids)
         chosen = closest_per_cluster(labels, distances, k, s)
         if chosen.size < k:
             break
-        result = train_kmeans(x[chosen], k, niter=niter, spherical=spherical, seed=seed + step, gpu=gpu)
+        result = train_kmeans(
+            x[chosen], k, niter=niter, spherical=spherical, seed=seed + step, gpu=gpu, init=init
+        )
     return result
 
 
 def hierarchical_kmeans(
     centroids: np.ndarray, levels: list[int], *, niter: int = 20, spherical: bool = True, seed: int = 0,
-    gpu: bool = False, resampling_steps: int = 10, sample_size: int | None = None,
+    gpu: bool = False, resampling_steps: int = 10, sample_size: int | None = None, init: str = "kmeans++",
 ) -> list[KMeansLevel]:  # fmt: skip
     """k-means on the centroids of the level below, once per entry of ``levels`` (Vo et al. 2024), each
     with ``resampling_steps`` resampling steps (:func:`resampled_kmeans`; 0: plain k-means).
@@ -154,7 +177,7 @@ def hierarchical_kmeans(
     for k in levels:
         result = resampled_kmeans(
             below, k, steps=resampling_steps, sample_size=sample_size, niter=niter, spherical=spherical,
-            seed=seed, gpu=gpu,
+            seed=seed, gpu=gpu, init=init,
         )  # fmt: skip
         parent, _ = assign(below, result.centroids)
         out.append(KMeansLevel(result.centroids, parent, result.objective))

@@ -1,11 +1,14 @@
-"""Cluster stage: faiss k-means on a bounded uniform sample, then every row assigned by the actor pool.
+"""Cluster stage: faiss k-means on a bounded uniform sample, then every row assigned to its nearest centroid.
 
 Sampling: every row gets a seeded priority hash of its key and the sample is the ``m`` rows of lowest
 priority, where m = k * sample_per_centroid (largest k of the sides): a uniform sample without replacement,
 independent of sharding. When the parts hold more than m rows, a first pass over the key columns finds the
 m-th lowest priority (merged a chunk of parts at a time); each part then ships only its rows at or below
-it, so the driver holds O(m) vectors and floats, and scatters them once into the training array. When
-they hold at most m rows, the driver reads them itself (they all go to it anyway) while the actors start.
+it, so the driver holds O(m) vectors and floats, and scatters them once into the training array; the
+actor pool assigns every row. When they hold at most m rows, the sample is every row: the driver reads
+them itself (they all go to it anyway), trains, and assigns each part from memory with one faiss thread
+per part, as an actor does, so both paths give the same assignments; no actors start.
+Coarser levels (``cluster.levels``): :func:`rebalance.kernels.kmeans.hierarchical_kmeans` on the centroids.
 Outputs: ``clusters/{side}_centroids.npy``, ``clusters/clusters.json`` and ``assignments/part-NNNNN.parquet``
 with ``key``, ``{side}_cluster`` (int32) and ``{side}_distance`` (float32, squared L2 to the centroid).
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import faiss
@@ -25,6 +29,7 @@ import ray
 from rebalance.data.atomic import atomic_save_npy, atomic_write_json
 from rebalance.data.fs import read_table
 from rebalance.data.parts import part_path, part_summary, write_part
+from rebalance.data.readers import vector_matrix
 from rebalance.kernels.kmeans import assign, gpu_available, hierarchical_kmeans, level_labels, train_kmeans
 from rebalance.kernels.sampling import bottom_k, key_priorities
 from rebalance.runtime.pool import ActorPool, ShardWorker
@@ -40,8 +45,7 @@ class ClusterError(ValueError):
 
 
 def _vectors(table: pa.Table, side: str) -> np.ndarray:
-    column = table.column(side).combine_chunks()
-    return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
+    return vector_matrix(table.column(side).combine_chunks())
 
 
 def part_priorities(path: str, m: int, seed: int) -> np.ndarray:
@@ -79,11 +83,23 @@ def assign_part(
     if done is not None:
         return done
     table = read_table(emb_path, columns=["key", *centroids])
-    columns: dict[str, Any] = {"key": table.column("key")}
+    vectors = {side: _vectors(table, side) for side in centroids}
+    return _commit_assignments(out_dir, index, table.column("key"), vectors, centroids, parents)
+
+
+def _commit_assignments(
+    out_dir: str,
+    index: int,
+    keys: pa.ChunkedArray,
+    vectors: dict[str, np.ndarray],
+    centroids: dict[str, np.ndarray],
+    parents: dict[str, list[np.ndarray]],
+) -> dict[str, Any]:
+    """Assign one part's rows (``vectors[side]`` (n, d), in the part's row order) and commit the part."""
+    columns: dict[str, Any] = {"key": keys}
     sizes = {}
     for side, c in centroids.items():
-        x = _vectors(table, side) if table.num_rows else np.zeros((0, c.shape[1]), np.float32)
-        labels, distances = assign(x, c)
+        labels, distances = assign(vectors[side].reshape(-1, c.shape[1]), c)
         columns[f"{side}_cluster"] = pa.array(labels, pa.int32())
         columns[f"{side}_distance"] = pa.array(distances, pa.float32())
         for level, labels_at_level in enumerate(level_labels(labels, parents.get(side, [])), start=1):
@@ -91,20 +107,7 @@ def assign_part(
         sizes[side] = np.bincount(labels, minlength=c.shape[0]).tolist()
     summary = {"sizes": sizes}
     write_part(out_dir, index, pa.table(columns), summary)
-    return {"rows": table.num_rows, **summary}
-
-
-def _warm_up(path: str, sides: list[str], k: int) -> None:
-    """Sent to every actor as it starts, to run while the driver samples and trains: reads a part and
-    assigns it to k dummy centroids, so that the first assignment item does not pay for first-touch page
-    faults of the Arrow and faiss buffers (0.2-0.5 s per actor here)."""
-    try:
-        table = read_table(path, columns=["key", *sides])
-        for side in sides:
-            x = _vectors(table, side)
-            assign(x, np.zeros((k, x.shape[1]), np.float32))
-    except Exception:  # only a warm-up: the work items that follow meet and report any real error
-        log.debug("cluster: warm-up failed", exc_info=True)
+    return {"rows": len(keys), **summary}
 
 
 def _assign(emb_path: str, out_dir: str, index: int, model: tuple) -> dict[str, Any]:
@@ -144,40 +147,78 @@ def _merge_samples(
         out[side] = np.empty((min(n, order.size), d), dtype=np.float32)
     offset = 0
     for p, vectors in samples:
-        part_dest = dest[offset : offset + p.size]
-        offset += p.size
         for side, x in out.items():
-            keep = (part_dest >= 0) & (part_dest < x.shape[0])
-            x[part_dest[keep]] = vectors[side][keep]
+            _scatter(x, dest[offset : offset + p.size], vectors[side])
+        offset += p.size
     return out
 
 
-def _sample_everything(
-    paths: list[str], sides: list[str], seed: int, rows: dict[str, int]
-) -> dict[str, np.ndarray]:
-    """The whole dataset as the sample (when it holds at most m rows), read by the driver: every byte goes to
-    the driver anyway, so actors would only add a hop through the object store. The key columns give the
-    (priority, part, row) order; then each part's vectors are scattered straight to their place. Equal to
-    :func:`_merge_samples` of every part's :func:`sample_part` (tested)."""
-    priorities = np.concatenate(
-        [key_priorities(read_table(p, columns=["key"]).column("key").to_pylist(), seed) for p in paths]
-    )
+def _scatter(out: np.ndarray, rows: np.ndarray, vectors: np.ndarray) -> None:
+    """out[rows[i]] = vectors[i] for every i with 0 <= rows[i] < len(out); rows (n,), vectors (n, d)."""
+    keep = (rows >= 0) & (rows < out.shape[0])
+    if keep.all():
+        out[rows] = vectors
+    else:
+        out[rows[keep]] = vectors[keep]
+
+
+def _read_everything(
+    paths: list[str], sides: list[str], seed: int
+) -> tuple[list[pa.ChunkedArray], list[np.ndarray], dict[str, np.ndarray]]:
+    """Every row of every part, in sample order, read by the driver (for when the sample is the whole dataset).
+
+    Returns each part's keys, each part's row positions in the sample (n_p,) and the sample per side (n, d)
+    float32 in (priority, part, row) order, so that its first r rows are the r-row sample (equal to
+    :func:`_merge_samples` of every part's :func:`sample_part`; tested). The key columns give the order;
+    then each Arrow chunk of each part's vectors is scattered straight to its rows' places."""
+    keys = [read_table(p, columns=["key"]).column("key") for p in paths]
+    priorities = np.concatenate([key_priorities(k.to_pylist(), seed) for k in keys])
     order = bottom_k(priorities, priorities.size)
     dest = np.empty(priorities.size, dtype=np.int64)
     dest[order] = np.arange(order.size)
-    out: dict[str, np.ndarray] = {}
-    offset = 0
-    for path in paths:
-        table = read_table(path, columns=["key", *sides])
-        part_dest = dest[offset : offset + table.num_rows]
-        offset += table.num_rows
+    bounds = np.cumsum([0, *(len(k) for k in keys)])
+    positions = [dest[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    sample: dict[str, np.ndarray] = {}
+    for path, part_dest in zip(paths, positions, strict=True):
+        if part_dest.size == 0:
+            continue
+        table = read_table(path, columns=[*sides])
         for side in sides:
-            x = _vectors(table, side)
-            if side not in out:
-                out[side] = np.empty((min(rows[side], order.size), x.shape[1]), dtype=np.float32)
-            keep = part_dest < out[side].shape[0]
-            out[side][part_dest[keep]] = x[keep]
-    return out
+            start = 0
+            for chunk in table.column(side).chunks:
+                d = chunk.type.list_size
+                if side not in sample:
+                    sample[side] = np.empty((order.size, d), dtype=np.float32)
+                sample[side][part_dest[start : start + len(chunk)]] = (
+                    chunk.flatten().to_numpy().reshape(-1, d)
+                )
+                start += len(chunk)
+    return keys, positions, sample
+
+
+def _assign_in_driver(
+    items: list[tuple[int, str]],
+    out_dir: str,
+    keys: list[pa.ChunkedArray],
+    positions: list[np.ndarray],
+    sample: dict[str, np.ndarray],
+    centroids: dict[str, np.ndarray],
+    parents: dict[str, list[np.ndarray]],
+) -> list[dict[str, Any]]:
+    """:func:`assign_part` for every part from the rows the driver holds, one part per thread and one faiss
+    thread per part, exactly as an actor computes it (faiss's distances depend on its thread count)."""
+
+    def one(j: int) -> dict[str, Any]:
+        index = items[j][0]
+        done = part_summary(out_dir, index)
+        if done is not None:
+            return done
+        faiss.omp_set_num_threads(1)  # this thread only: OpenMP settings are per thread
+        vectors = {side: sample[side][positions[j]] for side in centroids}
+        return _commit_assignments(out_dir, index, keys[j], vectors, centroids, parents)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as threads:
+        return list(threads.map(one, range(len(items))))
 
 
 def _distinct_rows(x: np.ndarray, k: int) -> int:
@@ -190,6 +231,60 @@ def _distinct_rows(x: np.ndarray, k: int) -> int:
     if lower >= k:
         return lower
     return len(set(x.view(f"V{x.shape[1] * x.itemsize}").ravel().tolist()))
+
+
+def _train_sides(
+    ctx: StageContext, ks: dict[str, int], sample: dict[str, np.ndarray], gpu: bool
+) -> tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]], dict[str, Any]]:
+    """k-means per side on the first k * sample_per_centroid rows of its sample (a uniform sample too), then
+    the coarser levels; saves the centroids. Returns centroids, parent maps per level and clusters.json."""
+    spec, clusters_dir = ctx.spec.cluster, ctx.run.path("clusters")
+    centroids: dict[str, np.ndarray] = {}
+    parents: dict[str, list[np.ndarray]] = {}
+    info: dict[str, Any] = {}
+    for side, k in ks.items():
+        x = sample[side][: k * spec.sample_per_centroid]
+        distinct = _distinct_rows(x, k)
+        if distinct < k:
+            raise ClusterError(
+                f"cluster.{side}.k = {k} exceeds the {distinct} distinct {side} vectors in the training "
+                f"sample; lower cluster.{side}.k"
+            )
+        log.info("cluster: %s k-means, k=%d on %d x %d (%s)", side, k, *x.shape, "GPU" if gpu else "CPU")
+        result = train_kmeans(
+            x, k, niter=spec.niter, spherical=spec.spherical, seed=spec.seed, gpu=gpu, nredo=spec.nredo
+        )
+        centroids[side] = result.centroids
+        atomic_save_npy(result.centroids, clusters_dir / f"{side}_centroids.npy")
+        info[side] = {
+            "k": k,
+            "d": int(x.shape[1]),
+            "seed": spec.seed,
+            "niter": spec.niter,
+            "nredo": spec.nredo,
+            "spherical": spec.spherical,
+            "train_rows": int(x.shape[0]),
+            "objective": result.objective,
+            "device": "gpu" if gpu else "cpu",
+            "levels": [],
+        }
+        hierarchy = hierarchical_kmeans(
+            result.centroids, list(spec.levels), niter=spec.niter, spherical=spec.spherical,
+            seed=spec.seed, gpu=gpu, resampling_steps=spec.resampling_steps,
+        )  # fmt: skip
+        parents[side] = [level.parent for level in hierarchy]
+        for number, level in enumerate(hierarchy, start=1):
+            atomic_save_npy(level.centroids, clusters_dir / f"{side}_centroids_{number}.npy")
+            info[side]["levels"].append(
+                {
+                    "level": number,
+                    "k": int(level.centroids.shape[0]),
+                    "objective": level.objective,
+                    "resampling_steps": spec.resampling_steps,
+                    "parent": level.parent.tolist(),
+                }  # fmt: skip
+            )
+    return centroids, parents, info
 
 
 def run_cluster(ctx: StageContext) -> dict[str, Any]:
@@ -212,76 +307,43 @@ def run_cluster(ctx: StageContext) -> dict[str, Any]:
             )
     gpu = gpu_available()
     # faiss results depend on its thread count, and Ray job drivers run with OMP_NUM_THREADS=1: use every
-    # core of the machine, whatever the environment says, so a job and a local run agree.
+    # core of the machine, whatever the environment says, so a job and a local run agree. (Assignment runs
+    # one faiss thread per part on either path below, so its results do not depend on the machine.)
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
-    nonempty = [p for i, p in items if part_rows[i] > 0]
-    with ActorPool(ShardWorker, ctx.workers(len(items))) as pool:
-        for actor in pool.actors:  # fire and forget: an actor runs its calls in order, this one first
-            actor.call.remote(_warm_up, nonempty[0], ctx.sides, max(ks.values()))
-        # 1. Uniform bounded sample: the m lowest key priorities over all parts. When that is every row, the
-        # driver reads the parts itself while the actors start. Otherwise a key-only pass on the actors finds
-        # the m-th priority, then each part ships only its rows at or below it.
-        rows = {side: k * spec.sample_per_centroid for side, k in ks.items()}
-        if n_rows <= m:
-            sample = _sample_everything(nonempty, ctx.sides, spec.seed, rows)
-        else:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if n_rows <= m:
+        # The sample is every row, so every vector goes to the driver anyway: it reads them itself, trains,
+        # and assigns every part from memory (no actors: starting them costs more than the work here).
+        keys, positions, sample = _read_everything([p for _, p in items], ctx.sides, spec.seed)
+        seconds["sample"], clock = time.perf_counter() - clock, time.perf_counter()
+        centroids, parents, info = _train_sides(ctx, ks, sample, gpu)
+        seconds["train"], clock = time.perf_counter() - clock, time.perf_counter()
+        summaries = _assign_in_driver(items, str(out_dir), keys, positions, sample, centroids, parents)
+        del sample
+    else:
+        with ActorPool(ShardWorker, ctx.workers(len(items))) as pool:
+            # 1. Uniform bounded sample: a key-only pass finds the m-th lowest priority over all parts, then
+            # each part ships only its rows at or below it; the driver scatters them into place.
+            nonempty = [p for i, p in items if part_rows[i] > 0]
             threshold = _sample_threshold(pool, nonempty, m, spec.seed)
             samples = pool.map(
                 "call", [(sample_part, p, ctx.sides, m, spec.seed, threshold) for p in nonempty], "sample"
             )
+            rows = {side: k * spec.sample_per_centroid for side, k in ks.items()}
             sample = _merge_samples(samples, m, rows)
             del samples
-        seconds["sample"], clock = time.perf_counter() - clock, time.perf_counter()
-        # 2. k-means per side on the first k * sample_per_centroid sampled rows (a uniform sample too).
-        centroids, info = {}, {}
-        for side, k in ks.items():
-            x = sample.pop(side)
-            distinct = _distinct_rows(x, k)
-            if distinct < k:
-                raise ClusterError(
-                    f"cluster.{side}.k = {k} exceeds the {distinct} distinct {side} vectors in the training "
-                    f"sample; lower cluster.{side}.k"
-                )
-            log.info("cluster: %s k-means, k=%d on %d x %d (%s)", side, k, *x.shape, "GPU" if gpu else "CPU")
-            result = train_kmeans(
-                x, k, niter=spec.niter, spherical=spec.spherical, seed=spec.seed, gpu=gpu, nredo=spec.nredo
+            seconds["sample"], clock = time.perf_counter() - clock, time.perf_counter()
+            # 2. k-means per side and the coarser levels, in the driver.
+            centroids, parents, info = _train_sides(ctx, ks, sample, gpu)
+            del sample
+            seconds["train"], clock = time.perf_counter() - clock, time.perf_counter()
+            # 3. Assignment of every row by the pool.
+            model_ref = ray.put((centroids, parents))
+            summaries = pool.map(
+                "call", [(_assign, p, str(out_dir), i, model_ref) for i, p in items], "assign"
             )
-            centroids[side] = result.centroids
-            atomic_save_npy(result.centroids, clusters_dir / f"{side}_centroids.npy")
-            info[side] = {
-                "k": k,
-                "d": int(x.shape[1]),
-                "seed": spec.seed,
-                "niter": spec.niter,
-                "nredo": spec.nredo,
-                "spherical": spec.spherical,
-                "train_rows": int(x.shape[0]),
-                "objective": result.objective,
-                "device": "gpu" if gpu else "cpu",
-            }
-        parents: dict[str, list[np.ndarray]] = {}
-        for side in ks:
-            hierarchy = hierarchical_kmeans(centroids[side], list(spec.levels), niter=spec.niter,
-                                            spherical=spec.spherical, seed=spec.seed, gpu=gpu)  # fmt: skip
-            parents[side] = [level.parent for level in hierarchy]
-            info[side]["levels"] = []
-            for number, level in enumerate(hierarchy, start=1):
-                atomic_save_npy(level.centroids, clusters_dir / f"{side}_centroids_{number}.npy")
-                info[side]["levels"].append(
-                    {
-                        "level": number,
-                        "k": int(level.centroids.shape[0]),
-                        "objective": level.objective,
-                        "parent": level.parent.tolist(),
-                    }  # fmt: skip
-                )
-        seconds["train"], clock = time.perf_counter() - clock, time.perf_counter()
-        # 3. Assignment of every row by the pool.
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model_ref = ray.put((centroids, parents))
-        summaries = pool.map("call", [(_assign, p, str(out_dir), i, model_ref) for i, p in items], "assign")
     seconds["assign"] = time.perf_counter() - clock
     for side in ks:
         sizes = np.sum([s["sizes"][side] for s in summaries], axis=0)
