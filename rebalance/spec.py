@@ -128,7 +128,10 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class EmbedSpec:
-    """The open_clip model, its weights (tag, local checkpoint, or null for seeded random init) and batching."""
+    """The open_clip model, its weights (tag, local checkpoint, or null for seeded random init) and batching.
+
+    ``prefetch``: batches each actor reads, decodes and preprocesses in a background thread ahead of the one
+    its model encodes (0: one after the other, in the actor's thread)."""
 
     model: str = "ViT-B-32"
     pretrained: str | None = "openai"
@@ -136,12 +139,15 @@ class EmbedSpec:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     workers: int | Literal["auto"] = "auto"
     seed: int = 0
+    prefetch: int = 2
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise SpecError("embed.batch_size", "must be >= 1", self.batch_size)
         if self.workers != "auto" and self.workers < 1:
             raise SpecError("embed.workers", "must be >= 1 or 'auto'", self.workers)
+        if self.prefetch < 0:
+            raise SpecError("embed.prefetch", "must be >= 0 (0: no background preparation)", self.prefetch)
 
 
 @dataclass(frozen=True)

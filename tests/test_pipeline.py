@@ -217,3 +217,18 @@ def test_clipping_and_scaling_reproduce_every_weight(demo_copy, ray_local):
     np.testing.assert_allclose(
         np.minimum(clip["scale"] * np.exp(log_w), clip["max_weight"]), weights, rtol=1e-10
     )
+
+
+def test_embedding_without_prefetch_is_identical_and_needs_no_rerun(demo_run, tmp_path, ray_local):
+    spec = rebalance.Spec.from_yaml(demo_run / "spec.yaml").to_dict()
+    spec["embed"]["prefetch"] = 0  # prepare and encode one after the other, in the actor's thread
+    rebalance.run(spec, tmp_path / "run", until="embed")
+    for i in range(4):
+        name = f"part-{i:05d}.parquet"
+        assert pq.read_table(tmp_path / "run" / "embeddings" / name).equals(
+            pq.read_table(demo_run / "embeddings" / name)
+        ), name
+    # where and when work runs is not part of the embed fingerprint
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    reference = json.loads((demo_run / "manifest.json").read_text())
+    assert manifest["stages"]["embed"]["fingerprint"] == reference["stages"]["embed"]["fingerprint"]

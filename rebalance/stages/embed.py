@@ -108,10 +108,6 @@ def normalize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return out, ok
 
 
-PREFETCH_BATCHES = 2
-"""Batches an embed actor prepares ahead of the one its model is encoding."""
-
-
 @dataclass
 class _Prepared:
     """A batch after its CPU work: per-row rejection reasons, preprocessed image tensors and captions
@@ -164,7 +160,9 @@ class EmbedWorker:
                 shard, self.data, self.fmt, self.image_column, self.text_column, self.embed.batch_size
             )
             # Reading, decoding and preprocessing batch i + 1 overlap the model's encoding of batch i.
-            for prepared in prefetch(batches, self._prepare, depth=PREFETCH_BATCHES):
+            depth = self.embed.prefetch
+            ready = prefetch(batches, self._prepare, depth) if depth else map(self._prepare, batches)
+            for prepared in ready:
                 table, batch_rejected = self._encode(prepared)
                 rejected += prepared.batch.rejected + batch_rejected
                 if writer is None:
