@@ -5,7 +5,6 @@ good row embedded exactly once and every bad one listed in the manifest; duplica
 import io
 import json
 import struct
-import tarfile
 import zlib
 
 import numpy as np
@@ -13,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from shards import write_tar
 
 import rebalance
 from rebalance.data import folder
@@ -55,14 +55,6 @@ def good_image(i: int) -> bytes:
 def good_caption(i: int) -> str:
     colour, shape = CONCEPTS[i % len(CONCEPTS)]
     return CAPTION_TEMPLATES[i % len(CAPTION_TEMPLATES)].format(colour=colour, shape=shape)
-
-
-def write_tar(path, members) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def pixels(data: bytes) -> np.ndarray:

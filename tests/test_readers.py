@@ -1,16 +1,14 @@
 """Every input format read back against the data the test wrote: keys, captions, image bytes, vectors,
 carried columns, shard order and sides; bounded batches; fingerprints; duplicate keys."""
 
-import io
 import json
 import os
-import tarfile
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from shards import image_bytes, write_tar
 
 from rebalance.data import folder, readers
 from rebalance.data.parts import write_part
@@ -25,20 +23,6 @@ from rebalance.data.readers import (
 )
 from rebalance.data.webdataset import split_member
 from rebalance.spec import DataSpec, SpecError
-
-
-def image_bytes(i: int, fmt: str = "PNG", size: int = 4) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), (i % 256, (7 * i) % 256, (13 * i) % 256)).save(buffer, fmt)
-    return buffer.getvalue()
-
-
-def write_tar(path, members) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def read_all(data: DataSpec, batch_size: int = 1000):

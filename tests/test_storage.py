@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import tarfile
 import time
 import uuid
 from pathlib import Path
@@ -20,8 +19,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from PIL import Image
 from processes import free_port
+from shards import image_bytes, write_tar
 
 import rebalance
 from rebalance.cli import demo_spec
@@ -163,12 +162,6 @@ def test_failed_writes_leave_no_object(bucket):
 # ------------------------------------------------------------------------------------------ input formats
 
 
-def _png(i: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (4, 4), (i % 256, 3 * i % 256, 7 * i % 256)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def _write_inputs(root: Path) -> None:
     """One small dataset of every input format under ``root``."""
     (root / "parquet" / "sub").mkdir(parents=True)
@@ -179,7 +172,7 @@ def _write_inputs(root: Path) -> None:
             pa.table(
                 {
                     "key": [f"p{shard}-{j}" for j in range(n)],
-                    "jpg": [_png(j) for j in range(n)],
+                    "jpg": [image_bytes(j) for j in range(n)],
                     "txt": [f"caption {shard} {j}" for j in range(n)],
                     "status": ["success"] * (n - 1) + ["failed_to_download"],
                     "source": ["web"] * n,
@@ -189,21 +182,21 @@ def _write_inputs(root: Path) -> None:
         )
     (root / "wds").mkdir()
     for shard in range(2):
-        with tarfile.open(root / "wds" / f"{shard:05d}.tar", "w") as tar:
-            for j in range(4):
-                for ext, data in (
-                    ("jpg", _png(j)),
-                    ("txt", f"tar caption {j}".encode()),
-                    ("json", json.dumps({"source": f"s{j}"}).encode()),
-                ):
-                    info = tarfile.TarInfo(f"d/{shard}{j:03d}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+        members = [
+            (f"d/{shard}{j:03d}.{ext}", data)
+            for j in range(4)
+            for ext, data in (
+                ("jpg", image_bytes(j)),
+                ("txt", f"tar caption {j}".encode()),
+                ("json", json.dumps({"source": f"s{j}"}).encode()),
+            )
+        ]
+        write_tar(root / "wds" / f"{shard:05d}.tar", members)
     (root / "folder" / "cats").mkdir(parents=True)
     for j in range(3):
-        (root / "folder" / "cats" / f"{j}.png").write_bytes(_png(j))
+        (root / "folder" / "cats" / f"{j}.png").write_bytes(image_bytes(j))
         (root / "folder" / "cats" / f"{j}.txt").write_text(f"cat {j}")
-    (root / "folder" / ".hidden.png").write_bytes(_png(9))
+    (root / "folder" / ".hidden.png").write_bytes(image_bytes(9))
     rng = np.random.default_rng(0)
     for side in ("img", "text"):
         (root / "laion" / f"{side}_emb").mkdir(parents=True)
