@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -382,6 +383,12 @@ def load_checkpoint(
     for name, obj in (extra or {}).items():
         obj.load_state_dict(state["objects"][name])
     return state
+
+
+def epoch_metrics(epoch: int, start: int, step: int, t0: float, **values: Any) -> dict[str, Any]:
+    """What every job reports after an epoch: ``epoch``, ``start_epoch`` (the first epoch of this attempt),
+    the global ``step``, the job's own ``values`` and the epoch's wall ``seconds`` since ``t0``."""
+    return {"epoch": epoch, "start_epoch": start, "step": step, **values, "seconds": time.time() - t0}
 
 
 def report_epoch(

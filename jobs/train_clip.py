@@ -85,14 +85,9 @@ def train_loop(config: dict) -> None:
                 inner.logit_scale.clamp_(0, math.log(100))
             losses.append(loss.item())
             step += 1
-        metrics = {
-            "epoch": epoch,
-            "start_epoch": start,
-            "step": step,
-            "loss": sum(losses) / len(losses),
-            "logit_scale": float(inner.logit_scale.exp()),
-            "seconds": time.time() - t0,
-        }
+        metrics = C.epoch_metrics(
+            epoch, start, step, t0, loss=sum(losses) / len(losses), logit_scale=float(inner.logit_scale.exp())
+        )
         C.report_epoch(inner, metrics, {"optimizer": optimizer}, epoch=epoch, step=step)
 
 

@@ -242,13 +242,7 @@ def train_loop(config: dict) -> None:
             sums["bias_loss"] += loss_bias.item()
             sums["d_real"] += torch.sigmoid(d_real).mean().item()
             sums["d_fake"] += torch.sigmoid(d_fake).mean().item()
-        metrics = {
-            "epoch": epoch,
-            "start_epoch": start,
-            "step": step,
-            **{k: v / steps for k, v in sums.items()},
-            "seconds": time.time() - t0,
-        }
+        metrics = C.epoch_metrics(epoch, start, step, t0, **{k: v / steps for k, v in sums.items()})
         if rank == 0:
             log.info(
                 "epoch %d/%d: %d steps, D %.3f, G %.3f, bias %.5f, D(real) %.2f, D(fake) %.2f, %.1f s",

@@ -126,14 +126,9 @@ def train_loop(config: dict) -> None:
             correct += int((logits.argmax(1) == labels).sum())
             seen += len(labels)
             step += 1
-        metrics = {
-            "epoch": epoch,
-            "start_epoch": start,
-            "step": step,
-            "loss": sum(losses) / len(losses),
-            "train_accuracy": correct / seen,
-            "seconds": time.time() - t0,
-        }
+        metrics = C.epoch_metrics(
+            epoch, start, step, t0, loss=sum(losses) / len(losses), train_accuracy=correct / seen
+        )
         C.report_epoch(
             model, metrics, {"optimizer": optimizer}, {"head.safetensors": head}, epoch=epoch, step=step
         )

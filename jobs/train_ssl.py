@@ -130,14 +130,7 @@ def train_loop(config: dict) -> None:
             optimizer.step()
             losses.append(loss.item())
             step += 1
-        metrics = {
-            "epoch": epoch,
-            "start_epoch": start,
-            "step": step,
-            "loss": sum(losses) / len(losses),
-            "gh_weight": gh_weight,
-            "seconds": time.time() - t0,
-        }
+        metrics = C.epoch_metrics(epoch, start, step, t0, loss=sum(losses) / len(losses), gh_weight=gh_weight)
         projector = C.unwrap(net).projector
         C.report_epoch(
             model,
