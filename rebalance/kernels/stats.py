@@ -77,8 +77,7 @@ class WeightMoments:
 
     rows: N; weighted: sum w; squares: sum w^2; largest, smallest: max and min weight (over rows);
     counts[m], balanced[m]: (K_m,) rows and weighted rows per label of marginal m; pairs[(a, b)]: (K_a, K_b)
-    rows per label pair of marginals a < b (the joint count table); histogram: rows per bin of
-    log10(max(w, 1e-12)) over ``edges`` (None when no edges were given).
+    rows per label pair of marginals a < b (the joint count table).
     """
 
     rows: float
@@ -89,10 +88,8 @@ class WeightMoments:
     counts: list[np.ndarray]
     balanced: list[np.ndarray]
     pairs: dict[tuple[int, int], np.ndarray]
-    histogram: np.ndarray | None = None
 
     def __add__(self, other: WeightMoments) -> WeightMoments:
-        hist = None if self.histogram is None else self.histogram + other.histogram
         return WeightMoments(
             self.rows + other.rows,
             self.weighted + other.weighted,
@@ -102,7 +99,6 @@ class WeightMoments:
             [a + b for a, b in zip(self.counts, other.counts, strict=True)],
             [a + b for a, b in zip(self.balanced, other.balanced, strict=True)],
             {k: v + other.pairs[k] for k, v in self.pairs.items()},
-            hist,
         )
 
     @property
@@ -118,11 +114,10 @@ def weight_moments(
     *,
     counts: np.ndarray | None = None,
     pairs: Sequence[tuple[int, int]] = (),
-    edges: np.ndarray | None = None,
 ) -> WeightMoments:
     """:class:`WeightMoments` of rows with labels codes (n, M), codes[:, m] in [0, sizes[m]), and weights
     (n,); ``counts`` (n,) repeats each row that often (a table of cells). pairs: the marginal pairs (a, b)
-    whose joint count table to build; edges: log10 histogram bin edges."""
+    whose joint count table to build."""
     codes = np.asarray(codes)
     w = np.asarray(weights, dtype=np.float64)
     c = np.ones_like(w) if counts is None else np.asarray(counts, dtype=np.float64)
@@ -134,9 +129,6 @@ def weight_moments(
         joint[(a, b)] = np.bincount(flat, weights=c, minlength=sizes[a] * sizes[b]).reshape(
             sizes[a], sizes[b]
         )
-    hist = None
-    if edges is not None:
-        hist = np.histogram(np.log10(np.maximum(w, 1e-12)), bins=edges, weights=c)[0].astype(np.float64)
     return WeightMoments(
         float(c.sum()),
         float(cw.sum()),
@@ -146,5 +138,4 @@ def weight_moments(
         [np.bincount(codes[:, m], weights=c, minlength=k) for m, k in enumerate(sizes)],
         [np.bincount(codes[:, m], weights=cw, minlength=k) for m, k in enumerate(sizes)],
         joint,
-        hist,
     )

@@ -40,9 +40,6 @@ class _PartHolder:
         parts = [fn(state, *args) for state in self.states]
         return reduce(combine, parts) if parts else None
 
-    def map(self, fn: Callable[..., Any], args: tuple) -> list[Any]:
-        return [fn(state, *args) for state in self.states]
-
 
 class ResidentParts:
     """``n_actors`` actors holding ``load(*item)`` for every item, for repeated reductions.
@@ -72,15 +69,6 @@ class ResidentParts:
         log-sums; it must be associative and commutative, as the grouping of parts is the actors')."""
         results = self._get([a.reduce.remote(fn, args, combine) for a in self.actors])
         return reduce(combine, [r for r in results if r is not None])
-
-    def map(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
-        """``fn(state, *args)`` for every part, in item order."""
-        per_actor = self._get([a.map.remote(fn, args) for a in self.actors])
-        out: list[Any] = [None] * sum(len(idx) for idx in self._dealt)
-        for idx, results in zip(self._dealt, per_actor, strict=True):
-            for i, r in zip(idx, results, strict=True):
-                out[i] = r
-        return out
 
     @staticmethod
     def _get(refs: list[ray.ObjectRef]) -> list[Any]:

@@ -25,6 +25,7 @@ weight, and is written before a failure is raised, so a failed run still explain
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import operator
@@ -139,7 +140,7 @@ class CellTable:
         self.counts = merged.column(f"{COUNT}_sum").to_numpy().astype(np.float64)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Scaling:
     """What turns a row's labels into its weight: exp(sum_m log_factors[m][l_m] - log_normalizer), mean 1
     over all rows (-inf factors: target 0), then min(clip * w, max_weight) when ``max_weight`` is set."""
@@ -201,15 +202,15 @@ def _above(state: Labelled, scaling: Scaling, threshold: float) -> np.ndarray:
 
 
 def _moments(
-    state: Labelled,
-    scaling: Scaling,
-    sizes: list[int],
-    pairs: list[tuple[int, int]],
-    edges: np.ndarray | None,
+    state: Labelled, scaling: Scaling, sizes: list[int], pairs: list[tuple[int, int]]
 ) -> WeightMoments:
-    return weight_moments(
-        state.codes, scaling.weights(state.codes), sizes, counts=state.counts, pairs=pairs, edges=edges
-    )
+    return weight_moments(state.codes, scaling.weights(state.codes), sizes, counts=state.counts, pairs=pairs)
+
+
+def _log_histogram(state: Labelled, scaling: Scaling, edges: np.ndarray) -> np.ndarray:
+    """Rows per bin of log10(max(w, 1e-12)) over ``edges``."""
+    w = np.log10(np.maximum(scaling.weights(state.codes), 1e-12))
+    return np.histogram(w, bins=edges, weights=state.counts)[0].astype(np.float64)
 
 
 def targets_for(
@@ -393,22 +394,20 @@ def _balance(
         "clip": None,
     }
     if spec.max_weight is not None:
-        unclipped = Scaling(result.log_factors, result.log_normalizer)
-        scaling.max_weight = spec.max_weight
-        scaling.clip = clip_scale(
-            lambda t: tuple(parts.reduce(_above, unclipped, t)), n_rows, spec.max_weight
-        )
-        record["scaling"]["clip"] = {"scale": scaling.clip, "max_weight": spec.max_weight}
+        unclipped = scaling
+        clip = clip_scale(lambda t: tuple(parts.reduce(_above, unclipped, t)), n_rows, spec.max_weight)
+        scaling = dataclasses.replace(unclipped, clip=clip, max_weight=spec.max_weight)
+        record["scaling"]["clip"] = {"scale": clip, "max_weight": spec.max_weight}
     pairs = [
         (a, b)
         for a in range(len(sizes))
         for b in range(a + 1, len(sizes))
         if sizes[a] * sizes[b] <= MAX_JOINT_TABLE
     ]
-    moments = parts.reduce(_moments, scaling, sizes, pairs, None, combine=operator.add)
+    moments = parts.reduce(_moments, scaling, sizes, pairs, combine=operator.add)
     lo, hi = np.log10(max(moments.smallest, 1e-12)), np.log10(max(moments.largest, 1e-12))
     edges = np.histogram_bin_edges(np.array([lo, hi]), bins=HISTOGRAM_BINS)
-    moments.histogram = parts.reduce(_moments, scaling, sizes, [], edges, combine=operator.add).histogram
+    histogram = parts.reduce(_log_histogram, scaling, edges)
     if spec.max_weight is not None:
         record["clipping"] = {
             "max_weight": spec.max_weight,
@@ -417,7 +416,7 @@ def _balance(
                 for i, m in enumerate(marginals)
             },
         }
-    record.update(_weight_summary(moments, marginals, values, targets, edges))
+    record.update(_weight_summary(moments, histogram, edges, marginals, values, targets))
     record["joint"] = _joint_diagnostics(moments, marginals, sizes, result.passes)
     return scaling
 
@@ -432,14 +431,16 @@ class SoftLabels:
     log_v: np.ndarray
     top_k: int
 
-    def scores(self, vectors: np.ndarray) -> np.ndarray:
-        """Cosine scores S = x C^T (n, K) of L2-normalised vectors (n, d)."""
-        return vectors.astype(np.float64) @ self.centroids.T
+
+def _part_scores(run_root: str, index: int, side: str, centroids: np.ndarray) -> np.ndarray:
+    """Cosine scores S = x C^T (n, K), float64, of part ``index``'s L2-normalised ``side`` embeddings x
+    against the (K, d) centroids C."""
+    table = read_part(join(run_root, "embeddings"), index, columns=[side])
+    return vector_matrix(table.column(side).combine_chunks()).astype(np.float64) @ centroids.T
 
 
 def _load_scores(run_root: str, index: int, side: str, centroids: np.ndarray, temperature: float) -> tuple:
-    table = read_part(join(run_root, "embeddings"), index, columns=[side])
-    scores = vector_matrix(table.column(side).combine_chunks()).astype(np.float64) @ centroids.T
+    scores = _part_scores(run_root, index, side, centroids)
     return scores, soft_sinkhorn_kernel(scores, temperature)
 
 
@@ -511,8 +512,7 @@ def weigh_part(
     for m in marginals:
         table = table.append_column(m, labels.column(m))
     if soft is not None:
-        emb = read_part(join(run_root, "embeddings"), index, columns=[soft.side])
-        scores = soft.scores(vector_matrix(emb.column(soft.side).combine_chunks()))
+        scores = _part_scores(run_root, index, soft.side, soft.centroids)
         idx, probs = top_k_codes(soft_sinkhorn_codes(scores, soft.log_v, soft.temperature), soft.top_k)
         k = soft.top_k
         table = table.append_column(
@@ -531,10 +531,11 @@ def _weigh(run_root: str, index: int, what: tuple) -> dict[str, Any]:
 
 def _weight_summary(
     moments: WeightMoments,
+    histogram: np.ndarray,
+    edges: np.ndarray,
     marginals: list[str],
     values: list[pa.Array],
     targets: list[np.ndarray],
-    edges: np.ndarray,
 ) -> dict[str, Any]:
     n = moments.rows
     per_marginal = {
@@ -552,7 +553,7 @@ def _weight_summary(
         "max_weight_value": moments.largest,
         "min_weight_value": moments.smallest,
         "mean_weight": moments.weighted / n,
-        "weight_histogram": {"log10_edges": edges.tolist(), "rows": moments.histogram.tolist()},
+        "weight_histogram": {"log10_edges": edges.tolist(), "rows": histogram.tolist()},
         "marginal_distributions": per_marginal,
     }
 
