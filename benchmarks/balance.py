@@ -11,11 +11,13 @@ total-variation marginal error, as the stage uses it.
 
 (a) the cell path end to end: the cell table by ``np.unique`` of the label pairs, :func:`ipf` to tol, each
     row's weight looked up from its cell; (a') the same with the table counted by ``np.bincount`` of the
-    pair ids (possible while K^2 fits in memory; no sort).
+    pair ids (possible while K^2 fits in memory; no sort), and its solve again with plain IPF (omega = 1,
+    no over-relaxation). The counting and the lookup are row work POT's line does too, so POT's end-to-end
+    time over theirs is the most any solver could gain end to end (the "ceiling" line).
 (c) POT: ``ot.sinkhorn`` on the dense K x K joint table (kernel = the table: cost -log P, reg 1), stopped
     on POT's L2 column error at 2 tol / sqrt(K), which bounds the TV error by tol; the table by bincount and
     the lookup by flat index, so POT gets the fast row work too.
-(b) the row path: :func:`ipf_rows` over 8 parts to the same tol. One step (:func:`apply_ratio_and_sum` over
+(b) the row path: :func:`ipf_rows` over 8 parts to the same tol, over-relaxed and plain. One step (:func:`apply_ratio_and_sum` over
     all parts) against one ``np.bincount`` with weights over all rows, the memory-bandwidth floor; both
     timed as --steps consecutive passes, best of --repeat.
 (d) soft Sinkhorn on an N' x K' score matrix (cosine scores of rows around long-tailed prototypes, T =
@@ -96,21 +98,34 @@ def categorical(args: argparse.Namespace) -> dict[str, Any]:
     out["cell_unique_s"], (w_cell, cell, parts_s) = best_of(args.repeat, cell_unique)
     out["cell_unique_parts_s"] = parts_s
     out["cells"], out["passes"], out["cell_error"] = len(cell.mass), cell.passes, cell.final_error
+    out["omega"] = float(cell.omegas.max()) if cell.passes else 1.0
+    full_counts = np.bincount(pair, minlength=k * k)
+    cells_of_pair = np.flatnonzero(full_counts)
+    plain_counts = full_counts[cells_of_pair].astype(np.float64)
 
-    # (a') cell path, counting table.
-    def cell_count() -> tuple[np.ndarray, float]:
+    # (a') cell path, counting table; and the same table balanced by plain IPF (omega = 1).
+    def cell_count() -> tuple[np.ndarray, list[float]]:
+        t0 = time.perf_counter()
         full = np.bincount(pair, minlength=k * k)
         ids = np.flatnonzero(full)
         counts = full[ids].astype(np.float64)
         t1 = time.perf_counter()
         result = ipf(np.stack([ids // k, ids % k], axis=1), counts, targets, tol=tol, max_iter=args.max_iter)
-        solve = time.perf_counter() - t1
+        t2 = time.perf_counter()
         dense = np.zeros(k * k)
         dense[ids] = result.mass * (n / counts)
-        return dense[pair], solve
+        weights = dense[pair]
+        return weights, [t1 - t0, t2 - t1, time.perf_counter() - t2]
 
-    out["cell_count_s"], (w_count, out["ipf_solve_s"]) = best_of(args.repeat, cell_count)
+    out["cell_count_s"], (w_count, out["cell_count_parts_s"]) = best_of(args.repeat, cell_count)
+    out["ipf_solve_s"] = out["cell_count_parts_s"][1]
     out["count_vs_unique_max_rel"] = float(np.abs(w_count / w_cell - 1).max())
+    plain_codes = np.stack([cells_of_pair // k, cells_of_pair % k], axis=1)
+    out["ipf_plain_s"], plain = best_of(
+        args.repeat,
+        lambda: ipf(plain_codes, plain_counts, targets, tol=tol, max_iter=args.max_iter, omega=1.0),
+    )
+    out["plain_passes"], out["plain_error"] = plain.passes, plain.final_error
 
     # (c) POT on the dense table.
     def pot() -> tuple[np.ndarray, float, int]:
@@ -138,6 +153,10 @@ def categorical(args: argparse.Namespace) -> dict[str, Any]:
         max(1, args.repeat - 1), lambda: ipf_rows(split, targets, tol=tol, max_iter=args.max_iter)
     )
     out["row_passes"], out["row_error"] = row.passes, row.final_error
+    out["rows_plain_s"], row_plain = best_of(
+        1, lambda: ipf_rows(split, targets, tol=tol, max_iter=args.max_iter, omega=1.0)
+    )
+    out["row_plain_passes"] = row_plain.passes
     out["row_vs_cell_max_rel"] = float(np.abs(np.concatenate(row.weights) / w_cell - 1).max())
     parts = [prepare_codes(p) for p in split]
     weights = [np.full(len(p), 1 / n) for p in parts]
@@ -251,11 +270,19 @@ def report_categorical(args: argparse.Namespace, c: dict[str, Any]) -> None:
         f"of K^2), {args.independent:.0%} independent text labels, uniform targets, tol {args.tol:g} (TV)"
     )
     table, solve, lookup = c["cell_unique_parts_s"]
+    ctable, csolve, clookup = c["cell_count_parts_s"]
     pot_note = f"{c['pot_iterations']} it, solve {c['pot_solve_s']:.3f} s"
     rows = [
         ("(a)  cell path, np.unique table", c["cell_unique_s"], f"{c['passes']} passes", c["cell_error"]),
         ("       table / ipf / row lookup", None, f"{table:.3f} / {solve:.3f} / {lookup:.3f} s", None),
-        ("(a') cell path, bincount table", c["cell_count_s"], f"ipf solve {c['ipf_solve_s']:.3f} s", None),
+        ("(a') cell path, bincount table", c["cell_count_s"], f"omega up to {c['omega']:.3f}", None),
+        ("       table / ipf / row lookup", None, f"{ctable:.3f} / {csolve:.3f} / {clookup:.3f} s", None),
+        (
+            "       ipf solve, plain (omega 1)",
+            c["ipf_plain_s"],
+            f"{c['plain_passes']} passes",
+            c["plain_error"],
+        ),
         ("(c)  POT ot.sinkhorn, dense K x K", c["pot_s"], pot_note, c["pot_error"]),
         (
             f"(b)  row path ipf_rows, {args.parts} parts",
@@ -263,6 +290,7 @@ def report_categorical(args: argparse.Namespace, c: dict[str, Any]) -> None:
             f"{c['row_passes']} passes",
             c["row_error"],
         ),
+        ("       the same, plain (omega 1)", c["rows_plain_s"], f"{c['row_plain_passes']} passes", None),
         ("       one row-path step", c["row_step_s"], "apply ratio + next sums", None),
         ("       one np.bincount, all rows", c["bincount_s"], "the floor", None),
     ]
@@ -272,7 +300,10 @@ def report_categorical(args: argparse.Namespace, c: dict[str, Any]) -> None:
     print("ratios (target):")
     print(f"  POT / cell path, end to end, np.unique table   {e2e:7.2f}x  (>= 10x: {verdict(e2e >= 10)})")
     print(f"  POT / cell path, end to end, bincount table    {e2e_count:7.2f}x")
+    print(f"  POT / (count + lookup), ceiling of the above   {c['pot_s'] / (ctable + clookup):7.2f}x")
     print(f"  POT solve / ipf solve                          {c['pot_solve_s'] / c['ipf_solve_s']:7.2f}x")
+    print(f"  plain / over-relaxed ipf solve                 {c['ipf_plain_s'] / c['ipf_solve_s']:7.2f}x")
+    print(f"  plain / over-relaxed row path                  {c['rows_plain_s'] / c['rows_s']:7.2f}x")
     print(f"  row-path step / bincount pass                  {step:7.2f}x  (<= 2x: {verdict(step <= 2)})")
     print("agreement:")
     print(f"  row path vs cell path weights, max relative      {c['row_vs_cell_max_rel']:.1e}")

@@ -242,6 +242,9 @@ class BalanceSpec:
     IPF on the table of distinct label tuples on the driver, ``rows`` keeps the rows on actors and reduces
     per-label sums each step, ``auto`` takes the cell path while the parts hold at most ``max_cells``
     distinct tuples in all. ``soft``: also write balanced soft labels (:class:`SoftSpec`).
+    ``overrelaxation``: with ``iterations: auto``, each projection multiplies by (target / current)^omega;
+    ``auto`` chooses omega from the observed convergence rate (``rebalance.kernels.ipf``), a number in
+    [1, 2) fixes it, 1 is plain IPF. Fixed ``iterations`` are always plain passes.
     """
 
     marginals: tuple[str, ...] = MARGINAL_CLUSTERS
@@ -255,6 +258,7 @@ class BalanceSpec:
     path: Literal["auto", "cell", "rows"] = "auto"
     max_cells: int = 4_000_000
     soft: SoftSpec | None = None
+    overrelaxation: float | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         if not self.marginals:
@@ -272,6 +276,10 @@ class BalanceSpec:
             raise SpecError("balance.max_iter", "must be >= 1", self.max_iter)
         if self.max_cells < 1:
             raise SpecError("balance.max_cells", "must be >= 1", self.max_cells)
+        if self.overrelaxation != "auto" and not 1 <= self.overrelaxation < 2:
+            raise SpecError(
+                "balance.overrelaxation", "must be 'auto' or a number in [1, 2)", self.overrelaxation
+            )
         if self.max_weight is not None and not self.max_weight >= 1:
             raise SpecError(
                 "balance.max_weight", "must be >= 1 (weights have mean 1) or null", self.max_weight

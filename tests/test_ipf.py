@@ -149,3 +149,66 @@ def test_log_factors_reproduce_every_cell_weight():
     np.testing.assert_allclose(
         np.exp(log_w[~keep]), with_tiny.mass[~keep] / (tiny[~keep] / tiny.sum()), rtol=1e-6
     )
+
+
+def zipf_table(k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cells and counts of a long-tailed, correlated two-label table (the shape of image x text clusters)."""
+    rng = np.random.default_rng(seed)
+    p = np.arange(1, k + 1) ** -1.1
+    a = rng.choice(k, 200_000, p=p / p.sum())
+    b = (a + rng.geometric(0.4, a.size) - 1) % k
+    noise = rng.random(a.size) < 0.1
+    b[noise] = rng.integers(0, k, int(noise.sum()))
+    cells, counts = np.unique(a * k + b, return_counts=True)
+    return np.stack([cells // k, cells % k], axis=1), counts.astype(float)
+
+
+def test_overrelaxation_reaches_the_same_limit_in_fewer_passes():
+    codes, counts = zipf_table(60, 0)
+    targets = [np.full(60, 1 / 60), np.full(60, 1 / 60)]
+    plain = ipf(codes, counts, targets, tol=1e-12, max_iter=20_000, omega=1.0)
+    fast = ipf(codes, counts, targets, tol=1e-12, max_iter=20_000)  # omega="auto", the default
+    assert plain.converged and fast.converged
+    assert (plain.omegas == 1).all() and fast.omegas.max() > 1.2
+    assert fast.passes < plain.passes / 2
+    np.testing.assert_allclose(fast.mass, plain.mass, rtol=1e-9)
+    assert marginal_errors(codes, fast.mass, targets).max() < 1e-12
+    # A fixed over-relaxation converges to the same measure too.
+    fixed = ipf(codes, counts, targets, tol=1e-12, max_iter=20_000, omega=1.5)
+    np.testing.assert_allclose(fixed.mass, plain.mass, rtol=1e-9)
+    assert fixed.omegas.max() == 1.5
+
+
+def test_fixed_iterations_are_plain_passes():
+    # The k-step measure is defined by plain projections: omega does not apply to iterations=k.
+    codes, counts = zipf_table(20, 1)
+    targets = [np.full(20, 0.05), np.full(20, 0.05)]
+    for omega in ("auto", 1.7):
+        result = ipf(codes, counts, targets, iterations=15, omega=omega)
+        np.testing.assert_array_equal(result.omegas, np.ones(15))
+        np.testing.assert_allclose(result.mass, ipf(codes, counts, targets, iterations=15, omega=1.0).mass)
+
+
+def test_overrelaxation_falls_back_when_targets_cannot_be_met():
+    # Two cells on a diagonal: marginal 0 wants 0.47 on the cell that marginal 1 wants 0.68 on. The error
+    # plateaus; auto must not over-relax a plateau, and the factors drift by a constant ratio every pass
+    # (past 1e100 within 2000 passes), which the two-marginal cell path folds into its table.
+    codes = np.array([[1, 0], [0, 1]])
+    targets = [np.array([0.47, 0.53]), np.array([0.32, 0.68])]
+    plain = ipf(codes, np.ones(2), targets, max_iter=2000, omega=1.0)
+    auto = ipf(codes, np.ones(2), targets, max_iter=2000)
+    for result in (plain, auto):
+        assert not result.converged and np.isfinite(result.mass).all()
+        # The last marginal of a pass is exact: the mass on cell (0, 1) is 0.68, so marginal 0 is off by 0.21.
+        np.testing.assert_allclose(result.mass, [0.32, 0.68], atol=1e-12)
+        assert result.final_error == pytest.approx(0.21, abs=1e-12)
+    assert (auto.omegas == 1).all()
+    fixed = ipf(codes, np.ones(2), targets, max_iter=2000, omega=1.8)
+    assert (fixed.omegas[-10:] == 1).all()  # patience ran out: plain passes for good
+    np.testing.assert_allclose(fixed.mass, [0.32, 0.68], atol=1e-12)
+
+
+@pytest.mark.parametrize("omega", [0.9, 2.0, "fast"])
+def test_overrelaxation_out_of_range_is_rejected(omega):
+    with pytest.raises(ValueError, match="omega"):
+        ipf(CODES_2X2, np.ones(4), UNIFORM2, omega=omega)

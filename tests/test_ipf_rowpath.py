@@ -116,6 +116,24 @@ def test_row_path_equals_cell_path_whatever_the_split(problem):
     np.testing.assert_allclose(again, weights, rtol=1e-9, atol=1e-300)
 
 
+def test_over_relaxed_row_path_equals_cell_path():
+    # A long-tailed correlated table on which auto over-relaxes: both paths decide omega from the same
+    # K-vectors, so they run the same passes and give the same weights.
+    rng = np.random.default_rng(7)
+    k, n = 40, 100_000
+    p = np.arange(1, k + 1) ** -1.1
+    a = rng.choice(k, n, p=p / p.sum())
+    b = (a + rng.geometric(0.4, n) - 1) % k
+    codes = np.stack([a, b], axis=1)
+    targets = [np.full(k, 1 / k), np.full(k, 1 / k)]
+    cell, expected = cell_path(codes, targets, tol=1e-10)
+    rows = ipf_rows(np.array_split(codes, 6), targets, tol=1e-10)
+    assert cell.converged and rows.converged and cell.omegas.max() > 1.2
+    assert rows.passes == cell.passes
+    np.testing.assert_array_equal(rows.omegas, cell.omegas)
+    np.testing.assert_allclose(np.concatenate(rows.weights), expected, rtol=1e-9)
+
+
 def test_three_marginals_converge_to_targets():
     rng = np.random.default_rng(4)
     n = 20_000

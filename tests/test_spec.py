@@ -63,6 +63,8 @@ def test_full_spec(data_dir):
         ({"data": {"carry": "label"}}, "data.carry", "'label'"),
         ({"data": {"path": "/no/such/dir"}}, "data.path", "'/no/such/dir'"),
         ({"balance": {"max_weight": 0.5}}, "balance.max_weight", "0.5"),
+        ({"balance": {"overrelaxation": 2.0}}, "balance.overrelaxation", "2.0"),
+        ({"balance": {"overrelaxation": "fast"}}, "balance.overrelaxation", "'fast'"),
     ],
 )
 def test_bad_values_name_field_and_value(data_dir, patch, field, shown):

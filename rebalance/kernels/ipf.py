@@ -16,18 +16,38 @@ multiplies every row's mass by the ratio of its label (:func:`apply_ratio`) and 
 the per-label sums of the next marginal (:func:`label_sums`), added across parts. The two are fused into
 one pass over the part (:func:`apply_ratio_and_sum`), so a step reads the rows once. The driver keeps the
 log factors, from which :func:`row_weights` recomputes any row's weight (a lost part, an unseen cell).
+On the cell path with two marginals the table is a sparse K_0 x K_1 matrix N and a step is one sparse
+matrix-vector product (q = diag(u) N diag(v): the sums of marginal 0 are u * (N v)), the Sinkhorn form.
+
+Iterating to a tolerance (``iterations=None``) over-relaxes the projections by default: step m multiplies
+by (t_m / q_m)^omega instead of t_m / q_m, the over-relaxed Sinkhorn of Thibault, Chizat, Dossal and
+Papadakis (2017), which converges to the same I-projection and near it contracts at rate omega - 1
+instead of plain IPF's rho (Lehmann, von Renesse, Sambale and Uschmajew 2021). ``omega="auto"`` runs plain
+passes until rho can be read off the errors, sets the optimal omega = 2 / (1 + sqrt(1 - rho)) of
+successive over-relaxation and re-estimates rho from the accelerated rate lambda by Young's relation
+(lambda + omega - 1)^2 = lambda omega^2 rho (adaptive SOR, Hageman and Young), raising omega while the
+rate says it is below the optimum; if the error stops improving it falls back to plain passes, which
+converge from any scaling. A fixed number of passes (``iterations=k``) is always plain IPF: the k-step
+measure is defined by the plain projections.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
+import scipy.sparse
+
+Omega = float | Literal["auto"]
+"""Over-relaxation of the projections: a factor in [1, 2) (1 = plain IPF) or ``"auto"``."""
 
 __all__ = [
     "IPFResult",
     "MissingMassError",
+    "Omega",
+    "Relaxation",
     "RowIPFResult",
     "clip_scale",
     "clip_weights",
@@ -61,7 +81,7 @@ class IPFResult:
     row 0 before any pass. converged: the largest final error is below ``tol``. log_factors: M arrays
     (K_m,), the accumulated log scaling of each label, and log_normalizer, such that the weight
     mass_c / initial_mass_c of any cell, seen or not, is exp(sum_m log_factors[m][l_m(c)] - log_normalizer)
-    (-inf log factors are labels whose target is 0).
+    (-inf log factors are labels whose target is 0). omegas: (n_passes,) over-relaxation of each pass.
     """
 
     mass: np.ndarray
@@ -72,6 +92,7 @@ class IPFResult:
     worst: list[dict] = field(default_factory=list)
     log_factors: list[np.ndarray] = field(default_factory=list)
     log_normalizer: float = 0.0
+    omegas: np.ndarray = field(default_factory=lambda: np.ones(0))
 
     @property
     def final_error(self) -> float:
@@ -97,17 +118,19 @@ def ipf(
     iterations: int | None = None,
     tol: float = 1e-6,
     max_iter: int = 1000,
+    omega: Omega = "auto",
 ) -> IPFResult:
     """Balance ``mass`` on cells toward ``targets``.
 
     codes: (C, M) integer labels of each cell, codes[:, m] in [0, K_m). mass: (C,) non-negative initial
     measure (normalised here). targets: M arrays of shape (K_m,), each summing to 1.
-    iterations: run exactly this many passes; None runs until the largest marginal error is below ``tol``
-    or ``max_iter`` passes. Raises :class:`MissingMassError` when a target is positive on a label whose
-    cells have no mass.
+    iterations: run exactly this many plain passes; None runs until the largest marginal error is below
+    ``tol`` or ``max_iter`` passes, over-relaxed by ``omega`` (module docstring). Raises
+    :class:`MissingMassError` when a target is positive on a label whose cells have no mass. The iteration
+    is :func:`ipf_driver`'s, with the cell table as the one part (a sparse matrix when M = 2).
     """
     codes = np.asarray(codes, dtype=np.int64)
-    q = np.asarray(mass, dtype=np.float64).copy()
+    q = np.asarray(mass, dtype=np.float64)
     if codes.ndim != 2 or codes.shape[0] != q.shape[0] or codes.shape[1] != len(targets):
         raise ValueError(f"codes {codes.shape} must be (C, M) with C = len(mass) and M = len(targets)")
     if (q < 0).any() or not np.isfinite(q).all() or q.sum() <= 0:
@@ -116,51 +139,78 @@ def ipf(
     for m, t in enumerate(targets):
         if codes.size and (codes[:, m].min() < 0 or codes[:, m].max() >= t.size):
             raise ValueError(f"codes of marginal {m} must lie in [0, {t.size})")
-        if not np.isclose(t.sum(), 1.0, rtol=0, atol=1e-12) or (t < 0).any():
-            raise ValueError(f"target of marginal {m} must be non-negative and sum to 1")
-    q /= q.sum()
-    for m, t in enumerate(targets):
-        support = np.bincount(codes[:, m], weights=q, minlength=t.size)
-        missing = np.flatnonzero((t > 0) & (support <= 0))
-        if missing.size:
-            raise MissingMassError(m, missing)
-
-    limit = max_iter if iterations is None else iterations
-    # Contiguous label columns (a column of the (C, M) array is strided: slower to gather and count), and
-    # the marginals measured for the errors of a pass reused as the first step's sums of the next pass.
-    columns = [np.ascontiguousarray(codes[:, m]) for m in range(len(targets))]
-    sums = [np.bincount(c, weights=q, minlength=t.size) for c, t in zip(columns, targets, strict=True)]
-    errors = [np.array([0.5 * np.abs(s - t).sum() for s, t in zip(sums, targets, strict=True)])]
-    log_factors = [np.zeros(t.size) for t in targets]
-    passes = 0
-    while passes < limit and (iterations is not None or errors[-1].max() >= tol):
-        for m, t in enumerate(targets):
-            current = sums[0] if m == 0 else np.bincount(columns[m], weights=q, minlength=t.size)
-            ratio = np.divide(t, current, out=np.zeros_like(t), where=current > 0)
-            q *= ratio[columns[m]]
-            with np.errstate(divide="ignore"):
-                log_factors[m] += np.log(np.where(current > 0, ratio, 1.0))
-        passes += 1
-        sums = [np.bincount(c, weights=q, minlength=t.size) for c, t in zip(columns, targets, strict=True)]
-        errors.append(np.array([0.5 * np.abs(s - t).sum() for s, t in zip(sums, targets, strict=True)]))
-    total = q.sum()
-    q /= total
-    errors = np.array(errors)
-    converged = bool(errors[-1].max() < tol)
-    worst = _worst_labels(codes, q, targets)
-    return IPFResult(q, errors, converged, passes, tol, worst, log_factors, float(np.log(total)))
+    q = q / q.sum()
+    cells = _PairCells(codes, q, targets) if len(targets) == 2 else _Cells(codes, q, targets)
+    result = ipf_driver(
+        cells.step, cells.counts, targets, iterations=iterations, tol=tol, max_iter=max_iter, omega=omega
+    )
+    balanced = cells.mass()
+    total = balanced.sum()
+    return IPFResult(
+        balanced / total,
+        result.errors,
+        result.converged,
+        result.passes,
+        tol,
+        result.worst,
+        result.log_factors,
+        result.log_normalizer,
+        result.omegas,
+    )
 
 
-def _worst_labels(
-    codes: np.ndarray, mass: np.ndarray, targets: Sequence[np.ndarray], top: int = 5
-) -> list[dict]:
-    """Per marginal, the labels whose balanced mass is farthest from the target (for error messages)."""
-    worst = []
-    for m, t in enumerate(targets):
-        gap = np.bincount(codes[:, m], weights=mass, minlength=t.size) - t
-        order = np.argsort(-np.abs(gap))[:top]
-        worst.append({"marginal": m, "labels": order.tolist(), "gap": gap[order].tolist()})
-    return worst
+class _Cells:
+    """The cell table as one row-path part: cells are rows weighted by their mass (any M)."""
+
+    def __init__(self, codes: np.ndarray, mass: np.ndarray, targets: Sequence[np.ndarray]):
+        self.codes = prepare_codes(codes)
+        self.weights = mass.copy()
+        self.sizes = [t.size for t in targets]
+        self.counts = [label_sums(self.codes, mass, m, k) for m, k in enumerate(self.sizes)]
+
+    def step(self, m: int | None, ratio: np.ndarray | None, next_m: int) -> np.ndarray:
+        return apply_ratio_and_sum(self.codes, self.weights, m, ratio, next_m, self.sizes[next_m])
+
+    def mass(self) -> np.ndarray:
+        return self.weights
+
+
+class _PairCells:
+    """Two marginals: the cell table as a sparse K_0 x K_1 matrix N and the measure as diag(u) N diag(v).
+
+    A step scales u (or v) by the ratio and returns v * (N^T u) (or u * (N v)): one sparse
+    matrix-vector product over the C cells instead of a gather and a bincount. When the iteration drives
+    a factor outside [1e-100, 1e100] (cells balanced toward zero, or targets that cannot be met), the
+    factors are folded into N (N <- diag(u) N diag(v), u = v = 1), so no product is ever inf * 0.
+    """
+
+    LIMIT = 1e100
+
+    def __init__(self, codes: np.ndarray, mass: np.ndarray, targets: Sequence[np.ndarray]):
+        self.codes = codes
+        self.shape = (targets[0].size, targets[1].size)
+        self.factors = [np.ones(self.shape[0]), np.ones(self.shape[1])]
+        self._fold(mass)
+        self.counts = [self.table @ self.factors[1], self.table_t @ self.factors[0]]
+
+    def _fold(self, mass: np.ndarray) -> None:
+        self.initial = mass
+        self.table = scipy.sparse.csr_array((mass, (self.codes[:, 0], self.codes[:, 1])), shape=self.shape)
+        self.table_t = self.table.T.tocsr()
+        self.factors = [np.ones(self.shape[0]), np.ones(self.shape[1])]
+
+    def step(self, m: int | None, ratio: np.ndarray | None, next_m: int) -> np.ndarray:
+        if m is not None:
+            self.factors[m] *= ratio
+            positive = self.factors[m][self.factors[m] > 0]
+            if positive.size and (positive.max() > self.LIMIT or positive.min() < 1 / self.LIMIT):
+                self._fold(self.mass())
+        u, v = self.factors
+        return u * (self.table @ v) if next_m == 0 else v * (self.table_t @ u)
+
+    def mass(self) -> np.ndarray:
+        u, v = self.factors
+        return self.initial * u[self.codes[:, 0]] * v[self.codes[:, 1]]
 
 
 def clip_scale(above: Callable[[float], tuple[float, float]], total: float, max_weight: float) -> float:
@@ -224,6 +274,7 @@ class RowIPFResult:
     log_normalizer: the weight (mean 1 over all rows) of a row with labels l is
     exp(sum_m log_factors[m][l_m] - log_normalizer), as in :class:`IPFResult`. weights: one (n_i,) array
     per part, filled by :func:`ipf_rows` (empty from :func:`ipf_driver`, whose parts live elsewhere).
+    omegas: (passes,) over-relaxation of each pass (1 = plain IPF).
     """
 
     log_factors: list[np.ndarray]
@@ -234,6 +285,7 @@ class RowIPFResult:
     tol: float
     worst: list[dict] = field(default_factory=list)
     weights: list[np.ndarray] = field(default_factory=list)
+    omegas: np.ndarray = field(default_factory=lambda: np.ones(0))
 
     @property
     def final_error(self) -> float:
@@ -332,6 +384,7 @@ def ipf_driver(
     iterations: int | None = None,
     tol: float = 1e-6,
     max_iter: int = 1000,
+    omega: Omega = "auto",
 ) -> RowIPFResult:
     """The iteration of :func:`ipf`, driven from per-label reductions over parts that hold the rows.
 
@@ -343,7 +396,9 @@ def ipf_driver(
     step costs one call: the errors after a pass use the last marginal's exact sums t_m (ratio * q_m) and
     the first marginal's from the last step; M > 2 needs M - 2 more calls per pass for the others.
     Afterwards the parts divide their weights by ``exp(log_normalizer) / N`` (mean 1, as ipf_rows does).
-    Stopping, ``iterations``, ``max_iter`` and :class:`MissingMassError` are those of :func:`ipf`.
+    Stopping, ``iterations``, ``max_iter``, ``omega`` and :class:`MissingMassError` are those of
+    :func:`ipf`. With omega > 1 the ratio sent to the parts is (t_m / q_m)^omega; the measure's total then
+    drifts from 1, so errors are measured on the normalised marginals.
     """
     targets = [np.asarray(t, dtype=np.float64) for t in targets]
     counts = [np.asarray(c, dtype=np.float64) for c in counts]
@@ -364,17 +419,21 @@ def ipf_driver(
             raise MissingMassError(m, missing)
 
     def tv(post: list[np.ndarray]) -> np.ndarray:
-        return np.array([0.5 * np.abs(p - t).sum() for p, t in zip(post, targets, strict=True)])
+        total = post[0].sum()
+        return np.array([0.5 * np.abs(p / total - t).sum() for p, t in zip(post, targets, strict=True)])
 
     post = [c / n_rows for c in counts]  # the marginals of the current measure
     log_factors = [np.zeros(t.size) for t in targets]
     errors = [tv(post)]
     limit = max_iter if iterations is None else iterations
+    relax = Relaxation(1.0 if iterations is not None else omega)
     passes = 0
     current = post[0]
     while passes < limit and (iterations is not None or errors[-1].max() >= tol):
         for m, t in enumerate(targets):
             ratio = np.divide(t, current, out=np.zeros_like(t), where=current > 0)
+            if relax.omega != 1.0:
+                ratio **= relax.omega
             with np.errstate(divide="ignore"):
                 log_factors[m] += np.log(np.where(current > 0, ratio, 1.0))
             post[m] = ratio * current
@@ -385,6 +444,7 @@ def ipf_driver(
             post[m] = np.asarray(step(None, None, m), dtype=np.float64)
         passes += 1
         errors.append(tv(post))
+        relax.update(float(errors[-1].max()))
     total = float(post[0].sum())
     errors = np.array(errors)
     worst = []
@@ -393,7 +453,78 @@ def ipf_driver(
         order = np.argsort(-np.abs(gap))[:5]
         worst.append({"marginal": m, "labels": order.tolist(), "gap": gap[order].tolist()})
     converged = bool(errors[-1].max() < tol)
-    return RowIPFResult(log_factors, float(np.log(total)), errors, converged, passes, tol, worst)
+    return RowIPFResult(
+        log_factors, float(np.log(total)), errors, converged, passes, tol, worst, omegas=relax.history()
+    )
+
+
+class Relaxation:
+    """The over-relaxation factor of each pass, chosen from the errors seen so far (module docstring).
+
+    omega: a fixed factor in [1, 2), or ``"auto"``: plain passes until pass ``warmup``, then
+    2 / (1 + sqrt(1 - rho)) from the plain rate rho (the geometric mean error ratio over the last
+    ``window`` passes), re-estimated every ``every`` passes from the accelerated rate and only raised;
+    capped at ``cap``; a rate of ``plateau`` or more is an error that no longer falls (targets the data
+    cannot meet), which over-relaxing does not help. Either way, ``patience`` passes without a new smallest error return to plain IPF
+    for good.
+    """
+
+    def __init__(
+        self,
+        omega: Omega,
+        *,
+        warmup: int = 8,
+        window: int = 3,
+        every: int = 6,
+        patience: int = 10,
+        cap: float = 1.9,
+        plateau: float = 0.999,
+    ):
+        if omega != "auto" and not (isinstance(omega, int | float) and 1.0 <= omega < 2.0):
+            raise ValueError(f"omega must be 'auto' or a number in [1, 2), got {omega!r}")
+        self.auto = omega == "auto"
+        self.omega = 1.0 if self.auto else float(omega)
+        self.warmup, self.window, self.every, self.patience, self.cap = warmup, window, every, patience, cap
+        self.plateau = plateau
+        self.errors: list[float] = []
+        self.omegas: list[float] = []
+        self.best, self.since_best, self.since_change = np.inf, 0, 0
+        self.settled = False  # fell back to plain passes
+
+    def history(self) -> np.ndarray:
+        """The factor each pass ran with, shape (passes,)."""
+        return np.array(self.omegas)
+
+    def update(self, error: float) -> None:
+        """Record the largest marginal error after the pass just run and choose the next pass's omega."""
+        self.omegas.append(self.omega)
+        self.errors.append(error)
+        self.since_change += 1
+        if error < self.best:
+            self.best, self.since_best = error, 0
+        else:
+            self.since_best += 1
+        if self.settled or len(self.errors) <= self.window:
+            return
+        if self.omega > 1.0 and self.since_best >= self.patience:
+            self.omega, self.settled = 1.0, True
+            return
+        if not self.auto or self.errors[-1 - self.window] <= 0:
+            return
+        rate = (self.errors[-1] / self.errors[-1 - self.window]) ** (1 / self.window)
+        if self.omega == 1.0 and len(self.errors) >= self.warmup and 0.5 < rate < self.plateau:
+            self._set(rate)
+        elif self.omega > 1.0 and self.since_change >= self.every and self.omega - 1 < rate < self.plateau:
+            # Young: an eigenvalue lambda of the over-relaxed map and rho of the plain one satisfy
+            # (lambda + omega - 1)^2 = lambda omega^2 rho.
+            self._set((rate + self.omega - 1) ** 2 / (rate * self.omega**2))
+
+    def _set(self, rho: float) -> None:
+        # Rounded down to a multiple of 1/64: below the optimum is the safe side, and two runs whose
+        # errors differ only by rounding (the row and the cell path) choose the same omega.
+        optimal = np.floor(min(2 / (1 + np.sqrt(max(1 - rho, 1e-12))), self.cap) * 64) / 64
+        if optimal > self.omega:
+            self.omega, self.since_change = float(optimal), 0
 
 
 def ipf_rows(
@@ -403,6 +534,7 @@ def ipf_rows(
     iterations: int | None = None,
     tol: float = 1e-6,
     max_iter: int = 1000,
+    omega: Omega = "auto",
 ) -> RowIPFResult:
     """Row-path IPF over rows split into parts, in one process: the reference for a distributed driver.
 
@@ -430,7 +562,7 @@ def ipf_rows(
         )
         return sum(partial, np.zeros(sizes[next_m]))
 
-    result = ipf_driver(step, counts, targets, iterations=iterations, tol=tol, max_iter=max_iter)
+    result = ipf_driver(step, counts, targets, iterations=iterations, tol=tol, max_iter=max_iter, omega=omega)
     scale = n_rows / np.exp(result.log_normalizer)
     for w in weights:
         w *= scale

@@ -347,6 +347,7 @@ def _balance(
                 iterations=iterations,
                 tol=spec.tol,
                 max_iter=spec.max_iter,
+                omega=spec.overrelaxation,
             )
         else:
 
@@ -354,7 +355,13 @@ def _balance(
                 return parts.reduce(_row_step, m, ratio, next_m, sizes[next_m])
 
             result = ipf_driver(
-                step, counts, targets, iterations=iterations, tol=spec.tol, max_iter=spec.max_iter
+                step,
+                counts,
+                targets,
+                iterations=iterations,
+                tol=spec.tol,
+                max_iter=spec.max_iter,
+                omega=spec.overrelaxation,
             )
     except MissingMassError as err:
         labels = values[err.marginal].take(pa.array(err.labels)).to_pylist()
@@ -367,6 +374,8 @@ def _balance(
         converged=result.converged,
         marginal_error_per_iteration=[dict(zip(marginals, e.tolist(), strict=True)) for e in result.errors],
         final_marginal_error=dict(zip(marginals, result.errors[-1].tolist(), strict=True)),
+        overrelaxation=spec.overrelaxation,
+        omega_per_iteration=result.omegas.tolist(),
     )
     if not result.converged and iterations is None:
         worst = [
