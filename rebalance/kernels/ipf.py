@@ -432,8 +432,7 @@ def ipf_driver(
     while passes < limit and (iterations is not None or errors[-1].max() >= tol):
         for m, t in enumerate(targets):
             ratio = np.divide(t, current, out=np.zeros_like(t), where=current > 0)
-            if relax.omega != 1.0:
-                ratio **= relax.omega
+            relax.relax(ratio)
             with np.errstate(divide="ignore"):
                 log_factors[m] += np.log(np.where(current > 0, ratio, 1.0))
             post[m] = ratio * current
@@ -463,10 +462,16 @@ class Relaxation:
 
     omega: a fixed factor in [1, 2), or ``"auto"``: plain passes until pass ``warmup``, then
     2 / (1 + sqrt(1 - rho)) from the plain rate rho (the geometric mean error ratio over the last
-    ``window`` passes), re-estimated every ``every`` passes from the accelerated rate and only raised;
-    capped at ``cap``; a rate of ``plateau`` or more is an error that no longer falls (targets the data
-    cannot meet), which over-relaxing does not help. Either way, ``patience`` passes without a new smallest error return to plain IPF
-    for good.
+    ``window`` passes), once the errors fall geometrically toward 0 rather than toward a plateau (the
+    Aitken extrapolation e - d rho_d / (1 - rho_d) of the last errors e and their decrements d is below
+    half the error; a positive limit means targets the data cannot meet, where over-relaxing only
+    amplifies the oscillation); re-estimated every ``every`` passes from the accelerated rate and only
+    raised, and only while the errors fall steadily (per-pass ratios within ``steady`` of each other:
+    oscillating errors mean omega is past the optimum, or that Young's relation does not hold, as with
+    three or more marginals); rounded down to 1/64 and capped at ``cap``; errors falling by a rate of
+    ``plateau`` or slower per pass (or by rounding only) are left to plain passes. Either way, an error above
+    ``diverge`` times the smallest so far, or ``patience`` passes without a new smallest error, return
+    to plain IPF for good (plain passes converge from any scaling).
     """
 
     def __init__(
@@ -478,6 +483,8 @@ class Relaxation:
         every: int = 6,
         patience: int = 10,
         cap: float = 1.9,
+        steady: float = 0.05,
+        diverge: float = 2.0,
         plateau: float = 0.999,
     ):
         if omega != "auto" and not (isinstance(omega, int | float) and 1.0 <= omega < 2.0):
@@ -485,7 +492,7 @@ class Relaxation:
         self.auto = omega == "auto"
         self.omega = 1.0 if self.auto else float(omega)
         self.warmup, self.window, self.every, self.patience, self.cap = warmup, window, every, patience, cap
-        self.plateau = plateau
+        self.steady, self.diverge, self.plateau = steady, diverge, plateau
         self.errors: list[float] = []
         self.omegas: list[float] = []
         self.best, self.since_best, self.since_change = np.inf, 0, 0
@@ -494,6 +501,13 @@ class Relaxation:
     def history(self) -> np.ndarray:
         """The factor each pass ran with, shape (passes,)."""
         return np.array(self.omegas)
+
+    def relax(self, ratio: np.ndarray) -> np.ndarray:
+        """The over-relaxed ratio r^omega of a projection, in place. The extra factor r^(omega - 1) is
+        clipped to [1e-10, 1e10], so a label whose current mass has all but vanished cannot overflow."""
+        if self.omega != 1.0:
+            ratio *= np.clip(np.power(ratio, self.omega - 1.0), 1e-10, 1e10)
+        return ratio
 
     def update(self, error: float) -> None:
         """Record the largest marginal error after the pass just run and choose the next pass's omega."""
@@ -504,20 +518,38 @@ class Relaxation:
             self.best, self.since_best = error, 0
         else:
             self.since_best += 1
-        if self.settled or len(self.errors) <= self.window:
+        if self.settled:
             return
-        if self.omega > 1.0 and self.since_best >= self.patience:
+        if self.omega > 1.0 and (self.since_best >= self.patience or error > self.diverge * self.best):
             self.omega, self.settled = 1.0, True
             return
-        if not self.auto or self.errors[-1 - self.window] <= 0:
+        if not self.auto or len(self.errors) <= self.window or self.errors[-1 - self.window] <= 0:
             return
-        rate = (self.errors[-1] / self.errors[-1 - self.window]) ** (1 / self.window)
-        if self.omega == 1.0 and len(self.errors) >= self.warmup and 0.5 < rate < self.plateau:
-            self._set(rate)
-        elif self.omega > 1.0 and self.since_change >= self.every and self.omega - 1 < rate < self.plateau:
+        recent = np.array(self.errors[-1 - self.window :])
+        rate = (recent[-1] / recent[0]) ** (1 / self.window)
+        if not 0 < rate < self.plateau:
+            return
+        if self.omega == 1.0:
+            if len(self.errors) >= self.warmup and rate > 0.5 and self._toward_zero(recent):
+                self._set(rate)
+        elif (
+            self.since_change >= self.every
+            and rate > self.omega - 1
+            and np.ptp(recent[1:] / recent[:-1]) < self.steady
+        ):
             # Young: an eigenvalue lambda of the over-relaxed map and rho of the plain one satisfy
             # (lambda + omega - 1)^2 = lambda omega^2 rho.
             self._set((rate + self.omega - 1) ** 2 / (rate * self.omega**2))
+
+    @staticmethod
+    def _toward_zero(errors: np.ndarray) -> bool:
+        decrements = errors[:-1] - errors[1:]
+        if (decrements <= 0).any():
+            return False
+        rho = (decrements[-1] / decrements[0]) ** (1 / (decrements.size - 1))
+        if rho >= 1:
+            return True
+        return errors[-1] - decrements[-1] * rho / (1 - rho) < 0.5 * errors[-1]
 
     def _set(self, rho: float) -> None:
         # Rounded down to a multiple of 1/64: below the optimum is the safe side, and two runs whose
