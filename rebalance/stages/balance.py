@@ -377,6 +377,14 @@ def _balance(
         overrelaxation=spec.overrelaxation,
         omega_per_iteration=result.omegas.tolist(),
     )
+    omega = float(result.omegas.max()) if result.passes else 1.0
+    log.info(
+        "balance: %d passes (%s), largest marginal error %.3e, %s",
+        result.passes,
+        f"over-relaxed, omega up to {omega:.3f}" if omega > 1 else "plain",
+        result.final_error,
+        "converged" if result.converged else "not converged",
+    )
     if not result.converged and iterations is None:
         worst = [
             f"{marginals[w['marginal']]}: "
