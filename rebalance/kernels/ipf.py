@@ -6,8 +6,8 @@ q_m is q's current m-th marginal. One *pass* applies the M projections in order;
 balanced measure of Liu et al. (2024), and iterating to convergence gives the I-projection of the
 empirical measure onto the set of measures with the target marginals, when it exists.
 
-The marginal error of a pass is the total variation 0.5 * sum_l |q_m(l) - t_m(l)| of every marginal,
-measured after the pass (the last marginal of a pass is always exact).
+The marginal error of a pass is the total variation 0.5 * sum_l |q_m(l) - t_m(l)| of every marginal of
+the normalised measure, measured after the pass (the last marginal of a plain pass is always exact).
 
 Two paths compute the same iteration. The *cell path* (:func:`ipf`) runs on the table of distinct cells.
 The *row path* (:func:`ipf_driver`, :func:`ipf_rows`) is for when that table is too large for one
