@@ -1,7 +1,8 @@
 """Does fair-GAN resynthesis rebalance a long-tailed generator without hurting its images?
 
-    .venv/bin/python benchmarks/fair_gan.py --out runs/bench-fairgan               # ~4-6 min on 2 cores
-    .venv/bin/python benchmarks/fair_gan.py --out runs/bench-fairgan --sweep 0 10  # + arms with other lambdas
+    .venv/bin/python benchmarks/fair_gan.py --out runs/bench-fairgan-v2            # ~3.5 min on 2 cores
+    .venv/bin/python benchmarks/fair_gan.py --out runs/bench-fairgan-v2 --sweep 0 \
+        --arm 'previous-defaults=--bias-weight 1 --bias-power 0.5 --sigma-min 0.5'   # + 2 arms, ~9 min
 
 On the built-in long-tailed dataset (``generate_dataset(seed=0)``: 3000 rows, 24 concepts, 1130 rows of
 ``red circle``, 18 of ``cyan cross``):
@@ -12,15 +13,19 @@ On the built-in long-tailed dataset (``generate_dataset(seed=0)``: 3000 rows, 24
 2. ``jobs.fair_gan`` measures it (``--measure-samples`` samples), explores its latent space for
    ``--per-class`` latents per concept within ``--budget`` generator calls, writes the balanced set and
    retrains a generator from random weights on it with the bias-mitigation loss (the same steps, batch and
-   learning rate as the original), on Ray Train, and measures the result;
+   learning rate as the original), on Ray Train, and measures the result; everything else (lambda, the
+   class weights, the adaptive mutation step) is ``jobs.fair_gan``'s default;
 3. scores: the fairness discrepancy FD of both generators (target: the rebalanced one at least 3x lower),
    and per concept the diagonal Fréchet distance between ``rebalance-tiny`` features of the generated
    images of that concept and of the real images of that concept (target: the mean over the concepts
    both generators produce at least ``--quality-min-samples`` times is not more than 20 % worse).
 
-The main arm uses ``jobs.fair_gan``'s default bias-loss weight (lambda = 1); ``--sweep 0 10`` adds arms
-retrained with lambda = 0 (the balanced data alone: what the data does without the loss) and lambda = 10,
-reported beside it (the targets are judged on the main arm only). Prints a table and writes ``OUT/results.json``.
+The main arm (``fair-gan``) is ``jobs.fair_gan`` with its default settings. ``--sweep 0 1`` adds arms
+retrained with other bias-loss weights lambda (0: the balanced data alone, what the data does without the
+loss), everything else default; ``--arm 'NAME=OPTIONS'`` adds an arm with other ``jobs.fair_gan``
+options. Extra arms are reported beside the main arm; the targets are judged on the main arm only. Prints a
+table and writes ``OUT/results.json``. Use a new ``--out`` when the job's defaults change (an arm directory
+holding a run with other settings is refused, not resumed).
 """
 
 from __future__ import annotations
@@ -39,13 +44,24 @@ from rebalance.data.synthetic import generate_dataset
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def arm_argv(args: argparse.Namespace, out: Path, data: Path, bias_weight: float) -> list[str]:
+def arm_argv(args: argparse.Namespace, out: Path, data: Path, extra: list[str]) -> list[str]:
+    """``jobs.fair_gan`` options of one arm: the shared measurement and budget, plus the arm's ``extra``."""
     return [
         "--out", str(out), "--real-data", str(data), "--seed", str(args.seed),
         "--measure-samples", str(args.measure_samples), "--per-class", str(args.per_class),
         "--budget", str(args.budget), "--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps_per_epoch),
-        "--bias-weight", str(bias_weight), "--quality-min-samples", str(args.quality_min_samples),
+        "--quality-min-samples", str(args.quality_min_samples), *extra,
     ]  # fmt: skip
+
+
+def parse_arm(text: str) -> tuple[str, list[str]]:
+    """``'NAME=--opt value ...'`` -> ``(NAME, ['--opt', 'value', ...])``."""
+    import shlex
+
+    name, sep, options = text.partition("=")
+    if not sep or not name.strip() or "/" in name:
+        raise argparse.ArgumentTypeError(f"expected NAME=OPTIONS, got {text!r}")
+    return name.strip(), shlex.split(options)
 
 
 def summarise(report: dict) -> dict:
@@ -86,9 +102,6 @@ def main(argv: list[str] | None = None) -> int:
         "--quality-min-samples", type=int, default=5, help="min samples per class for quality"
     )
     parser.add_argument(
-        "--bias-weight", type=float, default=1.0, help="lambda of the main arm (jobs.fair_gan's default)"
-    )
-    parser.add_argument(
         "--sweep",
         type=float,
         nargs="*",
@@ -96,19 +109,35 @@ def main(argv: list[str] | None = None) -> int:
         metavar="LAMBDA",
         help="extra arms with these bias-loss weights (0 = the balanced data alone), reported beside the main arm",
     )
+    parser.add_argument(
+        "--arm",
+        type=parse_arm,
+        action="append",
+        default=[],
+        metavar="NAME=OPTIONS",
+        help="an extra arm with these jobs.fair_gan options, e.g. 'old=--bias-weight 1 --bias-power 0.5'",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = Path(args.out).resolve()
     data = out / "data"
     if not (data / "dataset.json").is_file():
         generate_dataset(data, seed=0)
-    arms = {"fair-gan": args.bias_weight}
+    defaults = fair_gan.build_parser()
+    arms: dict[str, list[str]] = {"fair-gan": []}
     for lam in args.sweep:
-        arms[f"lambda={lam:g}"] = lam
-    results: dict = {"settings": vars(args), "arms": {}, "commands": {}}
+        arms[f"lambda={lam:g}"] = ["--bias-weight", str(lam)]
+    arms.update(args.arm)
+    settings = {**vars(args), "arm": dict(args.arm)}
+    settings["job_defaults"] = {
+        k: defaults.get_default(k) for k in ("bias_weight", "bias_power", "sigma", "sigma_min", "init")
+    }
+    if settings["job_defaults"]["sigma_min"] is None:  # jobs.fair_gan's default: sigma / 8
+        settings["job_defaults"]["sigma_min"] = settings["job_defaults"]["sigma"] / 8
+    results: dict = {"settings": settings, "arms": {}, "commands": {}}
     t0 = time.time()
-    for name, bias_weight in arms.items():
-        argv_arm = arm_argv(args, out / name, data, bias_weight)
+    for name, extra in arms.items():
+        argv_arm = arm_argv(args, out / name, data, extra)
         results["commands"][name] = "python -m jobs.fair_gan " + " ".join(argv_arm)
         if fair_gan.main(argv_arm) != 0:
             raise SystemExit(f"arm {name} failed")
@@ -129,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nfair-GAN benchmark ({args.measure_samples} samples per measurement, {args.per_class} latents per "
           f"concept, budget {args.budget}, retraining {args.epochs} x {args.steps_per_epoch} steps)")  # fmt: skip
+    jd = settings["job_defaults"]
+    print(f"fair-gan = jobs.fair_gan defaults: lambda {jd['bias_weight']:g}, class weights power "
+          f"{jd['bias_power']:g}, sigma {jd['sigma']:g} adaptive down to {jd['sigma_min']:g}, init {jd['init']}")  # fmt: skip
+    for name, extra in arms.items():
+        if name != "fair-gan":
+            print(f"{name}: {' '.join(extra)}")
     print(f"{'arm':<20} {'FD before [95% CI]':>26} {'FD after [95% CI]':>26} {'ratio':>6} "
           f"{'quality before':>15} {'after':>8} {'ratio':>6} {'classes':>7}")  # fmt: skip
     for name, r in results["arms"].items():

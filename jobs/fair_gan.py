@@ -10,11 +10,14 @@ Steps (progress is logged; everything lands in OUT):
    distribution and the fairness discrepancy FD = sqrt(sum_k (1/K - p_k)^2) with a bootstrap confidence
    interval, the paper's mean/std over 10 splits and the FD a uniform generator would show at that n;
 2. explore: breadth-first latent-space search (``rebalance.fairgan.explore``) for ``--per-class`` latents
-   of every class within ``--budget`` generator calls; classes not reached are reported (``unreachable``);
+   of every class within ``--budget`` generator calls, with an adaptive mutation step (a node whose
+   children keep leaving the class halves its ``--sigma``, down to ``--sigma-min``); classes not reached
+   are reported (``unreachable``);
 3. write ``OUT/balanced/part-*.parquet`` (img2dataset layout: key, jpg, txt = a class prompt, label,
    source, status, width, height, plus class and latent columns): ``rebalance run`` ingests it;
 4. retrain: ``jobs.train_gan`` on the balanced set, on Ray Train, with the bias-mitigation loss
-   (``--bias-weight``; class weights ``w_k ∝ max(p_k, 1e-3)^-bias_power`` from step 1's fractions, mean 1);
+   ``lambda * sum_k w_k (q_k - 1/K)^2`` (``--bias-weight`` lambda, default 10; class weights
+   ``w_k ∝ max(p_k, 1e-3)^-bias_power`` from step 1's fractions, mean 1; default power 0: equal weights);
    ``--init original`` fine-tunes the given generator instead of starting from random weights;
 5. measure the new generator as in step 1; with ``--real-data`` also the per-class image-quality proxy
    (diagonal Fréchet distance between CLIP features of generated and real images of the same class) of
@@ -207,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--sigma", type=float, default=0.5, help="mutation step z' = z + sigma eps (default: %(default)s)"
     )
     g.add_argument(
+        "--sigma-min",
+        type=float,
+        default=None,
+        help="floor of the adaptive step: a node with --max-failures rejections halves its sigma down to "
+        "this before its branch dies; = --sigma for a fixed step (default: --sigma / 8, i.e. 0.0625)",
+    )
+    g.add_argument(
         "--children", type=int, default=4, help="children per node and round (default: %(default)s)"
     )
     g.add_argument(
@@ -246,14 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--bias-weight",
         type=float,
-        default=1.0,
+        default=10.0,
         help="lambda of the bias-mitigation loss (default: %(default)s)",
     )
     g.add_argument(
         "--bias-power",
         type=float,
-        default=0.5,
-        help="class weights w_k ∝ max(p_k, 1e-3)^-power from the measured fractions (default: %(default)s)",
+        default=0.0,
+        help="class weights w_k ∝ max(p_k, 1e-3)^-power from the original generator's measured fractions; "
+        "0 = equal weights, 0.5 = toward its rare classes (default: %(default)s)",
     )
     train_gan.add_classifier_args(parser)
     C.add_ray_args(parser)
@@ -276,6 +287,10 @@ def validate(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.sigma <= 0 or not 0 < args.seed_fraction <= 1 or not 0 <= args.min_confidence < 1:
         raise ValueError("need --sigma > 0, 0 < --seed-fraction <= 1 and 0 <= --min-confidence < 1")
+    if args.sigma_min is None:
+        args.sigma_min = args.sigma / 8
+    if not 0 < args.sigma_min <= args.sigma:
+        raise ValueError(f"need 0 < --sigma-min <= --sigma, got {args.sigma_min} and {args.sigma}")
     if args.bias_weight < 0 or args.bias_power < 0:
         raise ValueError("--bias-weight and --bias-power must be >= 0")
     if args.real_data and not Path(args.real_data).is_dir():
@@ -285,7 +300,7 @@ def validate(args: argparse.Namespace) -> None:
 def _explore_settings(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("generator", "classifier", "classifier_run", "clip_model", "clip_pretrained", "classes_file",
             "classifier_weights", "classifier_arch", "classifier_arch_kwargs", "per_class", "budget", "sigma",
-            "children", "max_failures", "seed_fraction", "min_confidence", "rows_per_shard", "seed")  # fmt: skip
+            "sigma_min", "children", "max_failures", "seed_fraction", "min_confidence", "rows_per_shard", "seed")  # fmt: skip
     return {k: getattr(args, k) for k in keys}
 
 
@@ -324,6 +339,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     validate(args)
     t_start = time.time()
     out = Path(args.out).resolve()
+    balanced = out / "balanced"
+    settings = _explore_settings(args)
+    done = balanced / "dataset.json"
+    previous = json.loads(done.read_text()) if done.is_file() else None
+    reuse = previous is not None and previous.get("settings") == settings
+    if not reuse and (out / "train").exists():
+        # a new balanced set under an old generator's checkpoints would silently resume stale training
+        raise ValueError(
+            f"{out} holds a generator trained on a balanced set with other exploration settings; "
+            "use a new --out or remove it to start over"
+        )
     out.mkdir(parents=True, exist_ok=True)
     device = args.device
     G = load_generator(args.generator).to(device)
@@ -367,18 +393,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
     # 2-3. explore and write the balanced set (reused when the settings match)
-    balanced = out / "balanced"
-    settings = _explore_settings(args)
-    done = balanced / "dataset.json"
-    previous = json.loads(done.read_text()) if done.is_file() else None
-    if previous is not None and previous.get("settings") == settings:
+    if reuse:
+        assert previous is not None
         log.info("balanced set in %s matches the settings: reused", balanced)
         exploration = previous["exploration"]
         dataset = previous
     else:
         classify = latent_classifier(G, classifier, args.min_confidence, device=device)
         result = explore(
-            classify, G.nz, len(names), args.per_class, args.budget, sigma=args.sigma, children=args.children,
+            classify, G.nz, len(names), args.per_class, args.budget, sigma=args.sigma, sigma_min=args.sigma_min,
+            children=args.children,
             max_failures=args.max_failures, seed_fraction=args.seed_fraction, seed=args.seed + 1,
             progress=lambda msg: log.info("explore: %s", msg),
         )  # fmt: skip

@@ -203,6 +203,38 @@ def test_explore_dead_branches_are_reported():
     assert "every branch failed" in result.unreachable[1]
 
 
+def slab_classify(z: np.ndarray) -> np.ndarray:
+    """Class 1 in the thin slab |z0| < 0.004 (0.3 % of N(0, I) samples), class 0 elsewhere."""
+    return (np.abs(np.asarray(z)[:, 0]) < 0.004).astype(np.int64)
+
+
+def test_explore_adaptive_step_reaches_a_class_smaller_than_the_step():
+    # a sigma = 0.5 step lands back in the slab with probability ~0.6 %: the fixed step's branches die
+    fixed = explore(slab_classify, nz=6, num_classes=2, per_class=30, budget=5000, sigma=0.5, seed=3)
+    assert 1 <= fixed.counts[1] < 30
+    assert "every branch failed" in fixed.unreachable[1]
+    # halving the step after max_failures rejections (down to 0.001) fills the class within the budget
+    classify = Counting(slab_classify)
+    adaptive = explore(
+        classify, nz=6, num_classes=2, per_class=30, budget=5000, sigma=0.5, sigma_min=0.001, seed=3
+    )
+    assert classify.calls == adaptive.calls <= 5000
+    assert adaptive.counts == {0: 30, 1: 30} and not adaptive.unreachable
+    z1 = adaptive.latents[1]
+    assert (slab_classify(z1) == 1).all() and (np.abs(z1[:, 0]) < 0.004).all()
+    assert len(np.unique(z1, axis=0)) == 30  # distinct latents, not copies of the seeds
+    # the same seeds as the fixed step: the random phase is unchanged by the adaptive step
+    assert adaptive.seed_calls == fixed.seed_calls
+    # sigma_min = sigma is the fixed step exactly
+    same = explore(
+        slab_classify, nz=6, num_classes=2, per_class=30, budget=5000, sigma=0.5, sigma_min=0.5, seed=3
+    )
+    assert same.counts == fixed.counts and same.calls == fixed.calls
+    np.testing.assert_array_equal(same.latents[1], fixed.latents[1])
+    with pytest.raises(ValueError, match="sigma_min"):
+        explore(slab_classify, nz=6, num_classes=2, per_class=5, budget=100, sigma=0.5, sigma_min=0.6)
+
+
 # ------------------------------------------------------------------------------------------- Parquet
 
 
@@ -400,7 +432,15 @@ def test_job_help_and_input_validation(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert fair_gan.main(["--out", out, "--classifier", "svm"]) == 2
     assert "unknown classifier kind 'svm'" in capsys.readouterr().err
+    assert fair_gan.main(["--out", out, "--sigma-min", "0.6"]) == 2
+    assert "--sigma-min" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    # a trained generator next to a balanced set from other exploration settings is not resumed
+    (tmp_path / "o" / "balanced").mkdir(parents=True)
+    (tmp_path / "o" / "balanced" / "dataset.json").write_text(json.dumps({"settings": {"sigma": 0.5}}))
+    (tmp_path / "o" / "train").mkdir()
+    assert fair_gan.main(["--out", out, "--skip-retrain"]) == 2
+    assert "other exploration settings" in capsys.readouterr().err
 
 
 @pytest.mark.ray

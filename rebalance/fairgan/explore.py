@@ -8,12 +8,20 @@ the attribute classifier, a label of -1 meaning "no confident class"):
    the budget is spent. Common classes are usually filled here.
 2. *Breadth-first search* for each class still short, rarest first in class order: a FIFO queue holds the
    class's latents, each the root of its own branch. The node at the front is mutated
-   (``z' = z + sigma * eps``, ``eps ~ N(0, I)``, ``children`` at a time); a child that the classifier
+   (``z' = z + sigma_n * eps``, ``eps ~ N(0, I)``, ``children`` at a time); a child that the classifier
    still assigns to the class is kept, and queued for expansion only when it lies farther from its root
    than its parent (the search grows outward). A node leaves the queue after ``children`` kept children or
    ``max_failures`` rejected ones (a dead branch). The class stops at ``per_class`` latents, an empty queue
    or its share of the remaining budget (the remainder split evenly over the classes still to search, so
    one hard class cannot starve the others).
+
+   *Adaptive step* (``sigma_min < sigma``): every node starts with ``sigma_n = sigma``; after
+   ``max_failures`` rejected children at its current step a node does not die but halves its step,
+   ``sigma_n <- max(sigma_n / 2, sigma_min)``, and its failure count restarts; it dies only after
+   ``max_failures`` rejections at ``sigma_min``. Kept children inherit their parent's step. A class whose
+   region of the latent space is smaller than a ``sigma`` step (every mutation leaves it) is still
+   explored, with steps that fit it, as a local search with step-size control would; with
+   ``sigma_min = sigma`` (the default) this is the fixed step of the authors' code.
 
 Every latent returned was assigned its class by ``classify``. The budget counts generator calls, i.e.
 latents generated and classified; it is never exceeded. Classes left with fewer than ``per_class``
@@ -40,6 +48,7 @@ class _Node:
     z: np.ndarray
     root: np.ndarray
     dist: float
+    sigma: float
     kept: int = 0
     failures: int = 0
 
@@ -102,6 +111,7 @@ def explore(
     *,
     classes: Sequence[int] | None = None,
     sigma: float = 0.5,
+    sigma_min: float | None = None,
     children: int = 4,
     max_failures: int = 20,
     batch_size: int = 256,
@@ -113,7 +123,8 @@ def explore(
     with at most ``budget`` calls of ``classify`` on single latents (see the module docstring).
 
     ``classify(z)`` takes ``(n, nz)`` float32 with ``n <= batch_size`` and returns ``(n,)`` integer labels
-    (-1 for none). ``progress`` receives one line per seed batch and per searched class."""
+    (-1 for none). ``sigma_min`` (default ``sigma``: a fixed step) is the floor of the adaptive step.
+    ``progress`` receives one line per seed batch and per searched class."""
     if budget < 1:
         raise ValueError(f"budget must be >= 1 generator call, got {budget}")
     if per_class < 1:
@@ -122,6 +133,9 @@ def explore(
         raise ValueError(f"nz and num_classes must be >= 1, got nz={nz}, num_classes={num_classes}")
     if sigma <= 0 or children < 1 or max_failures < 1 or batch_size < 1:
         raise ValueError("sigma must be > 0 and children, max_failures, batch_size >= 1")
+    sigma_min = sigma if sigma_min is None else float(sigma_min)
+    if not 0 < sigma_min <= sigma:
+        raise ValueError(f"sigma_min must lie in (0, sigma={sigma}], got {sigma_min}")
     if not 0 < seed_fraction <= 1:
         raise ValueError(f"seed_fraction must lie in (0, 1], got {seed_fraction}")
     wanted = sorted(set(range(num_classes) if classes is None else (int(c) for c in classes)))
@@ -156,13 +170,15 @@ def explore(
     for i, c in enumerate(todo):
         share = (budget - calls) // (len(todo) - i)
         spent = 0
-        queue = deque(_Node(z, z, 0.0) for z in found[c])
+        queue = deque(_Node(z, z, 0.0, sigma) for z in found[c])
+        smallest = sigma
         while len(found[c]) < per_class and queue and spent < share:
             room = share - spent
             fronts = list(islice(queue, max(1, min(room, batch_size) // children)))
             parents = [node for node in fronts for _ in range(children)][:room]
             z = np.stack([p.z for p in parents])
-            z = (z + sigma * rng.standard_normal(z.shape)).astype(np.float32)
+            steps = np.array([p.sigma for p in parents], dtype=np.float64)[:, None]
+            z = (z + steps * rng.standard_normal(z.shape)).astype(np.float32)
             labels = _check_labels(classify(z), len(z))
             spent += len(z)
             for zi, y, parent in zip(z, labels, parents, strict=True):
@@ -174,20 +190,25 @@ def explore(
                     found[c].append(zi)
                 dist = float(np.linalg.norm(zi - parent.root))
                 if dist > parent.dist:
-                    queue.append(_Node(zi, parent.root, dist))
+                    queue.append(_Node(zi, parent.root, dist, parent.sigma))
             for node in fronts:
-                if node.kept >= children or node.failures >= max_failures:
+                if node.failures >= max_failures and node.sigma > sigma_min:
+                    node.sigma = max(node.sigma / 2, sigma_min)  # a smaller step, not a dead branch
+                    node.failures = 0
+                    smallest = min(smallest, node.sigma)
+                elif node.kept >= children or node.failures >= max_failures:
                     queue.remove(node)
         calls += spent
         result.class_calls[c] = spent
-        say(f"class {c}: {len(found[c])}/{per_class} latents in {spent} calls ({calls}/{budget} used)")
+        step = f", step down to {smallest:g}" if smallest < sigma else ""
+        say(f"class {c}: {len(found[c])}/{per_class} latents in {spent} calls ({calls}/{budget} used){step}")
         if len(found[c]) < per_class:
             if not found[c]:
                 why = f"no seed in {seed_calls} random samples"
             elif spent >= share:
                 why = f"budget share of {share} calls spent"
             else:
-                why = "every branch failed (the classifier rejects all mutations)"
+                why = f"every branch failed (all mutations rejected, down to step {sigma_min:g})"
             result.unreachable[c] = f"{len(found[c])}/{per_class} latents: {why}"
     result.calls = calls
     result.latents = {
