@@ -160,11 +160,12 @@ def ipf(
 
 
 class _Cells:
-    """The cell table as one row-path part: cells are rows weighted by their mass (any M)."""
+    """The cell table as one row-path part: cells are rows weighted by their mass (any M). Takes ``mass``
+    as its state and scales it in place."""
 
     def __init__(self, codes: np.ndarray, mass: np.ndarray, targets: Sequence[np.ndarray]):
         self.codes = prepare_codes(codes)
-        self.weights = mass.copy()
+        self.weights = mass
         self.sizes = [t.size for t in targets]
         self.counts = [label_sums(self.codes, mass, m, k) for m, k in enumerate(self.sizes)]
 
@@ -189,7 +190,6 @@ class _PairCells:
     def __init__(self, codes: np.ndarray, mass: np.ndarray, targets: Sequence[np.ndarray]):
         self.codes = codes
         self.shape = (targets[0].size, targets[1].size)
-        self.factors = [np.ones(self.shape[0]), np.ones(self.shape[1])]
         self._fold(mass)
         self.counts = [self.table @ self.factors[1], self.table_t @ self.factors[0]]
 
