@@ -295,7 +295,8 @@ def print_run(res: dict) -> None:
         )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark, print the tables, return (and with --json write) every number."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -303,7 +304,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None, help="datasets per setting (default: by mode)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     cfg["reps"] = args.reps or cfg["reps"]
     if cfg["reps"] < 2:
@@ -316,9 +317,10 @@ def main() -> None:
         print_run(results[-1])
     total, cpu = time.perf_counter() - start, time.process_time() - cpu
     print(f"\ntime {total:.0f} s wall, {cpu:.0f} s CPU")
+    summary = {"config": cfg, "seconds": total, "cpu_seconds": cpu, "results": results}
     if args.json is not None:
-        summary = {"config": cfg, "seconds": total, "cpu_seconds": cpu, "results": results}
         args.json.write_text(json.dumps(summary, indent=1))
+    return summary
 
 
 if __name__ == "__main__":

@@ -5,15 +5,12 @@ Every comparison allows 4 Monte Carlo standard errors, the benchmark's own (delt
 ratio of mean squared errors over 1,000 datasets). The finite-sample effects it documents stay below that
 where the population prediction is used: for the ``cell`` and ``xy`` functions the full run
 (docs/downstream.md) finds every k within 2 SE at n = 500, 2000 and 8000, with no consistent sign; for the
-``worst`` function (where the ratio falls like s_2^(4k-2)
-and the sample's own s_2, biased upward, takes over from k = 2 on) the comparison is with the plug-in
-factor at each dataset's own s_2.
+``worst`` function (where the ratio falls like s_2^(4k-2) and the sample's own s_2, biased upward, takes
+over from k = 2 on) the comparison is with the plug-in factor at each dataset's own s_2. The benchmark is
+run in-process through its command-line entry point, ``main(["--quick"])``.
 """
 
-import json
-import os
-import subprocess
-import sys
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
 Z = 4.0
 
 
-def test_quick_variance_benchmark_agrees_with_the_prediction(tmp_path):
-    out = tmp_path / "variance.json"
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/variance.py", "--quick", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    (res,) = json.loads(out.read_text())["results"]
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("variance_benchmark", ROOT / "benchmarks" / "variance.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_variance_benchmark_agrees_with_the_prediction():
+    summary = _benchmark().main(["--quick"])
+    (res,) = summary["results"]
     assert res["redrawn"] == 0 and res["n"] == 2000 and res["reps"] == 1000
     assert res["functions"] == ["worst", "cell", "xy"]
     measured, se, predicted = (np.array(res[key]) for key in ("measured", "se", "predicted"))
