@@ -85,9 +85,8 @@ def tree_joint(p: np.ndarray, spectrum: tuple[float, ...]) -> np.ndarray:
     if m != 2**depth or (np.diff(s) > 0).any() or s.min() < 0 or s.max() >= 1:
         raise ValueError("need 2^len(spectrum) labels and a decreasing spectrum in [0, 1)")
     joint = s[-1] * np.diag(p) + (1 - s[0]) * np.outer(p, p)
-    for level in range(
-        1, depth
-    ):  # blocks of 2^level leaves, coupling weight spectrum[-1-level] - spectrum[-level]
+    # level l: blocks of 2^l leaves, coupling weight spectrum[-1-l] - spectrum[-l]
+    for level in range(1, depth):
         block = np.arange(m) // 2**level
         same = block[:, None] == block[None, :]
         mass = np.bincount(block, weights=p)
