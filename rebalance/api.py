@@ -20,7 +20,7 @@ import pyarrow as pa
 from rebalance.data.fs import StoragePath, as_path, check_location
 from rebalance.data.parts import read_parts
 from rebalance.data.readers import dataset_fingerprint, list_shards, resolve_format
-from rebalance.runtime.manifest import STAGES, RunDir, fingerprint, package_versions
+from rebalance.runtime.manifest import STAGES, RunDir, check_run_dir, fingerprint, package_versions
 from rebalance.runtime.session import ray_session
 from rebalance.spec import Spec, SpecError
 
@@ -109,13 +109,19 @@ def _stage_functions() -> dict[str, Callable]:
 
 
 def run(
-    spec: Spec | dict | str | os.PathLike, out: str | os.PathLike, *, until: str = "report"
+    spec: Spec | dict | str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    until: str = "report",
+    keep: tuple[str, ...] = (),
 ) -> Result | None:
     """Run the pipeline for ``spec`` into run directory ``out``, up to and including stage ``until``.
 
     Stages already complete with the same fingerprint are skipped (a complete run does no work and writes
     nothing); a stage interrupted earlier resumes from its committed parts. Returns the :class:`Result`
-    when the report stage is complete, else None.
+    when the report stage is complete, else None. ``out`` must be new, empty or a run directory (with
+    ``manifest.json``), else RuntimeError before anything is written; ``keep`` names entries the caller put
+    in a new ``out`` itself (never touched by the run).
     """
     from rebalance.stages.context import StageContext
 
@@ -123,6 +129,7 @@ def run(
         raise ValueError(f"until must be one of {STAGES}, got {until!r}")
     spec = as_spec(spec)
     check_location(out, "run directory")
+    check_run_dir(out, keep)
     run_dir = RunDir(out)
     shards = list_shards(spec.data)
     inputs = dataset_fingerprint(shards)

@@ -63,7 +63,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from rebalance.data.synthetic import generate_dataset
     from rebalance.kernels.stats import normalized_mutual_info
 
+    from rebalance.runtime.manifest import check_run_dir
+
     out = Path(args.out).resolve()
+    own = ("dataset", "spec.yaml")
+    check_run_dir(out, own)  # before writing the dataset there
     dataset = out / "dataset"
     summary = dataset / "dataset.json"
     wanted = {"rows": args.rows, "shards": args.shards, "seed": args.seed}
@@ -73,7 +77,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         log.info("generated %d rows in %d shards at %s", info["rows"], info["shards"], dataset)
     spec = demo_spec(str(dataset))
     atomic_write_bytes(yaml.safe_dump(spec, sort_keys=False).encode(), out / "spec.yaml")
-    result = run(spec, out)
+    result = run(spec, out, keep=own)
     _print_summary(result)
     # The built-in dataset knows its true concepts: how well do the clusters recover them?
     labels = read_parts(out / "embeddings", columns=["label"]).column("label").to_numpy(zero_copy_only=False)

@@ -303,15 +303,22 @@ class ReportSpec:
             raise SpecError("report.top_eigenvalues", "must be >= 1", self.top_eigenvalues)
 
 
+RAY_LISTEN = ("loopback", "all")
+
+
 @dataclass(frozen=True)
 class RaySpec:
-    """Which Ray to use: ``auto`` joins RAY_ADDRESS when set and starts a local one otherwise."""
+    """Which Ray to use: ``auto`` joins RAY_ADDRESS when set and starts a local one otherwise. A local Ray
+    listens on 127.0.0.1 only (``listen: loopback``) unless ``listen: all`` asks for every interface."""
 
     address: str = "auto"
     num_cpus: int | None = None
     num_gpus: int | None = None
+    listen: str = "loopback"
 
     def __post_init__(self) -> None:
+        if self.listen not in RAY_LISTEN:
+            raise SpecError("ray.listen", f"expected one of {list(RAY_LISTEN)}", self.listen)
         for name in ("num_cpus", "num_gpus"):
             value = getattr(self, name)
             if value is not None and value < 0:

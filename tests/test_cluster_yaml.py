@@ -223,3 +223,55 @@ def test_gpu_requirements_generator_drops_faiss_cpu(prepared):
     # It installs from the requirements file that it writes.
     target = re.search(r">\s*(\S+)\s*$", cmd).group(1)
     assert any(f"pip install -q -r {target}" in c for c in prepared["worker_setup_commands"])
+
+
+# --- least privilege ----------------------------------------------------------------------------------
+
+
+def _policy(name: str) -> list[dict]:
+    import json
+
+    return json.loads((REPO / "iam" / name).read_text())["Statement"]
+
+
+def _actions(statements: list[dict]) -> set[str]:
+    return {a for s in statements for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
+
+
+def test_head_and_workers_have_their_own_instance_profiles(raw, prepared):
+    """An IamInstanceProfile on the head keeps `ray up` from attaching its default role (EC2 and S3 full
+    access); the workers get a profile of their own, and both are marked EDIT ME."""
+    head = _head_type(prepared)["node_config"]["IamInstanceProfile"]["Arn"]
+    workers = {n: t["node_config"]["IamInstanceProfile"]["Arn"] for n, t in _gpu_worker_types(prepared).items()}
+    assert workers and head not in workers.values()
+    for arn in (head, *workers.values()):
+        assert re.fullmatch(r"arn:aws:iam::[A-Z0-9-]+:instance-profile/[\w+=,.@-]+", arn), arn
+    lines = CLUSTER_YAML.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() == "IamInstanceProfile:":
+            assert any("EDIT ME" in prev for prev in lines[i - 3 : i]), f"line {i + 1} not marked EDIT ME"
+
+
+def test_policies_grant_only_what_each_role_needs():
+    head, worker = _policy("head-policy.json"), _policy("worker-policy.json")
+    # workers: S3 only, on named prefixes; no EC2, no IAM
+    assert {a.split(":")[0] for a in _actions(worker)} == {"s3"}
+    for policy in (head, worker):
+        assert all(s["Effect"] == "Allow" for s in policy)
+        assert not {a for a in _actions(policy) if a.endswith("*")}  # no wildcard actions
+        for s in policy:
+            if any(a.startswith("s3:") for a in _actions([s])):
+                for resource in s["Resource"]:
+                    assert re.fullmatch(r"arn:aws:s3:::[A-Z-]+(/[A-Z-]+/\*)?", resource), resource
+                if "s3:ListBucket" in _actions([s]):
+                    assert s["Condition"]["StringLike"]["s3:prefix"]  # listing limited to the prefix
+    assert {"s3:DeleteObject", "s3:PutObject"} <= _actions(worker)
+    # head: the autoscaler's EC2 calls, termination only of this cluster's instances, and passing only the
+    # worker role
+    assert {"ec2:RunInstances", "ec2:TerminateInstances", "iam:PassRole"} <= _actions(head)
+    assert {a.split(":")[0] for a in _actions(head)} == {"ec2", "iam", "s3"}
+    (stop,) = [s for s in head if "ec2:TerminateInstances" in _actions([s])]
+    assert stop["Condition"]["StringEquals"]["ec2:ResourceTag/ray-cluster-name"] == "rebalance"
+    (pass_role,) = [s for s in head if "iam:PassRole" in _actions([s])]
+    assert pass_role["Resource"] == ["arn:aws:iam::ACCOUNT-ID:role/rebalance-worker"]
+    assert yaml.safe_load(CLUSTER_YAML.read_text())["cluster_name"] == "rebalance"

@@ -448,6 +448,18 @@ def test_credentials_in_a_uri_are_refused_without_echoing_them(bucket):
         assert "hunter2secret" not in str(err.value) and "AKIAEXAMPLE" not in str(err.value)
 
 
+def test_credentials_in_an_endpoint_override_are_refused_without_echoing_them():
+    """The check covers user:password@ inside endpoint_override, raw or percent-encoded (parsed only)."""
+    for endpoint in ("AKIAEXAMPLE:hunter2secret@127.0.0.1:9", "AKIAEXAMPLE%3Ahunter2secret%40127.0.0.1%3A9"):
+        with pytest.raises(fs.StorageError, match=r"credentials in a URI are not accepted \(\['endpoint_override'\]"):
+            fs.as_path(f"s3://bucket/run?endpoint_override={endpoint}&scheme=http")
+        with pytest.raises(fs.StorageError) as err:
+            fs.as_path(f"s3://bucket/run?endpoint_override={endpoint}")
+        assert "hunter2secret" not in str(err.value) and "AKIAEXAMPLE" not in str(err.value)
+    # an endpoint without credentials parses
+    assert fs.as_path("s3://bucket/run?endpoint_override=127.0.0.1:9&scheme=http").key == "run"
+
+
 def test_cli_reports_a_missing_bucket_without_a_traceback(bucket, tmp_path):
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(_tiny_spec(str(tmp_path))))

@@ -196,6 +196,10 @@ class StoragePath:
             )
         options = parse_qsl(parts.query, keep_blank_values=True)
         secret = sorted({k for k, _ in options if k.lower() in CREDENTIAL_OPTIONS})
+        # an endpoint may carry user:password@ too (endpoint_override=user:pass@host:9000); file paths may not
+        secret += sorted(
+            {k for k, v in options if k.lower() not in (*CREDENTIAL_OPTIONS, "tls_ca_file_path") and "@" in v}
+        )
         if secret:
             raise StorageError(
                 f"{scheme}://{parts.netloc}{parts.path}: credentials in a URI are not accepted ({secret}; the "

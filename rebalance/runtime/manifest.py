@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import time
 from importlib import metadata
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 from rebalance.data.atomic import atomic_write_json
 from rebalance.data.fs import StoragePath, as_path, remove
 
-__all__ = ["STAGES", "STAGE_OUTPUTS", "RunDir", "fingerprint", "package_versions"]
+__all__ = ["STAGES", "STAGE_OUTPUTS", "RunDir", "fingerprint", "package_versions", "check_run_dir"]
 
 STAGES = ("embed", "cluster", "balance", "report")
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
@@ -37,6 +38,30 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "balance": ("weights", "balance.json"),
     "report": ("report",),
 }
+
+# Temporary names of rebalance.data.atomic: ``.NAME.tmp-PID`` (local) and ``.NAME.tmp-PID-RANDOM`` (remote).
+TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)(?:-[0-9a-f]{8})?$")
+
+
+def check_run_dir(root: str | os.PathLike | StoragePath, keep: tuple[str, ...] = ()) -> None:
+    """Refuse ``root`` as a run directory when it is a non-empty directory without ``manifest.json``: a run
+    deletes its outputs when a stage starts afresh, and must never delete what it did not write. Entries
+    named in ``keep`` (put there by the caller) and temporary files of a manifest write are allowed."""
+    root = as_path(root)
+    if not root.is_dir() or (root / "manifest.json").is_file():
+        return
+    found = sorted(
+        path.name
+        for path in root.iterdir()
+        if path.name not in keep
+        and not ((m := TEMPORARY.match(path.name)) and m.group("name") == "manifest.json")
+    )
+    if found:
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        raise RuntimeError(
+            f"{root} is not empty and holds no manifest.json, so it is not a run directory (it holds {shown}): "
+            "give a new or empty directory as the run directory"
+        )
 
 
 def fingerprint(*parts: Any) -> str:
@@ -99,7 +124,9 @@ class RunDir:
         )
 
     def begin(self, name: str, stage_fingerprint: str, **header: Any) -> None:
-        """Mark stage ``name`` running; clear its and later stages' outputs unless resuming the same work."""
+        """Mark stage ``name`` running; clear its and later stages' outputs unless resuming the same work.
+        Temporary files that killed writers left in the stage's outputs (and of the manifest) are deleted."""
+        self.remove_temporaries(STAGE_OUTPUTS[name] + ("manifest.json",))
         record = self.stage(name)
         resuming = (
             record.get("status") in ("running", "failed") and record.get("fingerprint") == stage_fingerprint
@@ -139,8 +166,48 @@ class RunDir:
         record.update(status="failed", error=error)
         self.save()
 
+    def remove_temporaries(self, outputs: tuple[str, ...]) -> list[str]:
+        """Delete the temporary files (``.NAME.tmp-PID[-RANDOM]``) of dead writers in or beside the outputs
+        named ``outputs``; returns their paths relative to the run directory.
+
+        Two runs never write to one run directory at once (docs/run-directory.md), so when a stage starts
+        every writer of its outputs is gone: on an object store every temporary object is deleted. On local
+        disk a file is kept while a process with its PID is alive on this machine (it may be a writer that
+        has not yet exited)."""
+        removed = []
+        for output in outputs:
+            target = self.path(output)
+            if self.remote:
+                beside = [p for p in self.root.iterdir() if _temporary_of(p.name, output)]
+                below = [target / rel for rel, _ in target.walk_files()] if target.is_dir() else []
+            else:
+                beside = [p for p in self.root.glob(f".{output}.tmp-*") if _temporary_of(p.name, output)]
+                below = [Path(d) / f for d, _, files in os.walk(target) for f in files]
+            for path in beside + below:
+                match = TEMPORARY.match(path.name)
+                if match and (self.remote or not _alive(int(match.group("pid")))):
+                    path.unlink(missing_ok=True)
+                    removed.append(str(path.relative_to(self.root)))
+        return removed
+
     def save(self) -> None:
         """Rewrite ``manifest.json`` atomically."""
         if not self.remote:
             self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.manifest, self.manifest_path)
+
+
+def _temporary_of(name: str, output: str) -> bool:
+    match = TEMPORARY.match(name)
+    return bool(match) and match.group("name") == output
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (this one's own writers included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,18 +1,26 @@
-"""Start or join Ray: a local instance when no cluster address is given, the cluster otherwise."""
+"""Start or join Ray: a local instance when no cluster address is given, the cluster otherwise.
+
+A local instance listens on 127.0.0.1 only unless asked otherwise (``ray.listen: all``), and the Ray auth
+token file it uses is readable by its owner only.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import secrets
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import ray
 
-from rebalance.spec import RaySpec
+from rebalance.spec import RAY_LISTEN, RaySpec
 
-__all__ = ["ClusterResources", "ray_session", "resolve_address"]
+__all__ = ["ClusterResources", "ray_session", "resolve_address", "start_local_ray", "secure_ray_token_file"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +46,62 @@ def resolve_address(spec: RaySpec) -> str | None:
     return spec.address
 
 
+def secure_ray_token_file() -> Path | None:
+    """Make the token file that a local Ray's token authentication uses readable by its owner only.
+
+    Ray (>= 2.5x) turns token authentication on for a new local instance unless ``RAY_AUTH_MODE`` says
+    otherwise, and writes a fresh token to ``RAY_AUTH_TOKEN_PATH`` (default ``~/.ray/auth_token``) with the
+    process umask (0644 by default). Here the file is created first, mode 0600 in a 0700 directory, or an
+    existing one is narrowed to 0600. Returns the path, or None when no token file is used (authentication
+    off, or the token given in ``RAY_AUTH_TOKEN``)."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))  # what Ray itself generates: 256 random bits
+        log.info("created the Ray auth token file %s (mode 0600)", path)
+    elif stat.S_IMODE(path.stat().st_mode) & 0o077:
+        path.chmod(0o600)
+        log.warning("Ray auth token file %s was readable by others: narrowed to mode 0600", path)
+    return path
+
+
+@contextlib.contextmanager
+def _keep_loopback_node_address() -> Iterator[None]:
+    """Let ``ray.init(_node_ip_address="127.0.0.1")`` keep the loopback address. Ray replaces a loopback
+    node address by the machine's routable one unless it runs as a single-machine instance (its
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` switch, read at import): that switch is turned off for the start."""
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+def start_local_ray(listen: str = "loopback", **kwargs: Any) -> None:
+    """``ray.init`` a new local instance (never one that ``ray start`` recorded on this machine).
+
+    ``listen="loopback"``: every Ray process (GCS, raylet, agents, workers) listens on 127.0.0.1 only;
+    ``"all"``: Ray's own default, every interface. The token file is secured first
+    (:func:`secure_ray_token_file`). ``kwargs`` go to ``ray.init``."""
+    if listen not in RAY_LISTEN:
+        raise ValueError(f"listen must be one of {RAY_LISTEN}, got {listen!r}")
+    secure_ray_token_file()
+    kwargs.setdefault("include_dashboard", False)
+    # "local", not None: None would join whatever cluster `ray start` last recorded on this machine.
+    if listen == "all":
+        ray.init(address="local", **kwargs)
+        return
+    with _keep_loopback_node_address():
+        ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
+
+
 @contextlib.contextmanager
 def ray_session(spec: RaySpec) -> Iterator[ClusterResources]:
     """Use the Ray already initialised in this process, join a cluster, or start a local instance.
@@ -49,12 +113,11 @@ def ray_session(spec: RaySpec) -> Iterator[ClusterResources]:
         address = resolve_address(spec)
         kwargs = {"log_to_driver": True, "configure_logging": False}
         if address is None:
-            kwargs.update(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, include_dashboard=False)
-            log.info("starting a local Ray instance")
+            log.info("starting a local Ray instance (listening on %s)", spec.listen)
+            start_local_ray(spec.listen, num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, **kwargs)
         else:
             log.info("joining Ray at %s", address)
-        # "local" (not None): never join a cluster that `ray start` once recorded in /tmp/ray.
-        ray.init(address=address or "local", **kwargs)
+            ray.init(address=address, **kwargs)
         started = True
     try:
         resources = ray.cluster_resources()

@@ -2,15 +2,18 @@
 
 Routes: ``POST /v1/weigh`` (weigh a batch of samples), ``GET /v1/info`` (what the run expects), both behind
 bearer-token authentication; ``GET /healthz`` and ``GET /openapi.json`` are public. A pure-ASGI guard in
-front of the app checks the token before the body is read, then enforces the request size limit; every
-malformed request gets a 4xx JSON answer ``{"detail": reason, ...}``.
+front of the app checks the header limits and the token before the body is read, then reads the body under
+its size limit and deadline (:mod:`rebalance.serve.limits`); every malformed request gets a 4xx JSON answer
+``{"detail": reason, ...}``.
 """
 
 import hashlib
 import hmac
-import json
 import logging
-from dataclasses import asdict, dataclass
+import os
+import stat
+from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Request, Security
@@ -21,12 +24,22 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rebalance.serve import DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES
+from rebalance.serve.limits import (
+    Limits,
+    content_length_problem,
+    header_problem,
+    read_body,
+    replay,
+    send_json,
+)
 from rebalance.serve.weigher import RequestError, Sample, Weigher
 
 __all__ = [
     "Limits",
     "build_app",
     "token_sha256",
+    "read_token_file",
+    "MIN_TOKEN_CHARS",
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_BATCH",
     "MAX_CAPTION_CHARS",
@@ -39,23 +52,29 @@ MAX_KEY_CHARS = 1024
 MAX_METADATA_FIELDS = 64
 PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
 MAX_ERRORS_LISTED = 20
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Request limits: the body size in bytes and the number of samples per request."""
-
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    max_batch: int = DEFAULT_MAX_BATCH
-
-    def __post_init__(self):
-        if self.max_body_bytes < 1024 or self.max_batch < 1:
-            raise ValueError(f"limits must be max_body_bytes >= 1024 and max_batch >= 1, got {self}")
+MIN_TOKEN_CHARS = 16
 
 
 def token_sha256(token: str) -> str:
     """The SHA-256 hex digest the server keeps instead of the token itself."""
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def read_token_file(path: str | os.PathLike) -> str:
+    """The bearer token held in file ``path``. Raises ValueError when the file can be read by anyone but
+    its owner (group or other permission bits), or the token is shorter than :data:`MIN_TOKEN_CHARS`
+    characters or holds white space; OSError when it cannot be read. The token is never logged."""
+    path = Path(path)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise ValueError(f"{path} is readable by others (mode {mode:o}): chmod 600 {path}")
+    token = path.read_text().strip()
+    if len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token):
+        raise ValueError(
+            f"the token in {path} must be at least {MIN_TOKEN_CHARS} characters without spaces "
+            "(e.g. python -c 'import secrets; print(secrets.token_hex(32))')"
+        )
+    return token
 
 
 # -- schemas -------------------------------------------------------------------------------------------------
@@ -111,15 +130,18 @@ def _models(dim: int, max_batch: int) -> tuple[type[BaseModel], type[BaseModel]]
     return SampleIn, WeighRequest
 
 
-# -- the guard: authentication first, then the body size limit -------------------------------------------
+# -- the guard: header limits and authentication first, then the body under its limits -----------------
 
 
 class _Guard:
-    """Pure ASGI middleware: 401 without a valid bearer token (before the body is read), 413 for a body over
-    the limit (by Content-Length, or counted while reading), 400 for an unreadable Content-Length."""
+    """Pure ASGI middleware: 431/400 for headers over the limits or a repeated Authorization header, 401
+    without a valid bearer token (before the body is read), then 400 for an unreadable Content-Length, 413
+    for a body over the limit (by Content-Length, or counted while reading) and 408 for a body not received
+    within the deadline. The Serve proxy's :class:`~rebalance.serve.limits.ProxyGuard` checks the same before
+    a request reaches a replica; this guard keeps them where the proxy runs without it."""
 
-    def __init__(self, app, digest: str | None, max_body_bytes: int):
-        self.app, self.digest, self.max_body = app, digest, max_body_bytes
+    def __init__(self, app, digest: str | None, limits: Limits):
+        self.app, self.digest, self.limits = app, digest, limits
 
     def add_exception_handler(self, exc_class, handler) -> None:
         """Delegate to the wrapped app (Ray Serve registers its overload errors this way)."""
@@ -128,40 +150,23 @@ class _Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        problem = header_problem(scope, self.limits)
+        if problem:
+            return await send_json(send, problem[0], {"detail": problem[1]})
+        headers = scope.get("headers", [])
         if self.digest is not None and scope.get("path", "") not in PUBLIC_PATHS:
-            reason = self._auth_problem(headers.get(b"authorization"))
+            reason = self._auth_problem(next((v for k, v in headers if k.lower() == b"authorization"), None))
             if reason:
-                return await _send_json(send, 401, {"detail": reason}, [(b"www-authenticate", b"Bearer")])
-        length = headers.get(b"content-length")
-        if length is not None:
-            if not length.isdigit():
-                return await _send_json(send, 400, {"detail": "Content-Length is not a number"})
-            if int(length) > self.max_body:
-                return await _send_json(send, 413, {"detail": self._too_large(int(length))})
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                return await _send_json(send, 413, {"detail": self._too_large(size, at_least=True)})
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-        delivered = False
-
-        async def replay():
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return body
-            return await receive()
-
-        return await self.app(scope, replay, send)
+                return await send_json(send, 401, {"detail": reason}, [(b"www-authenticate", b"Bearer")])
+        problem = content_length_problem(headers, self.limits.max_body_bytes)
+        if problem:
+            return await send_json(send, problem[0], {"detail": problem[1]})
+        body = await read_body(receive, self.limits)
+        if body is None:
+            return
+        if isinstance(body, tuple):
+            return await send_json(send, body[0], {"detail": body[1]})
+        return await self.app(scope, replay(body, receive), send)
 
     def _auth_problem(self, header: bytes | None) -> str | None:
         if not header:
@@ -172,19 +177,6 @@ class _Guard:
         if not hmac.compare_digest(token_sha256(token.strip()), self.digest):
             return "invalid bearer token"
         return None
-
-    def _too_large(self, size: int, at_least: bool = False) -> str:
-        return (
-            f"request body of {'more than ' if at_least else ''}{size if not at_least else self.max_body} bytes "
-            f"exceeds the limit of {self.max_body} bytes; split the batch"
-        )
-
-
-async def _send_json(send, status: int, content: dict, extra_headers: list | None = None) -> None:
-    body = json.dumps(content).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers + (extra_headers or [])})
-    await send({"type": "http.response.body", "body": body})
 
 
 # -- the app -------------------------------------------------------------------------------------------------
@@ -210,9 +202,7 @@ def build_app(weigher: Weigher, *, token_digest: str | None, limits: Limits | No
         redoc_url=None,
         openapi_url="/openapi.json",
     )
-    bearer = HTTPBearer(
-        auto_error=False, description="the server's token (--token-file / REBALANCE_SERVE_TOKEN)"
-    )
+    bearer = HTTPBearer(auto_error=False, description="the server's token (--token-file)")
     secured = [Security(bearer)] if token_digest is not None else []
     errors = {
         400: {"model": ErrorBody, "description": "unreadable body (not JSON)"},
@@ -278,4 +268,4 @@ def build_app(weigher: Weigher, *, token_digest: str | None, limits: Limits | No
             raise HTTPException(status_code=err.status, detail=err.reason) from None
         return WeighResponse(results=[SampleResult(**r) for r in results])
 
-    return _Guard(app, token_digest, limits.max_body_bytes)
+    return _Guard(app, token_digest, limits)
