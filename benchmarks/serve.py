@@ -6,6 +6,14 @@ Starts the endpoint (Ray Serve on a local Ray, 127.0.0.1, a fresh token), then f
 bounded loop of requests (at most --requests, and at most --seconds per scenario) from --concurrency
 clients, and prints requests/s, samples/s and the p50/p99 latency. Every answer must be 200. The server is
 stopped at the end, also on errors.
+
+    .venv/bin/python benchmarks/serve.py --run runs/demo --under-attack --batches 1 --kinds embeddings
+
+With --under-attack, every scenario runs twice in the same server: quiet, then while --slow-senders
+connections each send an authenticated request body one byte every 2 s (the server's --body-timeout-s cuts
+them off: 408) and --large-header-clients send requests with a 1 MB header in a loop (refused: 431). The
+normal requests must still all be answered 200; their p50/p99 are printed for both runs, and what the
+attackers got is counted.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import contextlib
 import json
 import os
 import secrets
+import select
 import signal
 import socket
 import subprocess
@@ -38,10 +47,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(run_dir: Path, port: int, token_file: Path, num_cpus: float, log: Path) -> subprocess.Popen:
+def _start(
+    run_dir: Path, port: int, token_file: Path, num_cpus: float, log: Path, body_timeout_s: float
+) -> subprocess.Popen:
     cmd = [
         sys.executable, "-m", "rebalance.cli", "serve", str(run_dir), "--port", str(port),
-        "--token-file", str(token_file), "--num-cpus", str(num_cpus),
+        "--token-file", str(token_file), "--num-cpus", str(num_cpus), "--body-timeout-s", str(body_timeout_s),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
@@ -151,6 +162,69 @@ def _scenario(
     }
 
 
+def _status(sock: socket.socket) -> str:
+    """The status code of the answer on ``sock`` (or why there is none)."""
+    try:
+        head = sock.recv(64)
+    except OSError as err:
+        return type(err).__name__
+    return head.split(b" ")[1].decode() if head.startswith(b"HTTP/1.1 ") else "closed"
+
+
+class _Attack:
+    """Slow senders and large-header clients against 127.0.0.1:``port``, until :meth:`stop`; bounded: each
+    slow sender sends at most 1000 bytes, each large-header client at most 10,000 requests."""
+
+    def __init__(self, port: int, token: str, slow: int, large: int):
+        self.port, self.token, self.done = port, token, threading.Event()
+        self.outcomes: dict[str, dict[str, int]] = {"slow sender": {}, "1 MB header": {}}
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._slow) for _ in range(slow)]
+        self.threads += [threading.Thread(target=self._large) for _ in range(large)]
+
+    def _count(self, kind: str, outcome: str) -> None:
+        with self.lock:
+            self.outcomes[kind][outcome] = self.outcomes[kind].get(outcome, 0) + 1
+
+    def _slow(self) -> None:
+        while not self.done.is_set():
+            with socket.create_connection(("127.0.0.1", self.port), timeout=60) as sock:
+                head = (
+                    f"POST /v1/weigh HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {self.token}\r\n"
+                    "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+                )
+                with contextlib.suppress(OSError):
+                    sock.sendall(head.encode())
+                    for _ in range(1000):  # one byte every 2 s, until the server answers or we stop
+                        if self.done.wait(2.0):
+                            return
+                        if select.select([sock], [], [], 0)[0]:
+                            break
+                        sock.sendall(b" ")
+                self._count("slow sender", _status(sock))
+
+    def _large(self) -> None:
+        header = b"X-Filler: " + b"a" * (1 << 20) + b"\r\n"
+        for _ in range(10_000):
+            if self.done.is_set():
+                return
+            with socket.create_connection(("127.0.0.1", self.port), timeout=60) as sock:
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"GET /v1/info HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n")
+                self._count("1 MB header", _status(sock))
+
+    def __enter__(self) -> _Attack:
+        for t in self.threads:
+            t.start()
+        time.sleep(3.0)  # the slow senders are mid-body when the measured requests start
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        for t in self.threads:
+            t.join()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -161,6 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=1, help="clients sending at once")
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs of the server's replica")
     parser.add_argument("--batches", default="1,64")
+    parser.add_argument("--kinds", default="embeddings,images", help="inputs: embeddings, images or both")
+    parser.add_argument("--under-attack", action="store_true", help="also measure under slow senders etc.")
+    parser.add_argument("--slow-senders", type=int, default=10, help="with --under-attack")
+    parser.add_argument("--large-header-clients", type=int, default=2, help="with --under-attack")
+    parser.add_argument("--body-timeout-s", type=float, default=10.0, help="the server's --body-timeout-s")
     args = parser.parse_args(argv)
     run_dir = Path(args.run).resolve()
     if not (run_dir / "balance.json").is_file():
@@ -172,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         token_file.chmod(0o600)
         port = _free_port()
         t0 = time.perf_counter()
-        proc = _start(run_dir, port, token_file, args.num_cpus, Path(tmp) / "serve.log")
+        proc = _start(run_dir, port, token_file, args.num_cpus, Path(tmp) / "serve.log", args.body_timeout_s)
         print(f"server up in {time.perf_counter() - t0:.1f} s (Ray Serve, 1 replica, {args.num_cpus:g} CPU)")
         try:
             url = f"http://127.0.0.1:{port}"
@@ -184,18 +263,25 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.seconds:g} s per scenario"
             )
             print(
-                f"{'input':<12}{'batch':>6}{'requests':>10}{'req/s':>9}{'samples/s':>11}{'p50 ms':>9}{'p99 ms':>9}"
+                f"{'input':<12}{'batch':>6}{'load':>8}{'requests':>10}{'req/s':>9}{'samples/s':>11}"
+                f"{'p50 ms':>9}{'p99 ms':>9}"
             )
-            for kind in ("embeddings", "images"):
+            for kind in args.kinds.split(","):
                 for batch in (int(b) for b in args.batches.split(",")):
                     bodies = _payloads(run_dir, info, batch, kind)
-                    r = _scenario(url, headers, bodies, args.requests, args.seconds, args.concurrency)
-                    rate = r["requests"] / r["wall_s"]
-                    print(
-                        f"{kind:<12}{batch:>6}{r['requests']:>10}{rate:>9.1f}{rate * batch:>11.0f}"
-                        f"{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}",
-                        flush=True,
-                    )
+                    loads = ("quiet", "attack") if args.under_attack else ("quiet",)
+                    for load in loads:
+                        attack = _Attack(port, token, args.slow_senders, args.large_header_clients)
+                        with attack if load == "attack" else contextlib.nullcontext():
+                            r = _scenario(url, headers, bodies, args.requests, args.seconds, args.concurrency)
+                        rate = r["requests"] / r["wall_s"]
+                        print(
+                            f"{kind:<12}{batch:>6}{load:>8}{r['requests']:>10}{rate:>9.1f}{rate * batch:>11.0f}"
+                            f"{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}",
+                            flush=True,
+                        )
+                        if load == "attack":
+                            print(f"{'':<18}attackers got: {attack.outcomes}", flush=True)
         finally:
             _stop(proc)
     return 0

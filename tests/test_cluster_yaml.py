@@ -242,7 +242,9 @@ def test_head_and_workers_have_their_own_instance_profiles(raw, prepared):
     """An IamInstanceProfile on the head keeps `ray up` from attaching its default role (EC2 and S3 full
     access); the workers get a profile of their own, and both are marked EDIT ME."""
     head = _head_type(prepared)["node_config"]["IamInstanceProfile"]["Arn"]
-    workers = {n: t["node_config"]["IamInstanceProfile"]["Arn"] for n, t in _gpu_worker_types(prepared).items()}
+    workers = {
+        n: t["node_config"]["IamInstanceProfile"]["Arn"] for n, t in _gpu_worker_types(prepared).items()
+    }
     assert workers and head not in workers.values()
     for arn in (head, *workers.values()):
         assert re.fullmatch(r"arn:aws:iam::[A-Z0-9-]+:instance-profile/[\w+=,.@-]+", arn), arn

@@ -6,11 +6,15 @@ metadata marginals and the clip formula are checked against the offline run too.
 """
 
 import base64
+import contextlib
 import io
+import ipaddress
 import json
 import os
 import secrets
 import shutil
+import socket
+import stat
 import subprocess
 import sys
 import time
@@ -71,10 +75,16 @@ def server(rebalanced_run, tmp_path_factory):
         "--token-file", str(token_file), "--max-body-bytes", str(MAX_BODY), "--max-batch", str(MAX_BATCH),
         "--num-cpus", "1",
     ]  # fmt: skip
-    env = {**_ENV, "RAY_ADDRESS": "local"}  # a Ray of its own, whatever else runs on this machine
+    # a Ray of its own, whatever else runs on this machine, with its Ray auth token file in a fresh place
+    ray_token = tmp_path_factory.mktemp("ray-token") / "auth_token"
+    env = {**_ENV, "RAY_ADDRESS": "local", "RAY_AUTH_TOKEN_PATH": str(ray_token)}
+    env.pop("RAY_AUTH_TOKEN", None), env.pop("RAY_AUTH_MODE", None), env.pop("REBALANCE_SERVE_TOKEN", None)
     url = f"http://127.0.0.1:{port}"
-    with server_process(cmd, log, env, http_ok(f"{url}/healthz"), 240, "server"):
-        yield {"url": url, "token": token, "auth": {"Authorization": f"Bearer {token}"}, "log": log}
+    with server_process(cmd, log, env, http_ok(f"{url}/healthz"), 240, "server") as proc:
+        yield {
+            "url": url, "port": port, "token": token, "auth": {"Authorization": f"Bearer {token}"}, "log": log,
+            "pgid": proc.pid, "ray_token": ray_token,
+        }  # fmt: skip
 
 
 def _weigh(server, body, headers=None, **kwargs) -> requests.Response:
@@ -211,7 +221,10 @@ def test_public_and_authorised_routes(server, rebalanced_run):
     assert info["marginals"] == ["image_cluster", "text_cluster", "source"]
     assert info["values"] == scaling["values"] and info["metadata_fields"] == ["source"]
     assert info["dim"] == 64 and info["accepts_raw_inputs"] is True
-    assert info["limits"] == {"max_body_bytes": MAX_BODY, "max_batch": MAX_BATCH}
+    assert info["limits"] == {
+        "max_body_bytes": MAX_BODY, "max_batch": MAX_BATCH, "max_header_bytes": 16384, "max_headers": 64,
+        "body_timeout_s": 30.0, "max_requests_per_client": 16,
+    }  # fmt: skip
 
 
 # -- limits and malformed requests ---------------------------------------------------------------------------
@@ -461,9 +474,109 @@ def test_serve_refuses_to_start_without_a_token_or_on_a_bad_run(demo_run, tmp_pa
     assert "refusing to start without a token" in capsys.readouterr().err
     assert main(["serve", str(demo_run), "--no-auth", "--host", "0.0.0.0"]) == 2
     assert "loopback host only" in capsys.readouterr().err
-    monkeypatch.setenv("REBALANCE_SERVE_TOKEN", "short")
-    assert main(["serve", str(demo_run)]) == 2
+    token_file = tmp_path / "token"
+    token_file.write_text("short")
+    token_file.chmod(0o600)
+    assert main(["serve", str(demo_run), "--token-file", str(token_file)]) == 2
     assert "at least 16 characters" in capsys.readouterr().err
-    monkeypatch.setenv("REBALANCE_SERVE_TOKEN", secrets.token_hex(16))
-    assert main(["serve", str(tmp_path)]) == 1  # checked before any Ray starts
+    token_file.write_text(secrets.token_hex(16))
+    token_file.chmod(0o644)  # others may read it: refused, not warned
+    assert main(["serve", str(demo_run), "--token-file", str(token_file)]) == 2
+    assert "readable by others (mode 644): chmod 600" in capsys.readouterr().err
+    token_file.chmod(0o600)
+    monkeypatch.setenv("REBALANCE_SERVE_TOKEN", secrets.token_hex(16))  # never read, never passed on
+    assert main(["serve", str(demo_run), "--token-file", str(token_file)]) == 2
+    assert "REBALANCE_SERVE_TOKEN is not read" in capsys.readouterr().err
+    monkeypatch.delenv("REBALANCE_SERVE_TOKEN")
+    assert (
+        main(["serve", str(tmp_path), "--token-file", str(token_file)]) == 1
+    )  # checked before any Ray starts
     assert "not a run directory" in capsys.readouterr().err
+
+
+# -- hardening: limits in the proxy, the token, the local Ray ------------------------------------------------
+
+
+def _raw(server, head: bytes, body: bytes = b"", timeout: float = 30) -> tuple[int, bytes]:
+    """Send one raw HTTP/1.1 request; (status, rest of the answer)."""
+    with socket.create_connection(("127.0.0.1", server["port"]), timeout=timeout) as sock:
+        sock.sendall(head + b"\r\n" + body)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return int(answer.split(b" ")[1]), answer
+
+
+def test_large_headers_and_a_repeated_authorization_are_refused_in_the_proxy(server):
+    auth = f"Authorization: Bearer {server['token']}\r\n".encode()
+    big = b"X-Filler: " + b"a" * 200_000 + b"\r\n"
+    t0 = time.monotonic()
+    status, answer = _raw(server, b"GET /v1/info HTTP/1.1\r\nHost: x\r\n" + auth + big)
+    assert status == 431 and b"exceed the limit of 16384 bytes" in answer
+    many = b"".join(f"X-H{i}: v\r\n".encode() for i in range(70))
+    status, answer = _raw(server, b"GET /v1/info HTTP/1.1\r\nHost: x\r\n" + auth + many)
+    assert status == 431 and b"70" in answer
+    status, answer = _raw(server, b"GET /v1/info HTTP/1.1\r\nHost: x\r\n" + auth + auth)
+    assert status == 400 and b"more than one Authorization header" in answer
+    wrong = b"Authorization: Bearer " + b"0" * 64 + b"\r\n"
+    assert _raw(server, b"GET /v1/info HTTP/1.1\r\nHost: x\r\n" + wrong + auth)[0] == 400
+    assert time.monotonic() - t0 < 60
+    # the connection-level refusals leave the server serving
+    assert requests.get(f"{server['url']}/v1/info", headers=server["auth"], timeout=30).status_code == 200
+
+
+def test_slow_senders_do_not_starve_normal_requests(server):
+    """10 authenticated connections sending a body one byte at a time hold no replica slot
+    (max_ongoing_requests=8): 3 normal requests are answered meanwhile."""
+    head = (
+        f"POST /v1/weigh HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server['token']}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    ).encode()
+    slow = [socket.create_connection(("127.0.0.1", server["port"]), timeout=30) for _ in range(10)]
+    try:
+        for sock in slow:
+            sock.sendall(head + b"{")
+        time.sleep(1.0)
+        for sock in slow:
+            sock.sendall(b" ")
+        for _ in range(3):
+            response = _weigh(server, {"samples": [_sample()]})
+            assert response.status_code == 200, response.text
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+def _server_processes(server):
+    import psutil
+
+    procs = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if os.getpgid(proc.pid) == server["pgid"]:
+                procs.append(proc)
+    return procs
+
+
+def test_the_token_is_in_no_process_environment_and_ray_listens_on_loopback_only(server):
+    import psutil
+
+    procs = _server_processes(server)
+    assert len(procs) >= 5, procs  # the CLI, GCS, raylet, agents, the proxy, the replica, ...
+    listening = set()
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            environ = Path(f"/proc/{proc.pid}/environ").read_bytes()
+            assert server["token"].encode() not in environ, proc.name()
+            assert b"REBALANCE_SERVE_TOKEN" not in environ, proc.name()
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    listening.add((proc.name(), conn.laddr.ip, conn.laddr.port))
+    assert len(listening) >= 4, listening
+    public = [entry for entry in listening if not ipaddress.ip_address(entry[1]).is_loopback]
+    public = [e for e in public if not e[1].startswith("::ffff:127.")]
+    assert public == [], public
+    assert stat.S_IMODE(server["ray_token"].stat().st_mode) == 0o600  # created by serve, owner only

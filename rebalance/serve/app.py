@@ -205,10 +205,13 @@ def build_app(weigher: Weigher, *, token_digest: str | None, limits: Limits | No
     bearer = HTTPBearer(auto_error=False, description="the server's token (--token-file)")
     secured = [Security(bearer)] if token_digest is not None else []
     errors = {
-        400: {"model": ErrorBody, "description": "unreadable body (not JSON)"},
+        400: {"model": ErrorBody, "description": "unreadable body (not JSON), repeated Authorization header"},
         401: {"model": ErrorBody, "description": "missing or wrong bearer token"},
+        408: {"model": ErrorBody, "description": "body not received within the deadline"},
         413: {"model": ErrorBody, "description": "body over the size limit"},
         422: {"model": ErrorBody, "description": "invalid request, with the reason"},
+        429: {"model": ErrorBody, "description": "too many requests in flight from this client"},
+        431: {"model": ErrorBody, "description": "too many or too large headers"},
     }
     if token_digest is None:
         errors.pop(401)
@@ -248,7 +251,7 @@ def build_app(weigher: Weigher, *, token_digest: str | None, limits: Limits | No
         "/v1/info",
         summary="what the run expects",
         dependencies=secured,
-        responses={k: v for k, v in errors.items() if k == 401},
+        responses={k: v for k, v in errors.items() if k in (400, 401, 429, 431)},
     )
     def info() -> dict[str, Any]:
         return {**weigher.info(), "limits": asdict(limits)}
