@@ -17,7 +17,7 @@ def test_defaults_and_round_trip(data_dir, tmp_path):
     assert spec.embed.model == "ViT-B-32" and spec.embed.pretrained == "openai"
     assert spec.cluster.image.k == 1024 and spec.cluster.spherical is True
     assert spec.balance.marginals == ("image_cluster", "text_cluster") and spec.balance.iterations == "auto"
-    assert spec.balance.target == Target() and spec.ray.address == "auto"
+    assert spec.balance.target == Target() and spec.ray.address == "auto" and spec.ray.listen == "loopback"
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec.to_dict()))
     assert Spec.from_yaml(path) == spec
@@ -60,6 +60,7 @@ def test_full_spec(data_dir):
         ({"cluster": {"spherical": "yes"}}, "cluster.spherical", "'yes'"),
         ({"cluster": {"niter": 2.5}}, "cluster.niter", "2.5"),
         ({"ray": {"num_cpus": -2}}, "ray.num_cpus", "-2"),
+        ({"ray": {"listen": "0.0.0.0"}}, "ray.listen", "'0.0.0.0'"),
         ({"data": {"carry": "label"}}, "data.carry", "'label'"),
         ({"data": {"path": "/no/such/dir"}}, "data.path", "'/no/such/dir'"),
         ({"balance": {"max_weight": 0.5}}, "balance.max_weight", "0.5"),

@@ -395,13 +395,16 @@ def test_resume_on_s3_after_a_crash_mid_embed(runs):
     bucket.write("resume/manifest.json", json.dumps(manifest).encode())
     bucket.s3.delete_file(f"{bucket.name}/resume/embeddings/part-00001.json")
     bucket.write("resume/embeddings/part-00001.parquet", b"PAR1 torn")
-    bucket.write("resume/embeddings/.part-00001.parquet.tmp-1-dead", b"PAR1 torn")
+    bucket.write("resume/embeddings/.part-00001.parquet.tmp-1-0123abcd", b"PAR1 torn")
+    bucket.write("resume/.balance.json.tmp-1-0123abcd", b"{")
     kept = {i: bucket.mtime(f"resume/embeddings/part-{i:05d}.parquet") for i in (0, 2)}
     time.sleep(1.1)  # S3 modification times have 1 s resolution
     proc = _cli("run", str(runs["spec"]), "--out", bucket.uri("resume"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = rebalance.load_result(bucket.uri("resume"))
     assert result.manifest["stages"]["embed"]["resumed"] is True
+    # the temporary objects of the killed writers are gone (docs/run-directory.md)
+    assert not [k for k in bucket.keys("resume") if ".tmp-" in k]
     assert {i: bucket.mtime(f"resume/embeddings/part-{i:05d}.parquet") for i in (0, 2)} == kept
     assert bucket.read("resume/embeddings/part-00001.parquet").startswith(b"PAR1") and len(
         bucket.read("resume/embeddings/part-00001.parquet")
