@@ -24,14 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rebalance.serve import DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES
-from rebalance.serve.limits import (
-    Limits,
-    content_length_problem,
-    header_problem,
-    read_body,
-    replay,
-    send_json,
-)
+from rebalance.serve.limits import Limits, content_length_problem, forward_whole, header_problem, send_json
 from rebalance.serve.weigher import RequestError, Sample, Weigher
 
 __all__ = [
@@ -161,12 +154,7 @@ class _Guard:
         problem = content_length_problem(headers, self.limits.max_body_bytes)
         if problem:
             return await send_json(send, problem[0], {"detail": problem[1]})
-        body = await read_body(receive, self.limits)
-        if body is None:
-            return
-        if isinstance(body, tuple):
-            return await send_json(send, body[0], {"detail": body[1]})
-        return await self.app(scope, replay(body, receive), send)
+        return await forward_whole(self.app, scope, receive, send, self.limits)
 
     def _auth_problem(self, header: bytes | None) -> str | None:
         if not header:

@@ -38,30 +38,16 @@ def add_serve_command(sub) -> None:
     p.add_argument(
         "--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="samples per request (default 256)"
     )
-    p.add_argument(
-        "--max-header-bytes",
-        type=int,
-        default=defaults.max_header_bytes,
-        help=f"request target plus all headers, in bytes (default {defaults.max_header_bytes})",
-    )
-    p.add_argument(
-        "--max-headers",
-        type=int,
-        default=defaults.max_headers,
-        help=f"header lines (default {defaults.max_headers})",
-    )
-    p.add_argument(
-        "--body-timeout-s",
-        type=float,
-        default=defaults.body_timeout_s,
-        help=f"seconds to receive a whole request body (default {defaults.body_timeout_s:g})",
-    )
-    p.add_argument(
-        "--max-requests-per-client",
-        type=int,
-        default=defaults.max_requests_per_client,
-        help=f"requests in flight per client address (default {defaults.max_requests_per_client})",
-    )
+    for name, kind, what in (
+        ("max_header_bytes", int, "request target plus all headers, in bytes"),
+        ("max_headers", int, "header lines"),
+        ("body_timeout_s", float, "seconds to receive a whole request body"),
+        ("max_requests_per_client", int, "requests in flight per client address"),
+    ):
+        default = getattr(defaults, name)
+        p.add_argument(
+            f"--{name.replace('_', '-')}", type=kind, default=default, help=f"{what} (default {default:g})"
+        )
     p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (default 1)")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica, also its torch threads")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where replicas run the model")
@@ -102,19 +88,14 @@ def check_token_file(token_file: str | None, no_auth: bool, host: str) -> str | 
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
     from rebalance.serve.deploy import is_loopback, run_server
     from rebalance.serve.limits import Limits
 
     try:
         token_file = check_token_file(args.token_file, args.no_auth, args.host)
-        limits = Limits(
-            max_body_bytes=args.max_body_bytes,
-            max_batch=args.max_batch,
-            max_header_bytes=args.max_header_bytes,
-            max_headers=args.max_headers,
-            body_timeout_s=args.body_timeout_s,
-            max_requests_per_client=args.max_requests_per_client,
-        )
+        limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
     except (ValueError, OSError) as err:
         print(f"rebalance serve: error: {err}", file=sys.stderr)
         return 2

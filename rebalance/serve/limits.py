@@ -34,6 +34,7 @@ __all__ = [
     "proxy_environment",
     "header_problem",
     "read_body",
+    "forward_whole",
     "send_json",
     "PROXY_CALLBACK_ENV",
     "PROXY_LIMITS_ENV",
@@ -144,6 +145,17 @@ async def send_json(send, status: int, content: dict, extra_headers: list | None
     await send({"type": "http.response.body", "body": body})
 
 
+async def forward_whole(app, scope, receive, send, limits: Limits) -> None:
+    """Read the request body whole (:func:`read_body`), then hand the request to ``app`` with the body in one
+    message; answer 408 / 413 instead when the body breaks ``limits``."""
+    body = await read_body(receive, limits)
+    if body is None:
+        return
+    if isinstance(body, tuple):
+        return await send_json(send, body[0], {"detail": body[1]})
+    return await app(scope, replay(body, receive), send)
+
+
 def replay(body: bytes, receive):
     """An ASGI ``receive`` that returns ``body`` whole once, then defers to ``receive`` (disconnects)."""
     delivered = False
@@ -180,12 +192,7 @@ class ProxyGuard:
             return await send_json(send, 429, {"detail": reason}, [(b"retry-after", b"1")])
         self.in_flight[client] += 1
         try:
-            body = await read_body(receive, self.limits)
-            if body is None:
-                return
-            if isinstance(body, tuple):
-                return await send_json(send, body[0], {"detail": body[1]})
-            return await self.app(scope, replay(body, receive), send)
+            return await forward_whole(self.app, scope, receive, send, self.limits)
         finally:
             self.in_flight[client] -= 1
             if not self.in_flight[client]:
