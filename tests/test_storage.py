@@ -29,6 +29,7 @@ from rebalance.data.atomic import atomic_open, atomic_write_bytes, atomic_write_
 from rebalance.data.parts import read_parts
 from rebalance.data.readers import Shard, dataset_fingerprint, list_shards, read_shard, resolve_format
 from rebalance.data.synthetic import generate_dataset
+from rebalance.runtime.manifest import RunDir, check_run_dir
 from rebalance.spec import DataSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -418,6 +419,28 @@ def test_resume_on_s3_after_a_crash_mid_embed(runs):
     np.testing.assert_allclose([weights[k] for k in reference], list(reference.values()), rtol=1e-9)
 
 
+def test_run_directory_checks_and_temporaries_on_s3(bucket):
+    """A foreign prefix is refused as a run directory; when a stage starts, every temporary object of its
+    outputs (and of the manifest) is deleted, nothing else (no Ray: the stage is not run)."""
+    bucket.write("foreign/report/index.html", b"<html>")
+    with pytest.raises(RuntimeError, match="holds no manifest.json"):
+        check_run_dir(bucket.uri("foreign"))
+    run = RunDir(bucket.uri("run"))
+    run.begin("embed", "fp")
+    temporaries = ["run/embeddings/.part-00001.parquet.tmp-1-0123abcd", "run/.manifest.json.tmp-7-89abcdef"]
+    others = [
+        "run/embeddings/part-00000.parquet",
+        "run/embeddings/.notes.tmp-x",
+        "run/.weights.tmp-1-0123abcd",
+    ]
+    for key in temporaries + others:
+        bucket.write(key, b"x")
+    run.fail("embed", "killed")
+    RunDir(bucket.uri("run")).begin("embed", "fp")  # resumes
+    assert [k for k in temporaries + others if k in bucket.keys("run")] == others
+    check_run_dir(bucket.uri("run"))
+
+
 # ------------------------------------------------------------------------------------------ errors
 
 
@@ -454,7 +477,9 @@ def test_credentials_in_a_uri_are_refused_without_echoing_them(bucket):
 def test_credentials_in_an_endpoint_override_are_refused_without_echoing_them():
     """The check covers user:password@ inside endpoint_override, raw or percent-encoded (parsed only)."""
     for endpoint in ("AKIAEXAMPLE:hunter2secret@127.0.0.1:9", "AKIAEXAMPLE%3Ahunter2secret%40127.0.0.1%3A9"):
-        with pytest.raises(fs.StorageError, match=r"credentials in a URI are not accepted \(\['endpoint_override'\]"):
+        with pytest.raises(
+            fs.StorageError, match=r"credentials in a URI are not accepted \(\['endpoint_override'\]"
+        ):
             fs.as_path(f"s3://bucket/run?endpoint_override={endpoint}&scheme=http")
         with pytest.raises(fs.StorageError) as err:
             fs.as_path(f"s3://bucket/run?endpoint_override={endpoint}")
