@@ -62,7 +62,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from rebalance.data.parts import read_parts
     from rebalance.data.synthetic import generate_dataset
     from rebalance.kernels.stats import normalized_mutual_info
-
     from rebalance.runtime.manifest import check_run_dir
 
     out = Path(args.out).resolve()
