@@ -3,6 +3,8 @@
 - :mod:`rebalance.serve.weigher`: :class:`Weigher`, the fitted state of a run and the computation of new
   rows' clusters and weights (numpy/faiss, and the run's open_clip model for raw inputs);
 - :mod:`rebalance.serve.app`: the HTTP+JSON API (FastAPI), bearer-token authentication and limits;
+- :mod:`rebalance.serve.limits`: the request limits and the guard that Ray Serve's proxy applies before any
+  replica sees a request;
 - :mod:`rebalance.serve.deploy`: the Ray Serve deployment and :func:`run_server`.
 
 Names are imported lazily: ``rebalance.serve.weigher`` needs neither FastAPI nor Ray Serve.
