@@ -25,12 +25,19 @@ from rebalance.spec import ClusterSpec, EmbedSpec, KMeansSpec, SpecError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class Probe:
-    """What an actor sees of the GPUs: CUDA_VISIBLE_DEVICES, Ray's GPU ids, its actor id."""
+def _probe() -> type:
+    """An actor class that reports what it sees of the GPUs: CUDA_VISIBLE_DEVICES, Ray's GPU ids, its actor
+    id. Defined in a function so that it travels to the workers by value (tests/ is not importable there)."""
 
-    def call(self, x: int) -> tuple:
-        ctx = ray.get_runtime_context()
-        return os.environ.get("CUDA_VISIBLE_DEVICES"), tuple(ray.get_gpu_ids()), ctx.get_actor_id(), x
+    class Probe:
+        def call(self, x: int) -> tuple:
+            ctx = ray.get_runtime_context()
+            return os.environ.get("CUDA_VISIBLE_DEVICES"), tuple(ray.get_gpu_ids()), ctx.get_actor_id(), x
+
+    return Probe
+
+
+Probe = _probe()
 
 
 @pytest.fixture(scope="module")
