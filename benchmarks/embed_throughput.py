@@ -59,6 +59,18 @@ def plain_loop(data: Path, model_name: str, batch_size: int, device: str = "cpu"
     return rows
 
 
+def stage_spec(data: Path, model: str, batch_size: int, device: str, prefetch: int = 2) -> dict:
+    """The embed stage's spec for the same work as :func:`plain_loop` (random weights of ``model``)."""
+    embed = {
+        "model": model,
+        "pretrained": None,
+        "batch_size": batch_size,
+        "prefetch": prefetch,
+        "device": device,
+    }
+    return {"data": {"path": str(data)}, "embed": embed}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -78,19 +90,10 @@ def main() -> None:
         rows = plain_loop(data, args.model, args.batch_size, device)
         plain = time.perf_counter() - start
 
-        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
         stage = {}
         for prefetch in (2, 0):  # the default, then decoding and encoding one after the other
-            spec = {
-                "data": {"path": str(data)},
-                "embed": {
-                    "model": args.model,
-                    "pretrained": None,
-                    "batch_size": args.batch_size,
-                    "prefetch": prefetch,
-                    "device": device,
-                },
-            }
+            spec = stage_spec(data, args.model, args.batch_size, device, prefetch)
             start = time.perf_counter()
             rebalance.run(spec, Path(tmp) / f"run-{prefetch}", until="embed")
             stage[prefetch] = time.perf_counter() - start

@@ -43,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.embed_throughput import plain_loop  # noqa: E402
+from benchmarks.embed_throughput import plain_loop, stage_spec  # noqa: E402
 from rebalance.data.synthetic import generate_dataset  # noqa: E402
 
 FAILED: list[str] = []
@@ -123,15 +123,7 @@ def embed_check(args: argparse.Namespace, device: str) -> None:
         # "local": a Ray of its own, never one that another process on this machine started
         ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
         try:
-            spec = {
-                "data": {"path": str(data)},
-                "embed": {
-                    "model": args.model,
-                    "pretrained": None,
-                    "batch_size": args.batch_size,
-                    "device": device,
-                },
-            }
+            spec = stage_spec(data, args.model, args.batch_size, device)
             out = Path(tmp) / "run"
             start = time.perf_counter()
             rebalance.run(spec, out, until="embed")

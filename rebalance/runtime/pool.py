@@ -33,8 +33,9 @@ class ActorPool:
     Items go only to actors Ray has placed and started, so the pool works at the size Ray can place: actors
     still pending (waiting for a node the autoscaler is adding, or for one that never comes) join when they
     start and are never waited for. When none has started after ``placement_timeout_s`` seconds,
-    :meth:`map` raises :class:`PlacementError` naming what was asked for. Actors that ask for no GPU run
-    with ``CUDA_VISIBLE_DEVICES=""`` (Ray no longer hides the GPUs of their node from them).
+    :meth:`map` raises :class:`PlacementError` naming what was asked for. Actors that ask for no GPU, on a
+    cluster with GPUs, run with ``CUDA_VISIBLE_DEVICES=""`` (Ray no longer hides their node's GPUs from them;
+    nodes that join later are covered by ``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1`` in cluster.yaml).
     """
 
     def __init__(
@@ -50,7 +51,8 @@ class ActorPool:
         if n < 1:
             raise ValueError(f"an actor pool needs at least one actor, got {n}")
         options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus or None}
-        if not num_gpus:
+        if not num_gpus and ray.cluster_resources().get("GPU", 0) > 0:
+            # only where there are GPUs to hide: a runtime_env costs each actor a fresh worker process
             options["runtime_env"] = {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
         remote_cls = ray.remote(actor_cls).options(
             **options, max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS
