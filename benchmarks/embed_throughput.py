@@ -15,6 +15,7 @@ Printed: images/s of each, the ratio stage / plain (target >= 0.9) and the overl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import tempfile
@@ -32,10 +33,12 @@ from rebalance.data.synthetic import generate_dataset
 from rebalance.models import load_model
 
 
-def plain_loop(data: Path, model_name: str, batch_size: int) -> int:
-    """Embed every row of every shard in one process; returns the number of rows."""
+def plain_loop(data: Path, model_name: str, batch_size: int, device: str = "cpu") -> int:
+    """Embed every row of every shard in one process on ``device`` (bf16 autocast on cuda, as the stage);
+    returns the number of rows."""
     torch.set_num_threads(os.cpu_count() or 1)
-    model = load_model(model_name, None, "cpu", seed=0)
+    model = load_model(model_name, None, device, seed=0)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
     rows = 0
     for path in sorted(data.glob("part-*.parquet")):
         for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=["jpg", "txt"]):
@@ -45,13 +48,27 @@ def plain_loop(data: Path, model_name: str, batch_size: int) -> int:
                     for b in batch.column("jpg").to_pylist()
                 ]
             )
-            with torch.no_grad():
-                image = torch.nn.functional.normalize(model.model.encode_image(images), dim=-1).numpy()
-                tokens = model.tokenizer(batch.column("txt").to_pylist())
-                text = torch.nn.functional.normalize(model.model.encode_text(tokens), dim=-1).numpy()
+            with torch.no_grad(), autocast:
+                image = model.model.encode_image(images.to(device))
+                tokens = model.tokenizer(batch.column("txt").to_pylist()).to(device)
+                text = model.model.encode_text(tokens)
+            image = torch.nn.functional.normalize(image.float(), dim=-1).cpu().numpy()
+            text = torch.nn.functional.normalize(text.float(), dim=-1).cpu().numpy()
             assert np.isfinite(image).all() and np.isfinite(text).all()
             rows += len(image)
     return rows
+
+
+def stage_spec(data: Path, model: str, batch_size: int, device: str, prefetch: int = 2) -> dict:
+    """The embed stage's spec for the same work as :func:`plain_loop` (random weights of ``model``)."""
+    embed = {
+        "model": model,
+        "pretrained": None,
+        "batch_size": batch_size,
+        "prefetch": prefetch,
+        "device": device,
+    }
+    return {"data": {"path": str(data)}, "embed": embed}
 
 
 def main() -> None:
@@ -62,34 +79,28 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=48_000)
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="both sides")
     args = parser.parse_args()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         generate_dataset(data, n_rows=args.rows, n_shards=args.shards, seed=0)
         start = time.perf_counter()
-        rows = plain_loop(data, args.model, args.batch_size)
+        rows = plain_loop(data, args.model, args.batch_size, device)
         plain = time.perf_counter() - start
 
-        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
         stage = {}
         for prefetch in (2, 0):  # the default, then decoding and encoding one after the other
-            spec = {
-                "data": {"path": str(data)},
-                "embed": {
-                    "model": args.model,
-                    "pretrained": None,
-                    "batch_size": args.batch_size,
-                    "prefetch": prefetch,
-                },
-            }
+            spec = stage_spec(data, args.model, args.batch_size, device, prefetch)
             start = time.perf_counter()
             rebalance.run(spec, Path(tmp) / f"run-{prefetch}", until="embed")
             stage[prefetch] = time.perf_counter() - start
         ray.shutdown()
 
     print(f"embed throughput: {args.model}, {rows} rows in {args.shards} shards, batch {args.batch_size}, "
-          f"{os.cpu_count()} cores")  # fmt: skip
+          f"{os.cpu_count()} cores, {device}")  # fmt: skip
     print(f"  plain open_clip loop             {rows / plain:9.1f} images/s  ({plain:.2f} s)")
     print(f"  embed stage (prefetch 2)         {rows / stage[2]:9.1f} images/s  ({stage[2]:.2f} s)")
     print(f"  embed stage (prefetch 0)         {rows / stage[0]:9.1f} images/s  ({stage[0]:.2f} s)")

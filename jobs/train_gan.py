@@ -172,11 +172,29 @@ def _allreduce_grads(*modules: torch.nn.Module) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def build_gan(
+    args: argparse.Namespace, device: torch.device | str
+) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Adam, torch.optim.Adam]:
+    """Generator, discriminator (seeded with ``args.seed``) and their Adam optimisers, models on ``device``.
+
+    The models are on the device before the optimisers exist: Adam casts a resumed state to its parameters'
+    device when the state is loaded, so models moved afterwards would leave it on the CPU and the first
+    step of a resumed GPU run would fail.
+    """
+    from rebalance.fairgan.models import Discriminator, Generator
+
+    torch.manual_seed(args.seed)
+    G = Generator(args.nz, args.ngf, args.image_size).to(device)
+    D = Discriminator(args.ndf, args.image_size).to(device)
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
+    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
+    return G, D, opt_g, opt_d
+
+
 def train_loop(config: dict) -> None:
     from ray import train
 
     from rebalance.fairgan.loss import bias_mitigation_loss
-    from rebalance.fairgan.models import Discriminator, Generator
 
     args = argparse.Namespace(**config["args"])
     C.set_threads()
@@ -186,11 +204,7 @@ def train_loop(config: dict) -> None:
     dataset = torch.utils.data.TensorDataset(images)
     weights = C.sampling_weights(data, args.weights)
     steps = C.steps_per_epoch(args, len(dataset))
-    torch.manual_seed(args.seed)
-    G = Generator(args.nz, args.ngf, args.image_size)
-    D = Discriminator(args.ndf, args.image_size)
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
-    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, 0.999))
+    G, D, opt_g, opt_d = build_gan(args, device)
     extra = {"opt_g": opt_g, "opt_d": opt_d}
     modules = {"discriminator.safetensors": D}
     resumed = C.resume(G, extra, modules, epochs=args.epochs)
@@ -201,7 +215,6 @@ def train_loop(config: dict) -> None:
 
         G.load_state_dict(load_generator(args.init_generator).state_dict())
     start, step = resumed
-    G, D = G.to(device), D.to(device)
     classifier, w = None, None
     if args.bias_weight > 0:
         from jobs.train_gan import classifier_from_args

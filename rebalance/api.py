@@ -83,10 +83,10 @@ def as_spec(spec: Spec | dict | str | os.PathLike) -> Spec:
 
 def stage_fingerprints(spec: Spec, inputs: list[dict]) -> dict[str, str]:
     """Chained fingerprints: each stage hashes its own spec section and the previous stage's fingerprint.
-    ``embed.workers``, ``embed.prefetch`` and the ``ray`` section change where and when work runs, not its
-    result, and are left out."""
+    ``embed.workers``, ``embed.prefetch``, ``embed.cpus_per_gpu`` and the ``ray`` section change where and
+    when work runs, not its result, and are left out."""
     s = spec.to_dict()
-    embed = {k: v for k, v in s["embed"].items() if k not in ("workers", "prefetch")}
+    embed = {k: v for k, v in s["embed"].items() if k not in ("workers", "prefetch", "cpus_per_gpu")}
     fps = {"embed": fingerprint("embed", s["data"], embed, inputs)}
     fps["cluster"] = fingerprint("cluster", fps["embed"], s["cluster"])
     fps["balance"] = fingerprint("balance", fps["cluster"], s["balance"])

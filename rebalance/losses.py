@@ -347,7 +347,8 @@ class LDAMLoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         _check_logits(logits, self.margins.numel())
-        shifted = logits - F.one_hot(target, logits.shape[1]).to(logits.dtype) * self.margins.to(logits.dtype)
+        margins = self.margins.to(logits.device, logits.dtype)  # the module itself may stay on the CPU
+        shifted = logits - F.one_hot(target, logits.shape[1]).to(logits.dtype) * margins
         weight = None if self.weight is None else self.weight.to(logits.device, logits.dtype)
         return F.cross_entropy(self.s * shifted, target, weight=weight)
 

@@ -131,7 +131,11 @@ class EmbedSpec:
     """The open_clip model, its weights (tag, local checkpoint, or null for seeded random init) and batching.
 
     ``prefetch``: batches each actor reads, decodes and preprocesses in a background thread ahead of the one
-    its model encodes (0: one after the other, in the actor's thread)."""
+    its model encodes (0: one after the other, in the actor's thread).
+    ``device``: ``cuda`` asks Ray for one GPU per actor even when no GPU node is live yet (the autoscaler adds
+    them); ``auto`` is ``cuda`` when the cluster has a GPU or its autoscaler config may add one
+    (docs/cluster.md, "GPU workers"), else ``cpu``. ``cpus_per_gpu``: CPUs each GPU actor asks for and the
+    threads that decode and preprocess its images (``auto``: the CPUs per GPU of the GPU node type, else 4)."""
 
     model: str = "ViT-B-32"
     pretrained: str | None = "openai"
@@ -140,8 +144,11 @@ class EmbedSpec:
     workers: int | Literal["auto"] = "auto"
     seed: int = 0
     prefetch: int = 2
+    cpus_per_gpu: int | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
+        if self.cpus_per_gpu != "auto" and self.cpus_per_gpu < 1:
+            raise SpecError("embed.cpus_per_gpu", "must be >= 1 or 'auto'", self.cpus_per_gpu)
         if self.batch_size < 1:
             raise SpecError("embed.batch_size", "must be >= 1", self.batch_size)
         if self.workers != "auto" and self.workers < 1:
@@ -309,16 +316,22 @@ RAY_LISTEN = ("loopback", "all")
 @dataclass(frozen=True)
 class RaySpec:
     """Which Ray to use: ``auto`` joins RAY_ADDRESS when set and starts a local one otherwise. A local Ray
-    listens on 127.0.0.1 only (``listen: loopback``) unless ``listen: all`` asks for every interface."""
+    listens on 127.0.0.1 only (``listen: loopback``) unless ``listen: all`` asks for every interface.
+
+    ``placement_timeout_s``: how long the embed stage waits for Ray to place its first actor (a GPU node
+    the autoscaler launches takes minutes) before it fails with a message."""
 
     address: str = "auto"
     num_cpus: int | None = None
     num_gpus: int | None = None
     listen: str = "loopback"
+    placement_timeout_s: float = 1200.0
 
     def __post_init__(self) -> None:
         if self.listen not in RAY_LISTEN:
             raise SpecError("ray.listen", f"expected one of {list(RAY_LISTEN)}", self.listen)
+        if not self.placement_timeout_s > 0:
+            raise SpecError("ray.placement_timeout_s", "must be > 0", self.placement_timeout_s)
         for name in ("num_cpus", "num_gpus"):
             value = getattr(self, name)
             if value is not None and value < 0:

@@ -427,7 +427,11 @@ def soft_sinkhorn_parts(
 def sinkhorn_knopp_torch(
     scores: torch.Tensor, col_marginal: torch.Tensor, temperature: float = 0.05, iterations: int = 3
 ) -> torch.Tensor:
-    """Soft Sinkhorn codes in torch (no gradient), in the scores' dtype and device: (N, K), rows sum to 1.
+    """Soft Sinkhorn codes in torch (no gradient), on the scores' device: (N, K), rows sum to 1.
+
+    Computed and returned in ``promote_types(scores.dtype, float32)``: float32 for bf16 / fp16 scores (in
+    their own dtype the log-sum-exps lose the codes: errors of 0.7-0.8 vs float64 on GH shapes), float64 for
+    float64 scores.
 
     The same iteration as :func:`soft_sinkhorn` with a fixed number (>= 1) of iterations, in log domain
     (stable for any scores): log_v = log pi - LSE_i S/T; then iterations - 1 times
@@ -437,7 +441,7 @@ def sinkhorn_knopp_torch(
     """
     if scores.ndim != 2 or iterations < 1 or not temperature > 0:
         raise ValueError(f"need (N, K) scores, iterations >= 1, temperature > 0; got {tuple(scores.shape)}")
-    logits = scores / temperature
+    logits = scores.to(torch.promote_types(scores.dtype, torch.float32)) / temperature
     pi = torch.as_tensor(col_marginal, dtype=logits.dtype, device=logits.device)
     if pi.shape != (scores.shape[1],) or (pi < 0).any() or pi.sum() <= 0:
         raise ValueError(f"col_marginal must be non-negative with shape ({scores.shape[1]},)")

@@ -7,22 +7,36 @@ because a restarted actor redoes the item it was running.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
 from tqdm.auto import tqdm
 
-__all__ = ["ActorPool", "ShardWorker"]
+__all__ = ["ActorPool", "PlacementError", "ShardWorker"]
 
 log = logging.getLogger(__name__)
 
 MAX_RESTARTS = 3
+DEFAULT_PLACEMENT_TIMEOUT_S = 1200.0
+
+
+class PlacementError(RuntimeError):
+    """No actor of a pool could be placed by Ray within the placement timeout."""
 
 
 class ActorPool:
     """``n`` actors of ``actor_cls``, each constructed with ``init_args``, each holding ``num_cpus`` CPUs
-    and ``num_gpus`` GPUs. Actors are restarted after a crash and the lost item is resubmitted."""
+    and ``num_gpus`` GPUs. Actors are restarted after a crash and the lost item is resubmitted.
+
+    Items go only to actors Ray has placed and started, so the pool works at the size Ray can place: actors
+    still pending (waiting for a node the autoscaler is adding, or for one that never comes) join when they
+    start and are never waited for. When none has started after ``placement_timeout_s`` seconds,
+    :meth:`map` raises :class:`PlacementError` naming what was asked for. Actors that ask for no GPU, on a
+    cluster with GPUs, run with ``CUDA_VISIBLE_DEVICES=""`` (Ray no longer hides their node's GPUs from them;
+    nodes that join later are covered by ``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1`` in cluster.yaml).
+    """
 
     def __init__(
         self,
@@ -32,30 +46,66 @@ class ActorPool:
         init_args: Sequence[Any] = (),
         num_cpus: float = 1,
         num_gpus: float = 0,
+        placement_timeout_s: float = DEFAULT_PLACEMENT_TIMEOUT_S,
     ):
         if n < 1:
             raise ValueError(f"an actor pool needs at least one actor, got {n}")
+        options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus or None}
+        if not num_gpus and ray.cluster_resources().get("GPU", 0) > 0:
+            # only where there are GPUs to hide: a runtime_env costs each actor a fresh worker process
+            options["runtime_env"] = {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
         remote_cls = ray.remote(actor_cls).options(
-            num_cpus=num_cpus,
-            num_gpus=num_gpus or None,
-            max_restarts=MAX_RESTARTS,
-            max_task_retries=MAX_RESTARTS,
+            **options, max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS
         )
         self.actors = [remote_cls.remote(*init_args) for _ in range(n)]
+        self.asked = f"{n} {actor_cls.__name__} actor(s) of {num_cpus:g} CPU(s) and {num_gpus:g} GPU(s) each"
+        self.placement_timeout_s = placement_timeout_s
+        self._starting = {actor.__ray_ready__.remote(): actor for actor in self.actors}
+        self._ready: list[Any] = []
+        self._created = time.monotonic()
+
+    def _started(self, refs: list[ray.ObjectRef]) -> None:
+        """Move the actors whose readiness refs are in ``refs`` to the ready list (raises if one failed)."""
+        for ref in refs:
+            actor = self._starting.pop(ref)
+            ray.get(ref)  # an actor whose constructor failed raises here
+            self._ready.append(actor)
+
+    def _wait_for_first(self) -> None:
+        """Block until at least one actor has started; PlacementError after the placement timeout."""
+        if self._ready:
+            return
+        left = self.placement_timeout_s - (time.monotonic() - self._created)
+        done, _ = ray.wait(list(self._starting), num_returns=1, timeout=max(0.0, left))
+        if not done:
+            raise PlacementError(
+                f"Ray placed none of {self.asked} within {self.placement_timeout_s:g} s "
+                f"(ray.placement_timeout_s); cluster resources now: {ray.cluster_resources()}. The cluster "
+                "has no node that fits one actor and the autoscaler added none: check the node types "
+                "(docs/cluster.md), embed.device / embed.cpus_per_gpu, or raise the timeout"
+            )
+        self._started(done)
 
     def map(self, method: str, items: Sequence[tuple], desc: str = "", unit: str = "shard") -> list[Any]:
-        """Call ``actor.method(*item)`` for every item, one item per idle actor; results in item order."""
+        """Call ``actor.method(*item)`` for every item, one item per idle started actor; results in item
+        order."""
         results: list[Any] = [None] * len(items)
         queue = list(range(len(items)))[::-1]
         running: dict[ray.ObjectRef, tuple[int, Any]] = {}
-        idle = list(self.actors)
+        if items:
+            self._wait_for_first()
+        idle = list(self._ready)
         with tqdm(total=len(items), desc=desc, unit=unit, disable=not desc, leave=False) as bar:
             while queue or running:
                 while queue and idle:
                     actor = idle.pop()
                     i = queue.pop()
                     running[getattr(actor, method).remote(*items[i])] = (i, actor)
-                done, _ = ray.wait(list(running), num_returns=1)
+                done, _ = ray.wait(list(running) + list(self._starting), num_returns=1)
+                if done[0] in self._starting:
+                    self._started(done)
+                    idle.append(self._ready[-1])
+                    continue
                 i, actor = running.pop(done[0])
                 results[i] = ray.get(done[0])
                 idle.append(actor)

@@ -12,25 +12,55 @@ import os
 import secrets
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
 
+from rebalance.runtime.placement import ClusterCapacity, autoscaler_capacity
 from rebalance.spec import RAY_LISTEN, RaySpec
 
-__all__ = ["ClusterResources", "ray_session", "resolve_address", "start_local_ray", "secure_ray_token_file"]
+__all__ = [
+    "ClusterResources",
+    "live_resources",
+    "ray_session",
+    "resolve_address",
+    "secure_ray_token_file",
+    "start_local_ray",
+]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ClusterResources:
-    """CPUs and GPUs of the Ray cluster the run uses."""
+    """CPUs and GPUs of the Ray cluster the run uses: live now (``cpus``, ``gpus``, the CPUs per GPU of the
+    smallest live GPU node), what the autoscaler config lets it grow to (``capacity``, docs/cluster.md), and
+    whether nodes may still join (a joined cluster; a local instance has what it started with)."""
 
     cpus: int
     gpus: int
+    cpus_per_gpu: int | None = None
+    capacity: ClusterCapacity = field(default_factory=ClusterCapacity)
+    autoscaling: bool = False
+
+
+def live_resources(autoscaling: bool) -> ClusterResources:
+    """The :class:`ClusterResources` of the Ray this process is connected to."""
+    resources = ray.cluster_resources()
+    ratios = [
+        int(n["Resources"].get("CPU", 0)) // int(n["Resources"]["GPU"])
+        for n in ray.nodes()
+        if n.get("Alive") and n["Resources"].get("GPU", 0) >= 1
+    ]
+    return ClusterResources(
+        cpus=int(resources.get("CPU", 0)),
+        gpus=int(resources.get("GPU", 0)),
+        cpus_per_gpu=min(ratios) if ratios else None,
+        capacity=autoscaler_capacity() if autoscaling else ClusterCapacity(),
+        autoscaling=autoscaling,
+    )
 
 
 def resolve_address(spec: RaySpec) -> str | None:
@@ -108,11 +138,12 @@ def ray_session(spec: RaySpec) -> Iterator[ClusterResources]:
 
     A local instance started here is shut down on exit; a joined cluster is only disconnected from.
     """
-    started = False
+    started, autoscaling = False, True
     if not ray.is_initialized():
         address = resolve_address(spec)
         kwargs = {"log_to_driver": True, "configure_logging": False}
         if address is None:
+            autoscaling = False
             log.info("starting a local Ray instance (listening on %s)", spec.listen)
             start_local_ray(spec.listen, num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, **kwargs)
         else:
@@ -120,8 +151,7 @@ def ray_session(spec: RaySpec) -> Iterator[ClusterResources]:
             ray.init(address=address, **kwargs)
         started = True
     try:
-        resources = ray.cluster_resources()
-        yield ClusterResources(cpus=int(resources.get("CPU", 0)), gpus=int(resources.get("GPU", 0)))
+        yield live_resources(autoscaling)
     finally:
         if started:
             ray.shutdown()

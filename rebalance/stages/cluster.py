@@ -33,6 +33,8 @@ from rebalance.data.readers import vector_matrix
 from rebalance.kernels.kmeans import assign, gpu_available, hierarchical_kmeans, level_labels, train_kmeans
 from rebalance.kernels.sampling import bottom_k, key_priorities
 from rebalance.runtime.pool import ActorPool, ShardWorker
+from rebalance.runtime.session import ClusterResources
+from rebalance.spec import ClusterSpec
 from rebalance.stages.context import StageContext
 
 __all__ = ["run_cluster", "sample_part", "assign_part", "ClusterError"]
@@ -233,12 +235,53 @@ def _distinct_rows(x: np.ndarray, k: int) -> int:
     return len(set(x.view(f"V{x.shape[1] * x.itemsize}").ravel().tolist()))
 
 
+def kmeans_placement(resources: ClusterResources, driver_gpu: bool) -> str:
+    """Where k-means trains: ``driver`` when the driver's faiss has a GPU, or when the cluster has no GPU
+    and its autoscaler can add none; else ``gpu actor`` (a one-GPU actor, so that the autoscaler starts a GPU
+    node if none is live)."""
+    if driver_gpu or max(resources.gpus, resources.capacity.gpus) == 0:
+        return "driver"
+    return "gpu actor"
+
+
+def _train_on_gpu_actor(
+    spec: ClusterSpec, clusters_dir: Any, ks: dict[str, int], sample: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]], dict[str, Any]]:
+    """:func:`_train_sides` in a one-GPU actor: faiss on the GPU when its faiss is faiss-gpu, else faiss
+    on the actor's CPUs (recorded as ``cpu``; torch is no substitute for faiss's k-means)."""
+    gpu = gpu_available()
+    if not gpu:
+        log.warning("cluster: the GPU actor's faiss has no GPU support (faiss-cpu?): training on its CPU")
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    return _train_sides(spec, clusters_dir, ks, sample, gpu)
+
+
+def _train(
+    ctx: StageContext, ks: dict[str, int], sample: dict[str, np.ndarray], placement: str
+) -> tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]], dict[str, Any]]:
+    """k-means of every side where :func:`kmeans_placement` says; clusters.json records the placement."""
+    spec, clusters_dir = ctx.spec.cluster, ctx.run.path("clusters")
+    if placement == "driver":
+        centroids, parents, info = _train_sides(spec, clusters_dir, ks, sample, gpu_available())
+    else:
+        log.info("cluster: training k-means on a GPU actor")
+        # no CPU asked: the stage's CPU pool may hold every CPU of the GPU node meanwhile
+        timeout = ctx.spec.ray.placement_timeout_s
+        with ActorPool(ShardWorker, 1, num_cpus=0, num_gpus=1, placement_timeout_s=timeout) as pool:
+            ((centroids, parents, info),) = pool.map(
+                "call", [(_train_on_gpu_actor, spec, clusters_dir, ks, sample)]
+            )
+    for side in info:
+        info[side]["placement"] = placement
+    return centroids, parents, info
+
+
 def _train_sides(
-    ctx: StageContext, ks: dict[str, int], sample: dict[str, np.ndarray], gpu: bool
+    spec: ClusterSpec, clusters_dir: Any, ks: dict[str, int], sample: dict[str, np.ndarray], gpu: bool
 ) -> tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]], dict[str, Any]]:
     """k-means per side on the first k * sample_per_centroid rows of its sample (a uniform sample too), then
-    the coarser levels; saves the centroids. Returns centroids, parent maps per level and clusters.json."""
-    spec, clusters_dir = ctx.spec.cluster, ctx.run.path("clusters")
+    the coarser levels; saves the centroids under ``clusters_dir``. Returns centroids, parent maps per
+    level and clusters.json."""
     centroids: dict[str, np.ndarray] = {}
     parents: dict[str, list[np.ndarray]] = {}
     info: dict[str, Any] = {}
@@ -305,7 +348,7 @@ def run_cluster(ctx: StageContext) -> dict[str, Any]:
             raise ClusterError(
                 f"cluster.{side}.k = {k} exceeds the {n_rows} embedded rows: set cluster.{side}.k <= {n_rows}"
             )
-    gpu = gpu_available()
+    placement = kmeans_placement(ctx.resources, gpu_available())
     # faiss results depend on its thread count, and Ray job drivers run with OMP_NUM_THREADS=1: use every
     # core of the machine, whatever the environment says, so a job and a local run agree. (Assignment runs
     # one faiss thread per part on either path below, so its results do not depend on the machine.)
@@ -318,7 +361,7 @@ def run_cluster(ctx: StageContext) -> dict[str, Any]:
         # and assigns every part from memory (no actors: starting them costs more than the work here).
         keys, positions, sample = _read_everything([p for _, p in items], ctx.sides, spec.seed)
         seconds["sample"], clock = time.perf_counter() - clock, time.perf_counter()
-        centroids, parents, info = _train_sides(ctx, ks, sample, gpu)
+        centroids, parents, info = _train(ctx, ks, sample, placement)
         seconds["train"], clock = time.perf_counter() - clock, time.perf_counter()
         summaries = _assign_in_driver(items, str(out_dir), keys, positions, sample, centroids, parents)
         del sample
@@ -336,7 +379,7 @@ def run_cluster(ctx: StageContext) -> dict[str, Any]:
             del samples
             seconds["sample"], clock = time.perf_counter() - clock, time.perf_counter()
             # 2. k-means per side and the coarser levels, in the driver.
-            centroids, parents, info = _train_sides(ctx, ks, sample, gpu)
+            centroids, parents, info = _train(ctx, ks, sample, placement)
             del sample
             seconds["train"], clock = time.perf_counter() - clock, time.perf_counter()
             # 3. Assignment of every row by the pool.
@@ -354,5 +397,6 @@ def run_cluster(ctx: StageContext) -> dict[str, Any]:
             below = np.bincount(level["parent"], weights=below, minlength=level["k"])
             level["sizes"] = below.astype(int).tolist()
     atomic_write_json(info, clusters_dir / "clusters.json")
-    return {"rows": n_rows, "k": ks, "device": "gpu" if gpu else "cpu",
+    device = ",".join(sorted({info[side]["device"] for side in ks}))
+    return {"rows": n_rows, "k": ks, "device": device, "placement": placement,
             "seconds": {k: round(v, 3) for k, v in seconds.items()}}  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import time
 import warnings
 from collections import Counter
@@ -23,6 +24,7 @@ import pyarrow.parquet as pq
 from rebalance.data.atomic import atomic_open, atomic_write_json
 from rebalance.data.parts import part_path, part_summary
 from rebalance.data.readers import RowBatch, Shard, check_unique_keys, read_shard
+from rebalance.runtime.placement import plan_embed
 from rebalance.runtime.pool import ActorPool
 from rebalance.runtime.prefetch import prefetch
 from rebalance.spec import DataSpec, EmbedSpec
@@ -121,7 +123,13 @@ class _Prepared:
 
 
 class EmbedWorker:
-    """Ray actor holding one open_clip model; embeds whole shards and commits one part per shard."""
+    """Ray actor holding one open_clip model; embeds whole shards and commits one part per shard.
+
+    ``device`` is ``cpu`` or ``cuda`` (resolved by the driver: :func:`rebalance.runtime.placement.plan_embed`).
+    On ``cpu`` the actor's ``threads`` run torch; on ``cuda`` they decode and preprocess images (a thread
+    pool: Pillow and the transforms release the GIL) while the GPU encodes, and batches reach the GPU
+    through pinned memory with non-blocking copies.
+    """
 
     def __init__(
         self,
@@ -131,15 +139,22 @@ class EmbedWorker:
         image_column: str | None,
         text_column: str | None,
         threads: int,
+        device: str = "cpu",
     ):
+        from concurrent.futures import ThreadPoolExecutor
+
         import torch
 
         self.embed, self.data = embed, data
         self.fmt, self.image_column, self.text_column = fmt, image_column, text_column
-        torch.set_num_threads(max(1, threads))
-        self.device = self.embed.device
-        if self.device == "auto":
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(
+                "embed actor was given a GPU by Ray but torch sees no CUDA device "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): check the node's driver"
+            )
+        self.device = device
+        torch.set_num_threads(1 if device == "cuda" else max(1, threads))
+        self.decoders = ThreadPoolExecutor(max(1, threads) if device == "cuda" else 1, "decode")
         self.model = None
         if fmt != "embeddings":
             from rebalance.models import load_model
@@ -170,9 +185,31 @@ class EmbedWorker:
                 writer.write_table(table)
                 rows += table.num_rows
             writer.close()
-        summary = {"rows": rows, "rejected": rejected, "seconds": round(time.perf_counter() - start, 3)}
+        summary = {
+            "rows": rows,
+            "rejected": rejected,
+            "seconds": round(time.perf_counter() - start, 3),
+            **self.encoder(),
+        }
         atomic_write_json(summary, part_path(out_dir, shard.index, ".json"))
         return summary
+
+    def encoder(self) -> dict[str, str | None]:
+        """The device and the compute dtype that encoded this actor's rows (None: given vectors)."""
+        if self.model is None:
+            return {"device": None, "dtype": None}
+        return {"device": self.device, "dtype": "bfloat16" if self.device == "cuda" else "float32"}
+
+    def _decode_preprocess(self, data: bytes | None) -> tuple[Any, str | None]:
+        """One image: (preprocessed tensor, None) or (None, reason)."""
+        try:
+            image = decode_image(data)
+        except ValueError as err:
+            return None, str(err)
+        try:
+            return self.model.preprocess(image), None
+        except Exception as err:  # a decoded image the model's transform cannot take
+            return None, f"image:preprocess failed ({type(err).__name__}: {err})"
 
     def _prepare(self, batch: RowBatch) -> _Prepared:
         """The CPU side of a batch: decode and preprocess images, check captions, normalise given vectors."""
@@ -188,18 +225,9 @@ class EmbedWorker:
             return prepared
         if batch.images is not None:
             prepared.images = []
-            for i, data in enumerate(batch.images):
-                try:
-                    image = decode_image(data)
-                except ValueError as err:
-                    reasons[i] = str(err)
-                    prepared.images.append(None)
-                    continue
-                try:
-                    prepared.images.append(self.model.preprocess(image))
-                except Exception as err:  # a decoded image the model's transform cannot take
-                    reasons[i] = f"image:preprocess failed ({type(err).__name__}: {err})"
-                    prepared.images.append(None)
+            for i, (tensor, reason) in enumerate(self.decoders.map(self._decode_preprocess, batch.images)):
+                reasons[i] = reason
+                prepared.images.append(tensor)
         if batch.texts is not None:
             prepared.texts = []
             for i, text in enumerate(batch.texts):
@@ -234,8 +262,11 @@ class EmbedWorker:
 
         if n == 0:
             return np.zeros((0, self.model.dim), dtype=np.float32)
+        pixels = torch.stack(tensors)
+        if self.model.device.type == "cuda":  # page-locked, so the copy overlaps the host's next batch
+            pixels = pixels.pin_memory().to(self.model.device, non_blocking=True)
         with torch.no_grad(), self._autocast():
-            out = self.model.model.encode_image(torch.stack(tensors).to(self.model.device))
+            out = self.model.model.encode_image(pixels.to(self.model.device))
         return normalize_rows(out.float().cpu().numpy())[0]
 
     def _encode_texts(self, texts: list[str]) -> np.ndarray:
@@ -285,28 +316,34 @@ def run_embed(ctx: StageContext) -> dict[str, Any]:
     out_dir = ctx.run.path("embeddings")
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [s for s in ctx.shards if part_summary(out_dir, s.index) is None]
-    gpus = ctx.resources.gpus if ctx.spec.embed.device != "cpu" else 0
-    requested = ctx.spec.embed.workers
-    n_workers = max(
-        1, min(gpus or ctx.workers(len(todo)) if requested == "auto" else requested, len(todo) or 1)
-    )
     if todo:
-        threads = max(1, (ctx.resources.cpus or 1) // n_workers) if not gpus else 1
+        embed = ctx.spec.embed
+        plan = plan_embed(embed.device, embed.workers, embed.cpus_per_gpu, len(todo), ctx.resources)
         log.info(
-            "embed: %d of %d shards on %d %s actor(s)",
+            "embed: %d of %d shards on %d %s actor(s) of %d CPU(s) each",
             len(todo),
             len(ctx.shards),
-            n_workers,
-            "GPU" if gpus else "CPU",
+            plan.workers,
+            "GPU" if plan.num_gpus else "CPU",
+            plan.num_cpus,
         )
-        init = (ctx.spec.embed, ctx.spec.data, ctx.fmt, ctx.image_column, ctx.text_column, threads)
-        with ActorPool(EmbedWorker, n_workers, init_args=init, num_gpus=1 if gpus else 0) as pool:
+        init = (embed, ctx.spec.data, ctx.fmt, ctx.image_column, ctx.text_column, plan.threads, plan.device)
+        with ActorPool(
+            EmbedWorker,
+            plan.workers,
+            init_args=init,
+            num_cpus=plan.num_cpus,
+            num_gpus=plan.num_gpus,
+            placement_timeout_s=ctx.spec.ray.placement_timeout_s,
+        ) as pool:
             pool.map("embed_shard", [(s, str(out_dir)) for s in todo], desc="embed")
     check_unique_keys(out_dir, ctx.shards)  # also on a resumed run: parts may come from several attempts
     summaries = [part_summary(out_dir, s.index) for s in ctx.shards]
     rejected = [tuple(r) for s in summaries for r in s["rejected"]]
     return {
         "rows": sum(s["rows"] for s in summaries),
+        # parts of a resumed run may come from other devices: every value seen, comma-separated
+        **{f: ",".join(sorted({s[f] for s in summaries if s.get(f)})) or None for f in ("device", "dtype")},
         "shards": len(ctx.shards),
         "format": ctx.fmt,
         "sides": ctx.sides,
