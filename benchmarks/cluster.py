@@ -1,7 +1,14 @@
-"""Cluster stage vs a bare faiss.Kmeans call vs scikit-learn KMeans, on the same data, in one run.
+"""Cluster stage vs a bare faiss.Kmeans call vs scikit-learn KMeans, on the same data, in one run; and the
+stage's k-means++ seeding (``cluster.init: kmeans++``, the default) against its random start.
 
     .venv/bin/python benchmarks/cluster.py                    # 200,000 x 512, k = 1024, 20 iterations
     .venv/bin/python benchmarks/cluster.py --rows 50000 --k 256 --skip-sklearn
+    .venv/bin/python benchmarks/cluster.py --quick            # 20,000 x 128, k = 64, 1 round, no sklearn
+
+The stage runs as "stage" with ``cluster.init: random`` (faiss's own start, the computation the bare
+baseline repeats) and as "stage k-means++" with the default seeding, in its own run directory, every round;
+the script prints the seeded stage's time over the random one's per round (target <= 1.3) and both
+objectives (the final faiss objective).
 
 The data: unit vectors from a long-tailed Gaussian mixture (4 * k components), written as precomputed
 embeddings in ``--shards`` parts. The stage (key-hash sample read from the parts, faiss training in the
@@ -113,29 +120,44 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3, help="alternating rounds of stage and baseline")
     parser.add_argument("--skip-sklearn", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="20,000 x 128, k = 64, 1 round, no sklearn")
     args = parser.parse_args()
+    if args.quick:
+        args.rows, args.dim, args.k, args.repeat, args.skip_sklearn = 20_000, 128, 64, 1, True
 
     threads = os.cpu_count() or 1
     faiss.omp_set_num_threads(threads)
     gpu = gpu_available()  # the stage trains on the GPU when faiss has one: so does the baseline
     load_start = os.getloadavg()[0]
     x = make_data(args.rows, args.dim, args.k, seed=0)
-    stage, bare, bare_search, phases = [], [], [], []
+    stage, bare, bare_search, phases, seeded, objectives = [], [], [], [], [], {}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         write_shards(x, data, args.shards)
         spec = {
             "data": {"path": str(data), "format": "embeddings"},
-            "cluster": {"image": {"k": args.k}, "niter": args.niter, "sample_per_centroid": 256},
+            "cluster": {
+                "image": {"k": args.k},
+                "niter": args.niter,
+                "sample_per_centroid": 256,
+                "init": "random",
+            },
             "balance": {"marginals": ["image_cluster"]},
         }
+        seeded_spec = {**spec, "cluster": {**spec["cluster"], "init": "kmeans++"}}
         ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
         outs = [Path(tmp) / f"run{r}" for r in range(args.repeat)]
-        for out in outs:
+        seeded_outs = [Path(tmp) / f"seeded{r}" for r in range(args.repeat)]
+        for out in outs + seeded_outs:
             rebalance.run(spec, out, until="embed")
         train = embedded_vectors(outs[0])[stage_sample_order(len(x), args.k * 256, seed=0)]
         for r, out in enumerate(outs):
-            for which in ("stage", "bare") if r % 2 == 0 else ("bare", "stage"):
+            for which in ("stage", "bare", "seeded") if r % 2 == 0 else ("seeded", "bare", "stage"):
+                if which == "seeded":
+                    start = time.perf_counter()
+                    rebalance.run(seeded_spec, seeded_outs[r], until="cluster")
+                    seeded.append(time.perf_counter() - start)
+                    continue
                 if which == "bare":
                     train_s, search_s, bare_centroids = bare_faiss(train, x, args.k, args.niter, gpu)
                     bare.append(train_s + search_s)
@@ -146,8 +168,13 @@ def main() -> None:
                 stage.append(time.perf_counter() - start)
                 phases.append(json.loads((out / "manifest.json").read_text())["stages"]["cluster"]["seconds"])
             print(
-                f"  round {r}: stage {stage[-1]:.2f} s {phases[-1]}, bare faiss {bare[-1]:.2f} s", flush=True
+                f"  round {r}: stage {stage[-1]:.2f} s {phases[-1]}, bare faiss {bare[-1]:.2f} s, "
+                f"stage k-means++ {seeded[-1]:.2f} s",
+                flush=True,
             )
+        for name, run_dirs in (("random", outs), ("kmeans++", seeded_outs)):
+            info = json.loads((run_dirs[0] / "clusters" / "clusters.json").read_text())["image"]
+            objectives[name] = info["objective"][-1]
         train_rows = json.loads((outs[0] / "clusters" / "clusters.json").read_text())["image"]["train_rows"]
         stage_centroids = np.load(outs[0] / "clusters" / "image_centroids.npy")
         same = float(np.abs(stage_centroids - bare_centroids).max())
@@ -187,6 +214,17 @@ def main() -> None:
         f"{min(train_gap):.2f} .. {max(train_gap):.2f}): the same faiss call and parameters"
     )
     print(f"  centroids, stage vs bare  max abs difference {same:.1e} (the same computation)")
+    seeded_ratios = [s / r for s, r in zip(seeded, stage, strict=True)]
+    print(
+        f"  stage k-means++ seeding   {min(seeded):8.2f} s best  ({', '.join(f'{s:.2f}' for s in seeded)}); "
+        f"k-means++ / random {statistics.median(seeded_ratios):.3f} median per round (range "
+        f"{min(seeded_ratios):.3f} .. {max(seeded_ratios):.3f}), best/best {min(seeded) / min(stage):.3f}"
+        "  (target <= 1.3)"
+    )
+    print(
+        f"  final objective           random {objectives['random']:.2f}, k-means++ {objectives['kmeans++']:.2f} "
+        f"({objectives['kmeans++'] / objectives['random']:.4f} x)"
+    )
     if sklearn_s is not None:
         print(f"  scikit-learn KMeans       {sklearn_s:8.2f} s  (once)")
         print(f"  sklearn / best stage      {sklearn_s / min(stage):8.2f} x")

@@ -134,6 +134,10 @@ def run(
     shards = list_shards(spec.data)
     inputs = dataset_fingerprint(shards)
     fmt, image_column, text_column = resolve_format(spec.data, shards)
+    if spec.cluster.joint is not None and (image_column is None or text_column is None):
+        raise SpecError(
+            "cluster.joint", f"needs an image and a text side; the {fmt} dataset at {spec.data.path} has one"
+        )
     fps = stage_fingerprints(spec, inputs)
     wanted = STAGES[: STAGES.index(until) + 1]
     todo = [s for s in wanted if not run_dir.is_complete(s, fps[s])]

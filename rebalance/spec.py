@@ -170,10 +170,18 @@ class KMeansSpec:
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    """faiss k-means on image and text embeddings, trained on a uniform sample of k * sample_per_centroid rows."""
+    """faiss k-means on image and text embeddings, trained on a uniform sample of k * sample_per_centroid rows.
+
+    ``joint``: also k-means on each row's joint vector (its unit image and text vectors concatenated and
+    scaled by 1/sqrt(2), a unit vector), giving ``joint_cluster``; null (the default) for none. ``init``:
+    how each k-means run starts, ``kmeans++`` (D^2 seeding) or ``random`` (k distinct random rows, faiss's
+    own start); ``nredo`` runs from seeds seed, seed + 1, ... and keeps the smallest squared error.
+    """
 
     image: KMeansSpec = field(default_factory=KMeansSpec)
     text: KMeansSpec = field(default_factory=KMeansSpec)
+    joint: KMeansSpec | None = None
+    init: Literal["kmeans++", "random"] = "kmeans++"
     niter: int = 20
     spherical: bool = True
     sample_per_centroid: int = 256
@@ -183,7 +191,7 @@ class ClusterSpec:
     resampling_steps: int = 10  # per coarser level: re-run k-means on each cluster's nearest members
 
     def __post_init__(self) -> None:
-        below = min(self.image.k, self.text.k)
+        below = min(s.k for s in (self.image, self.text, self.joint) if s is not None)
         for i, k in enumerate(self.levels):
             if not 1 <= k <= below:
                 raise SpecError(
@@ -201,13 +209,15 @@ class ClusterSpec:
 
 
 MARGINAL_CLUSTERS = ("image_cluster", "text_cluster")
+CLUSTER_SIDES = ("image", "text", "joint")  # joint: k-means on both sides of a row together (cluster.joint)
 
 
 def cluster_marginal(name: str) -> tuple[str, int] | None:
     """(side, level) of a cluster marginal name (``image_cluster`` is level 0, ``text_cluster_2`` level 2
-    of ``cluster.levels``), or None for any other name (a carried column)."""
+    of ``cluster.levels``; side ``joint`` with ``cluster.joint``), or None for any other name (a carried
+    column)."""
     side, sep, rest = name.partition("_cluster")
-    if side not in ("image", "text") or not sep:
+    if side not in CLUSTER_SIDES or not sep:
         return None
     if rest == "":
         return side, 0
@@ -354,14 +364,19 @@ class Spec:
 
         def known(name: str) -> bool:
             cluster = cluster_marginal(name)
-            return name in self.data.carry if cluster is None else cluster[1] <= levels
+            if cluster is None:
+                return name in self.data.carry
+            return cluster[1] <= levels and (cluster[0] != "joint" or self.cluster.joint is not None)
 
         for name in self.balance.marginals:
             if not known(name):
+                joint = (
+                    ", joint_cluster with cluster.joint" if self.cluster.joint is None else ", joint_cluster"
+                )
                 raise SpecError(
                     "balance.marginals",
-                    f"{name!r} is neither a cluster marginal ({list(MARGINAL_CLUSTERS)}, or image_cluster_L / "
-                    f"text_cluster_L for a level L <= {levels} of cluster.levels) "
+                    f"{name!r} is neither a cluster marginal ({list(MARGINAL_CLUSTERS)}{joint}, or "
+                    f"<side>_cluster_L for a level L <= {levels} of cluster.levels) "
                     f"nor a column in data.carry {list(self.data.carry)}",
                     list(self.balance.marginals),
                 )

@@ -17,6 +17,8 @@ __all__ = [
     "resampled_kmeans",
     "closest_per_cluster",
     "level_labels",
+    "kmeans_plus_plus",
+    "joint_vectors",
 ]
 
 
@@ -46,34 +48,139 @@ class KMeansResult:
     objective: list[float]
 
 
-def kmeans_plus_plus(x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
-    """k-means++ seeding (Arthur & Vassilvitskii 2007): k rows of ``x`` (n, d), the first uniform, each next
-    drawn with probability D(x)^2 / sum D^2, D the distance to the nearest row drawn so far; (k, d) float32.
-    One GEMV per draw, O(n k d) in all: meant for the coarser levels, whose inputs are centroids."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    rng = np.random.default_rng(seed)
-    n = x.shape[0]
-    norms = np.einsum("ij,ij->i", x, x).astype(np.float64)
+KMEANS_PP_MAX_REJECTS = 16  # consecutive rejected draws after which d2_sample refreshes its distances
+
+
+def d2_sample(x: np.ndarray, m: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``m`` distinct rows of ``x`` (n, d) drawn as k-means++ draws them (Arthur & Vassilvitskii 2007): the
+    first uniform, each next with probability D^2(x) / sum D^2, D the distance to the nearest row drawn so
+    far. Returns their indices (m,) in draw order and the position in that list of every row's nearest
+    drawn row (n,) int64.
+
+    Exact D^2 sampling with the distance passes batched. D^2 (n,) is refreshed with faiss (a BLAS GEMM on
+    every thread) against the rows drawn since the last refresh, not after every draw: in between, a draw
+    proposes row i with probability D_old^2(i) / sum D_old^2 and accepts it with probability
+    D^2(i) / D_old^2(i), D^2(i) computed for that row only against the few new rows. This is rejection
+    sampling from a proposal that dominates the target, so every accepted row follows the k-means++ law
+    exactly. A refresh comes when the new rows are as many as the ones before them, or after
+    ``KMEANS_PP_MAX_REJECTS`` rejections in a row: about log2(m) passes over ``x`` and n m d multiply-adds
+    in all, where one GEMV per draw would take m passes.
+    """
+    n, d = x.shape
     chosen = [int(rng.integers(n))]
-    d2 = np.full(n, np.inf)
+    d2 = np.full(n, np.inf, dtype=np.float32)
+    nearest = np.zeros(n, dtype=np.int64)
+    pending, rejects = chosen[:], 0  # drawn rows not yet folded into d2
+    while True:
+        if pending and (
+            len(pending) >= len(chosen) - len(pending) or rejects >= KMEANS_PP_MAX_REJECTS or len(chosen) == m
+        ):
+            index = faiss.IndexFlatL2(d)
+            index.add(x[pending])
+            dist, idx = index.search(x, 1)
+            closer = dist[:, 0] < d2
+            d2[closer] = np.maximum(dist[closer, 0], 0.0)
+            nearest[closer] = idx[closer, 0] + len(chosen) - len(pending)
+            d2[pending] = 0.0  # exactly: faiss's expanded form leaves rounding residue on the drawn rows
+            nearest[pending] = np.arange(len(chosen) - len(pending), len(chosen))
+            cumulative = np.cumsum(d2, dtype=np.float64)
+            pending, rejects = [], 0
+            if len(chosen) == m:
+                return np.array(chosen, dtype=np.int64), nearest
+            if cumulative[-1] <= 0:  # every row coincides with a drawn one: the rest uniformly
+                rest = np.setdiff1d(np.arange(n), chosen)
+                pending = rng.choice(rest, m - len(chosen), replace=False).tolist()
+                chosen.extend(pending)
+                continue
+        i = min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")), n - 1)
+        true = float(d2[i])
+        if pending:
+            diff = x[pending] - x[i]
+            true = min(true, float(np.einsum("ij,ij->i", diff, diff).min()))
+        if rng.random() * float(d2[i]) < true:
+            chosen.append(i)
+            pending.append(i)
+            rejects = 0
+        else:
+            rejects += 1
+
+
+def greedy_kmeans_plus_plus(
+    y: np.ndarray, k: int, rng: np.random.Generator, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """Greedy weighted k-means++ (scikit-learn's ``kmeans_plusplus``): indices (k,) of k rows of ``y`` (c, d),
+    the first drawn with probability proportional to its weight, each next the best of 2 + ln k rows drawn
+    with probability w D^2 / sum w D^2: the one that leaves the smallest sum_i w_i min_j ||y_i - c_j||^2.
+    O(c k d log k): meant for c a small multiple of k."""
+    c = y.shape[0]
+    w = np.ones(c) if weights is None else np.asarray(weights, dtype=np.float64)
+    trials = 2 + int(np.log(k))
+    norms = np.einsum("ij,ij->i", y, y).astype(np.float64)
+
+    def sq_dist(rows: np.ndarray) -> np.ndarray:  # (len(rows), c)
+        return np.maximum(norms[rows, None] + norms[None, :] - 2.0 * (y[rows] @ y.T).astype(np.float64), 0.0)
+
+    cumulative_w = np.cumsum(w)
+    first = min(int(np.searchsorted(cumulative_w, rng.random() * cumulative_w[-1], side="right")), c - 1)
+    chosen = [first]
+    closest = sq_dist(np.array([first]))[0]
+    closest[first] = 0.0
     for _ in range(k - 1):
-        i = chosen[-1]
-        d2 = np.minimum(d2, np.maximum(norms + norms[i] - 2.0 * (x @ x[i]).astype(np.float64), 0.0))
-        total = d2.sum()
-        chosen.append(int(rng.choice(n, p=d2 / total)) if total > 0 else int(rng.integers(n)))
-    return x[chosen].copy()
+        cumulative = np.cumsum(w * closest)
+        if cumulative[-1] <= 0:  # every row coincides with a chosen one: the rest uniformly
+            rest = np.setdiff1d(np.arange(c), chosen)
+            chosen.extend(rng.choice(rest, k - len(chosen), replace=False).tolist())
+            break
+        candidates = np.minimum(
+            np.searchsorted(cumulative, rng.random(trials) * cumulative[-1], side="right"), c - 1
+        )
+        options = np.minimum(closest, sq_dist(candidates))
+        options[np.arange(trials), candidates] = 0.0
+        best = int(np.argmin(options @ w))
+        chosen.append(int(candidates[best]))
+        closest = options[best]
+    return np.array(chosen, dtype=np.int64)
+
+
+KMEANS_PP_MIN_CANDIDATES = 4096  # kmeans_plus_plus runs greedy k-means++ on every row of at most this many
+
+
+def kmeans_plus_plus(x: np.ndarray, k: int, seed: int = 0, *, oversample: int = 2) -> np.ndarray:
+    """k-means++ seeds: k distinct rows of ``x`` (n, d), (k, d) float32, built for k-means at scale.
+
+    With n <= oversample * k, greedy k-means++ on every row (:func:`greedy_kmeans_plus_plus`, as
+    scikit-learn seeds). Otherwise in the manner of k-means|| (Bahmani et al. 2012): exact D^2 sampling of
+    oversample * k candidate rows (:func:`d2_sample`, n oversample k d multiply-adds in faiss GEMMs,
+    about ``oversample`` Lloyd iterations), each weighted by the number of rows nearest to it, then greedy
+    weighted k-means++ on the candidates picks the k seeds. The greedy step's local trials are what finds
+    small, distant clusters of a long-tailed mixture that plain D^2 sampling (which spends draws on the
+    spread of the head clusters) misses."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = x.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must lie in [1, {n}] for {n} rows, got {k}")
+    if oversample < 1:
+        raise ValueError(f"oversample must be >= 1, got {oversample}")
+    rng = np.random.default_rng(seed)
+    m = max(oversample * k, KMEANS_PP_MIN_CANDIDATES)
+    if n <= m:
+        return x[greedy_kmeans_plus_plus(x, k, rng)].copy()
+    candidates, nearest = d2_sample(x, m, rng)
+    weights = np.bincount(nearest, minlength=candidates.size).astype(np.float64)
+    return x[candidates[greedy_kmeans_plus_plus(x[candidates], k, rng, weights)]].copy()
 
 
 def train_kmeans(
     x: np.ndarray, k: int, *, niter: int = 20, spherical: bool = True, seed: int = 0, gpu: bool = False,
-    nredo: int = 1, init: str = "random",
+    nredo: int = 1, init: str = "kmeans++",
 ) -> KMeansResult:  # fmt: skip
     """Train k-means on ``x`` (n, d) float32 with faiss; the caller bounds n (faiss does no subsampling here).
 
     Spherical k-means re-normalises the centroids each iteration (for L2-normalised CLIP vectors).
     ``nredo`` runs from seeds seed, seed + 1, ... and keeps the centroids with the smallest sum of squared
     distances sum_i min_j ||x_i - c_j||^2 (one criterion for spherical and plain k-means alike).
-    ``init``: ``random`` (faiss: k distinct random rows) or ``kmeans++`` (:func:`kmeans_plus_plus`).
+    ``init``: ``kmeans++`` (:func:`kmeans_plus_plus`, fed to faiss as its initial centroids) or ``random``
+    (faiss's own start: k distinct random rows).
     """
     if init not in ("random", "kmeans++"):
         raise ValueError(f"init must be 'random' or 'kmeans++', got {init!r}")
@@ -107,6 +214,19 @@ def assign(x: np.ndarray, centroids: np.ndarray, *, batch_size: int = 65536) -> 
         labels[start : start + batch_size] = idx[:, 0]
         distances[start : start + batch_size] = dist[:, 0]
     return labels, distances
+
+
+def joint_vectors(image: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """Joint vectors (n, d_image + d_text) float32 of rows with unit image (n, d_image) and text (n, d_text)
+    vectors: [image, text] / sqrt(2), unit vectors again. Their squared distance is the mean of the two
+    sides' squared distances and their inner product the mean of the two cosines, so k-means on them
+    weighs both sides equally."""
+    if image.shape[0] != text.shape[0]:
+        raise ValueError(f"image and text hold {image.shape[0]} and {text.shape[0]} rows")
+    out = np.empty((image.shape[0], image.shape[1] + text.shape[1]), dtype=np.float32)
+    np.multiply(image, np.float32(np.sqrt(0.5)), out=out[:, : image.shape[1]])
+    np.multiply(text, np.float32(np.sqrt(0.5)), out=out[:, image.shape[1] :])
+    return out
 
 
 @dataclass

@@ -258,7 +258,7 @@ def run_balance(ctx: StageContext) -> dict[str, Any]:
     marginals = list(spec.marginals)
     for name in marginals:
         cluster = cluster_marginal(name)
-        if cluster is not None and cluster[0] not in ctx.sides:
+        if cluster is not None and cluster[0] not in ctx.cluster_sides:
             raise BalanceError(f"balance.marginals names {name!r} but the dataset has no {cluster[0]} side")
     if spec.soft is not None and spec.soft.side not in ctx.sides:
         raise BalanceError(f"balance.soft.side is {spec.soft.side!r} but the dataset has no such side")

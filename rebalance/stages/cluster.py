@@ -8,6 +8,9 @@ it, so the driver holds O(m) vectors and floats, and scatters them once into the
 actor pool assigns every row. When they hold at most m rows, the sample is every row: the driver reads
 them itself (they all go to it anyway), trains, and assigns each part from memory with one faiss thread
 per part, as an actor does, so both paths give the same assignments; no actors start.
+Every k-means run starts from k-means++ seeds (``cluster.init``). With ``cluster.joint``, a third "side",
+``joint``, clusters each row's joint vector (:func:`rebalance.kernels.kmeans.joint_vectors` of its image
+and text vectors), trained on the same sample and assigned like the others.
 Coarser levels (``cluster.levels``): :func:`rebalance.kernels.kmeans.hierarchical_kmeans` on the centroids.
 Outputs: ``clusters/{side}_centroids.npy``, ``clusters/clusters.json`` and ``assignments/part-NNNNN.parquet``
 with ``key``, ``{side}_cluster`` (int32) and ``{side}_distance`` (float32, squared L2 to the centroid).
@@ -30,7 +33,14 @@ from rebalance.data.atomic import atomic_save_npy, atomic_write_json
 from rebalance.data.fs import read_table
 from rebalance.data.parts import part_path, part_summary, write_part
 from rebalance.data.readers import vector_matrix
-from rebalance.kernels.kmeans import assign, gpu_available, hierarchical_kmeans, level_labels, train_kmeans
+from rebalance.kernels.kmeans import (
+    assign,
+    gpu_available,
+    hierarchical_kmeans,
+    joint_vectors,
+    level_labels,
+    train_kmeans,
+)
 from rebalance.kernels.sampling import bottom_k, key_priorities
 from rebalance.runtime.pool import ActorPool, ShardWorker
 from rebalance.runtime.session import ClusterResources
@@ -84,9 +94,22 @@ def assign_part(
     done = part_summary(out_dir, index)
     if done is not None:
         return done
-    table = read_table(emb_path, columns=["key", *centroids])
-    vectors = {side: _vectors(table, side) for side in centroids}
+    sides = _input_sides(centroids)
+    table = read_table(emb_path, columns=["key", *sides])
+    vectors = {side: _vectors(table, side) for side in sides}
     return _commit_assignments(out_dir, index, table.column("key"), vectors, centroids, parents)
+
+
+def _input_sides(sides: Any) -> list[str]:
+    """The embedding columns that the cluster sides ``sides`` read: ``joint`` reads image and text."""
+    return [s for s in ("image", "text") if s in sides or "joint" in sides]
+
+
+def _side_vectors(vectors: dict[str, np.ndarray], side: str) -> np.ndarray:
+    """The vectors that ``side`` clusters: a side's own, or for ``joint`` the joint vectors of both."""
+    if side == "joint":
+        return joint_vectors(vectors["image"], vectors["text"])
+    return vectors[side]
 
 
 def _commit_assignments(
@@ -101,7 +124,7 @@ def _commit_assignments(
     columns: dict[str, Any] = {"key": keys}
     sizes = {}
     for side, c in centroids.items():
-        labels, distances = assign(vectors[side].reshape(-1, c.shape[1]), c)
+        labels, distances = assign(_side_vectors(vectors, side).reshape(-1, c.shape[1]), c)
         columns[f"{side}_cluster"] = pa.array(labels, pa.int32())
         columns[f"{side}_distance"] = pa.array(distances, pa.float32())
         for level, labels_at_level in enumerate(level_labels(labels, parents.get(side, [])), start=1):
@@ -216,7 +239,7 @@ def _assign_in_driver(
         if done is not None:
             return done
         faiss.omp_set_num_threads(1)  # this thread only: OpenMP settings are per thread
-        vectors = {side: sample[side][positions[j]] for side in centroids}
+        vectors = {side: sample[side][positions[j]] for side in _input_sides(centroids)}
         return _commit_assignments(out_dir, index, keys[j], vectors, centroids, parents)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as threads:
@@ -286,7 +309,8 @@ def _train_sides(
     parents: dict[str, list[np.ndarray]] = {}
     info: dict[str, Any] = {}
     for side, k in ks.items():
-        x = sample[side][: k * spec.sample_per_centroid]
+        rows = k * spec.sample_per_centroid
+        x = _side_vectors({s: v[:rows] for s, v in sample.items()}, side)
         distinct = _distinct_rows(x, k)
         if distinct < k:
             raise ClusterError(
@@ -295,8 +319,9 @@ def _train_sides(
             )
         log.info("cluster: %s k-means, k=%d on %d x %d (%s)", side, k, *x.shape, "GPU" if gpu else "CPU")
         result = train_kmeans(
-            x, k, niter=spec.niter, spherical=spec.spherical, seed=spec.seed, gpu=gpu, nredo=spec.nredo
-        )
+            x, k, niter=spec.niter, spherical=spec.spherical, seed=spec.seed, gpu=gpu, nredo=spec.nredo,
+            init=spec.init,
+        )  # fmt: skip
         centroids[side] = result.centroids
         atomic_save_npy(result.centroids, clusters_dir / f"{side}_centroids.npy")
         info[side] = {
@@ -305,6 +330,7 @@ def _train_sides(
             "seed": spec.seed,
             "niter": spec.niter,
             "nredo": spec.nredo,
+            "init": spec.init,
             "spherical": spec.spherical,
             "train_rows": int(x.shape[0]),
             "objective": result.objective,
@@ -313,7 +339,7 @@ def _train_sides(
         }
         hierarchy = hierarchical_kmeans(
             result.centroids, list(spec.levels), niter=spec.niter, spherical=spec.spherical,
-            seed=spec.seed, gpu=gpu, resampling_steps=spec.resampling_steps,
+            seed=spec.seed, gpu=gpu, resampling_steps=spec.resampling_steps, init=spec.init,
         )  # fmt: skip
         parents[side] = [level.parent for level in hierarchy]
         for number, level in enumerate(hierarchy, start=1):
@@ -339,6 +365,12 @@ def run_cluster(ctx: StageContext) -> dict[str, Any]:
         ctx.run.path("clusters"),
     )
     ks = {side: getattr(spec, side).k for side in ctx.sides}
+    if spec.joint is not None:
+        if len(ctx.sides) < 2:
+            raise ClusterError(
+                f"cluster.joint needs an image and a text side; the dataset has only {ctx.sides}"
+            )
+        ks["joint"] = spec.joint.k
     m = max(ks.values()) * spec.sample_per_centroid
     items = [(s.index, str(part_path(emb_dir, s.index))) for s in ctx.shards]
     part_rows = {i: part_summary(emb_dir, i)["rows"] for i, _ in items}
@@ -374,7 +406,9 @@ def run_cluster(ctx: StageContext) -> dict[str, Any]:
             samples = pool.map(
                 "call", [(sample_part, p, ctx.sides, m, spec.seed, threshold) for p in nonempty], "sample"
             )
-            rows = {side: k * spec.sample_per_centroid for side, k in ks.items()}
+            rows = {side: k * spec.sample_per_centroid for side, k in ks.items() if side != "joint"}
+            if "joint" in ks:  # the joint side trains on the first rows of both sides' samples
+                rows = {side: max(n, ks["joint"] * spec.sample_per_centroid) for side, n in rows.items()}
             sample = _merge_samples(samples, m, rows)
             del samples
             seconds["sample"], clock = time.perf_counter() - clock, time.perf_counter()

@@ -29,6 +29,13 @@ class StageContext:
         """The modalities present in the dataset, among ``image`` and ``text``."""
         return [s for s, c in (("image", self.image_column), ("text", self.text_column)) if c is not None]
 
+    @property
+    def cluster_sides(self) -> list[str]:
+        """The sides the cluster stage assigns: :attr:`sides`, plus ``joint`` with ``cluster.joint``."""
+        return self.sides + (
+            ["joint"] if self.spec.cluster.joint is not None and len(self.sides) == 2 else []
+        )
+
     def workers(self, n_items: int) -> int:
         """Number of CPU actors for ``n_items`` shards: one per CPU, at most one per shard."""
         return max(1, min(n_items, self.resources.cpus or 1))

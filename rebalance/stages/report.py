@@ -94,10 +94,11 @@ def _plan(ctx: StageContext) -> list[dict[str, Any]]:
     for column in ctx.spec.report.spectra_by:
         cluster = cluster_marginal(column)
         vocab = _group_vocab(ctx.run, column)
-        sides = ctx.sides if cluster is None else [cluster[0]]
+        # a carried column or joint_cluster groups the vectors of every side; image/text_cluster its own
+        sides = [cluster[0]] if cluster is not None and cluster[0] in ctx.sides else ctx.sides
         for side in sides:
-            info = clusters[side]
-            d = info["d"]
+            d = clusters[side]["d"]
+            info = clusters[cluster[0]] if cluster is not None else None
             n_groups = len(vocab) if vocab is not None else (info["k"] if cluster[1] == 0 else
                                                               info["levels"][cluster[1] - 1]["k"])  # fmt: skip
             item = {"column": column, "side": side, "groups": n_groups, "d": d, "vocab": vocab}
