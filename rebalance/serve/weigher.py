@@ -135,6 +135,10 @@ class Weigher:
             if c is None:
                 self.carried_marginals.append(m)
             else:
+                if c[0] == "joint":
+                    raise RuntimeError(
+                        f"marginal {m!r}: serving runs balanced on joint clusters is not supported"
+                    )
                 if c[0] not in self.sides:
                     raise RuntimeError(f"marginal {m!r} needs {c[0]} centroids, which {self.root} lacks")
                 if c[1] > len(self.sides[c[0]].parents):
