@@ -109,6 +109,31 @@ def stage_sample_order(rows: int, m: int, seed: int) -> np.ndarray:
     return bottom_k(key_priorities([f"{i:09d}" for i in range(rows)], seed), m)
 
 
+def train_only(args: argparse.Namespace) -> None:
+    """The stage's training call alone (``train_kmeans`` on the generated rows, every thread), with each
+    start, alternating over ``--repeat`` rounds, plus the seeding alone: the part of the stage that
+    ``cluster.init`` changes (its sample and assign phases do not depend on it)."""
+    from rebalance.kernels.kmeans import kmeans_plus_plus, train_kmeans
+
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    x = make_data(args.rows, args.dim, args.k, seed=0)
+    print(f"train only: {args.rows} x {args.dim}, k = {args.k}, {args.niter} iterations, spherical, "
+          f"{os.cpu_count()} threads; load {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
+    times: dict[str, list[float]] = {"random": [], "kmeans++": []}
+    for r in range(args.repeat):
+        for init in ("random", "kmeans++") if r % 2 == 0 else ("kmeans++", "random"):
+            start = time.perf_counter()
+            result = train_kmeans(x, args.k, niter=args.niter, init=init)
+            times[init].append(time.perf_counter() - start)
+            print(f"  round {r} {init:9s} {times[init][-1]:7.2f} s, final objective {result.objective[-1]:.2f}"
+                  " (spherical: sum of cosines, higher is better)", flush=True)  # fmt: skip
+    start = time.perf_counter()
+    kmeans_plus_plus(x, args.k, 0)
+    ratios = [s / r for s, r in zip(times["kmeans++"], times["random"], strict=True)]
+    print(f"  seeding alone {time.perf_counter() - start:.2f} s; k-means++ / random {statistics.median(ratios):.3f} "
+          f"median per round; load {os.getloadavg()[0]:.2f}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -121,9 +146,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="alternating rounds of stage and baseline")
     parser.add_argument("--skip-sklearn", action="store_true")
     parser.add_argument("--quick", action="store_true", help="20,000 x 128, k = 64, 1 round, no sklearn")
+    parser.add_argument(
+        "--train-only", action="store_true", help="no Ray: only the training call, random vs k-means++ start"
+    )
     args = parser.parse_args()
     if args.quick:
         args.rows, args.dim, args.k, args.repeat, args.skip_sklearn = 20_000, 128, 64, 1, True
+    if args.train_only:
+        train_only(args)
+        return
 
     threads = os.cpu_count() or 1
     faiss.omp_set_num_threads(threads)

@@ -132,12 +132,13 @@ def test_seeded_restarts_match_scikit_learn_on_a_long_tailed_mixture():
 def test_kmeans_plus_plus_paths_draw_distinct_rows():
     """Both paths (greedy on every row; D^2-sampled candidates then greedy) give k distinct rows of x, and
     the batched D^2 sampler draws exactly the rows' count with every row's nearest draw correct."""
-    from rebalance.kernels.kmeans import KMEANS_PP_MIN_CANDIDATES, d2_sample
+    from rebalance.kernels.kmeans import KMEANS_PP_ALL_ROWS, d2_sample
 
-    x, _ = long_tailed_mixture()
-    for k, oversample in ((8, 2), (16, KMEANS_PP_MIN_CANDIDATES)):  # n = 3730 rows: both paths
-        seeds = kmeans_plus_plus(x, k, seed=3, oversample=oversample)
-        assert seeds.shape == (k, 48) and len(np.unique(seeds, axis=0)) == k and np.isin(seeds, x).all()
+    x = np.concatenate([long_tailed_mixture(seed)[0] for seed in (0, 1)])  # 7460 rows
+    assert x.shape[0] > KMEANS_PP_ALL_ROWS
+    for k, rows in ((8, x), (16, x[:3730])):  # candidates, then greedy on every row
+        seeds = kmeans_plus_plus(rows, k, seed=3)
+        assert seeds.shape == (k, 48) and len(np.unique(seeds, axis=0)) == k and np.isin(seeds, rows).all()
     chosen, nearest = d2_sample(x, 100, np.random.default_rng(0))
     assert len(np.unique(chosen)) == 100
     np.testing.assert_array_equal(nearest, assign(x, x[chosen])[0])

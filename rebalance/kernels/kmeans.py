@@ -67,39 +67,41 @@ def d2_sample(x: np.ndarray, m: int, rng: np.random.Generator) -> tuple[np.ndarr
     in all, where one GEMV per draw would take m passes.
     """
     n, d = x.shape
+    norms = np.einsum("ij,ij->i", x, x)
+    drawn = np.empty((m, d), dtype=np.float32)  # the drawn rows, in draw order
     chosen = [int(rng.integers(n))]
+    drawn[0] = x[chosen[0]]
     d2 = np.full(n, np.inf, dtype=np.float32)
     nearest = np.zeros(n, dtype=np.int64)
-    pending, rejects = chosen[:], 0  # drawn rows not yet folded into d2
+    start, rejects = 0, 0  # chosen[start:] are drawn but not yet folded into d2
     while True:
-        if pending and (
-            len(pending) >= len(chosen) - len(pending) or rejects >= KMEANS_PP_MAX_REJECTS or len(chosen) == m
-        ):
+        c = len(chosen)
+        if c > start and (c - start >= start or rejects >= KMEANS_PP_MAX_REJECTS or c == m):
             index = faiss.IndexFlatL2(d)
-            index.add(x[pending])
+            index.add(drawn[start:c])
             dist, idx = index.search(x, 1)
             closer = dist[:, 0] < d2
             d2[closer] = np.maximum(dist[closer, 0], 0.0)
-            nearest[closer] = idx[closer, 0] + len(chosen) - len(pending)
-            d2[pending] = 0.0  # exactly: faiss's expanded form leaves rounding residue on the drawn rows
-            nearest[pending] = np.arange(len(chosen) - len(pending), len(chosen))
+            nearest[closer] = idx[closer, 0] + start
+            d2[chosen[start:]] = 0.0  # exactly: faiss's expanded form leaves rounding residue on drawn rows
+            nearest[chosen[start:]] = np.arange(start, c)
             cumulative = np.cumsum(d2, dtype=np.float64)
-            pending, rejects = [], 0
-            if len(chosen) == m:
+            start, rejects = c, 0
+            if c == m:
                 return np.array(chosen, dtype=np.int64), nearest
             if cumulative[-1] <= 0:  # every row coincides with a drawn one: the rest uniformly
-                rest = np.setdiff1d(np.arange(n), chosen)
-                pending = rng.choice(rest, m - len(chosen), replace=False).tolist()
-                chosen.extend(pending)
+                rest = rng.choice(np.setdiff1d(np.arange(n), chosen), m - c, replace=False).tolist()
+                drawn[c:] = x[rest]
+                chosen.extend(rest)
                 continue
         i = min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right")), n - 1)
         true = float(d2[i])
-        if pending:
-            diff = x[pending] - x[i]
-            true = min(true, float(np.einsum("ij,ij->i", diff, diff).min()))
+        if c > start:  # against the rows drawn since the refresh, for row i only: one GEMV
+            sq = norms[chosen[start:]] + norms[i] - 2.0 * (drawn[start:c] @ x[i])
+            true = min(true, max(float(sq.min()), 0.0))
         if rng.random() * float(d2[i]) < true:
+            drawn[c] = x[i]
             chosen.append(i)
-            pending.append(i)
             rejects = 0
         else:
             rejects += 1
@@ -142,14 +144,14 @@ def greedy_kmeans_plus_plus(
     return np.array(chosen, dtype=np.int64)
 
 
-KMEANS_PP_MIN_CANDIDATES = 4096  # kmeans_plus_plus runs greedy k-means++ on every row of at most this many
+KMEANS_PP_ALL_ROWS = 4096  # kmeans_plus_plus runs greedy k-means++ on every row of at most this many rows
 
 
 def kmeans_plus_plus(x: np.ndarray, k: int, seed: int = 0, *, oversample: int = 2) -> np.ndarray:
     """k-means++ seeds: k distinct rows of ``x`` (n, d), (k, d) float32, built for k-means at scale.
 
-    With n <= oversample * k, greedy k-means++ on every row (:func:`greedy_kmeans_plus_plus`, as
-    scikit-learn seeds). Otherwise in the manner of k-means|| (Bahmani et al. 2012): exact D^2 sampling of
+    With n <= max(oversample * k, ``KMEANS_PP_ALL_ROWS``), greedy k-means++ on every row
+    (:func:`greedy_kmeans_plus_plus`, as scikit-learn seeds). Otherwise in the manner of k-means|| (Bahmani et al. 2012): exact D^2 sampling of
     oversample * k candidate rows (:func:`d2_sample`, n oversample k d multiply-adds in faiss GEMMs,
     about ``oversample`` Lloyd iterations), each weighted by the number of rows nearest to it, then greedy
     weighted k-means++ on the candidates picks the k seeds. The greedy step's local trials are what finds
@@ -162,10 +164,9 @@ def kmeans_plus_plus(x: np.ndarray, k: int, seed: int = 0, *, oversample: int = 
     if oversample < 1:
         raise ValueError(f"oversample must be >= 1, got {oversample}")
     rng = np.random.default_rng(seed)
-    m = max(oversample * k, KMEANS_PP_MIN_CANDIDATES)
-    if n <= m:
+    if n <= max(oversample * k, KMEANS_PP_ALL_ROWS):
         return x[greedy_kmeans_plus_plus(x, k, rng)].copy()
-    candidates, nearest = d2_sample(x, m, rng)
+    candidates, nearest = d2_sample(x, oversample * k, rng)
     weights = np.bincount(nearest, minlength=candidates.size).astype(np.float64)
     return x[candidates[greedy_kmeans_plus_plus(x[candidates], k, rng, weights)]].copy()
 
