@@ -176,7 +176,7 @@ def main() -> None:
             "balance": {"marginals": ["image_cluster"]},
         }
         seeded_spec = {**spec, "cluster": {**spec["cluster"], "init": "kmeans++"}}
-        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
         outs = [Path(tmp) / f"run{r}" for r in range(args.repeat)]
         seeded_outs = [Path(tmp) / f"seeded{r}" for r in range(args.repeat)]
         for out in outs + seeded_outs:
