@@ -349,7 +349,7 @@ def _fake_parts(directory, parts):
     """Write embed-stage parts: per part (kept keys, rejected (key, reason) pairs)."""
     for index, (keys, rejected) in enumerate(parts):
         write_part(directory, index, pa.table({"key": pa.array(keys, pa.string())}), {"rejected": rejected})
-    return [Shard(i, f"/data/s{i}.tar", kind="tar", rel=f"s{i}.tar") for i in range(len(parts))]
+    return [Shard(i, f"/data/s{i}.tar", kind="webdataset", rel=f"s{i}.tar") for i in range(len(parts))]
 
 
 def test_check_unique_keys_across_parts(tmp_path, monkeypatch):

@@ -13,11 +13,10 @@ carries its file list, so workers never list the folder again. ``data.path`` may
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from pathlib import Path
 
 from rebalance.data import fs
+from rebalance.data.input_format import InputFormat, Location, no_columns
 from rebalance.data.rows import (
     MAX_ENCODED_BYTES,
     BatchBuilder,
@@ -26,24 +25,20 @@ from rebalance.data.rows import (
     SourceRow,
     decode_caption,
 )
+from rebalance.spec import DataSpec, SpecError
 
 __all__ = [
+    "FORMAT",
     "FOLDER_SHARD_SIZE",
     "IMAGE_SUFFIXES",
     "folder_key",
     "has_captions",
     "list_folder_shards",
     "read_folder_shard",
-    "walk_files",
 ]
 
 FOLDER_SHARD_SIZE = 10_000
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-
-
-def walk_files(root: Path | fs.StoragePath) -> Iterator[str]:
-    """Relative POSIX paths of the visible files under ``root`` (a local directory or a URI)."""
-    return fs.walk_files(root)
 
 
 def folder_key(rel: str) -> str:
@@ -52,15 +47,13 @@ def folder_key(rel: str) -> str:
     return stem if dot and "/" not in suffix else rel
 
 
-def list_folder_shards(
-    root: str | os.PathLike | fs.StoragePath, shard_size: int | None = None
-) -> list[Shard]:
+def list_folder_shards(where: Location, shard_size: int | None = None) -> list[Shard]:
     """The folder's images in chunks of ``shard_size`` (default FOLDER_SHARD_SIZE), each image followed by
     its sidecar caption when it has one."""
-    root = fs.as_path(root)
+    root = where.root
     shard_size = shard_size or FOLDER_SHARD_SIZE
     images, texts = [], set()
-    for rel in walk_files(root):
+    for rel in where.files:
         lower = rel.lower()
         if lower.endswith(IMAGE_SUFFIXES):
             images.append(rel)
@@ -76,7 +69,7 @@ def list_folder_shards(
             sidecar = folder_key(rel) + ".txt"
             if sidecar in texts:
                 files.append(str(root / sidecar))
-        shards.append(Shard(index, files[0], kind="folder", files=tuple(files), rel=chunk[0]))
+        shards.append(Shard(index, files[0], kind=FORMAT.name, files=tuple(files), rel=chunk[0]))
     return shards
 
 
@@ -131,3 +124,43 @@ def _folder_rows(files: list, root: str, has_text: bool) -> Iterator[SourceRow]:
             if reason is None:
                 text, reason = decode_caption(raw)
         yield key, image, text, None, reason
+
+
+class FolderFormat(InputFormat):
+    name = "folder"
+    looks_for = f"image files ({', '.join(IMAGE_SUFFIXES)})"
+
+    def detect(self, where: Location) -> bool:
+        return not where.is_file and any(rel.lower().endswith(IMAGE_SUFFIXES) for rel in where.files)
+
+    def list_shards(self, where: Location) -> list[Shard]:
+        if where.is_file:
+            raise SpecError("data.path", "format folder needs a directory", where.path)
+        return list_folder_shards(where)
+
+    def resolve(self, data: DataSpec, shards: list[Shard]) -> tuple[str, str | None, str | None]:
+        """Images, and captions when any image has a sidecar ``.txt``; no carried columns. The column names
+        returned only mark a side as present."""
+        no_columns(data, self.name)
+        if data.carry:
+            raise SpecError("data.carry", "format folder has no metadata columns to carry", list(data.carry))
+        return self.name, "image", "text" if has_captions(shards) else None
+
+    def read(
+        self,
+        shard: Shard,
+        data: DataSpec,
+        fmt: str,
+        image_column: str | None,
+        text_column: str | None,
+        batch_size: int,
+    ) -> Iterator[RowBatch]:
+        return read_folder_shard(shard, data.path, text_column is not None, batch_size)
+
+    def empty_batch(
+        self, shard: Shard, data: DataSpec, fmt: str, image_column: str | None, text_column: str | None
+    ) -> RowBatch:
+        return BatchBuilder(1, image_column is not None, text_column is not None).empty()
+
+
+FORMAT = FolderFormat()

@@ -1,24 +1,19 @@
 """Readers of dataset shards: list the shards of a dataset and stream each one in bounded batches.
 
-Layouts (``data.format``; ``auto`` picks the first that matches, in this order):
+Every input format is one module behind :class:`~rebalance.data.input_format.InputFormat` (its docstring
+describes the layout) and one entry of :data:`FORMATS`, in the order ``data.format: auto`` tries them: the
+first whose ``detect`` answers yes reads the dataset. A named ``data.format`` is read by the formats that
+answer to it (``embeddings``: the clip-retrieval layout when ``data.path`` has one, else Parquet).
 
-- ``embeddings``, clip-retrieval / LAION layout: ``data.path`` has ``img_emb/`` or ``text_emb/``
-  (:mod:`rebalance.data.laion`);
-- ``webdataset``: ``.tar`` files (:mod:`rebalance.data.webdataset`); Parquet files beside them (img2dataset
-  writes one of metadata per tar) are ignored;
-- ``parquet``: ``.parquet`` files in the img2dataset layout (binary image column, caption column, key,
-  optional ``status``), or ``embeddings`` when the image/text columns hold float lists;
-- ``folder``: image files with optional sidecar ``.txt`` captions (:mod:`rebalance.data.folder`).
-
-``data.path`` may also be a single ``.parquet`` or ``.tar`` file, and a local path or a URI of any
-``pyarrow.fs`` filesystem (``s3://bucket/prefix``, ``gs://...``; see :mod:`rebalance.data.fs`). Directories are searched recursively;
-names and folders starting with ``.`` are skipped. A batch holds at most ``batch_size`` rows (kept and
-rejected together), so memory is bounded by the batch size, not the shard. A shard that cannot be read
-yields no rows and one rejected entry ``(<shard>, "shard:unreadable (...)")``; keys repeated within a shard
-raise :class:`DuplicateKeyError` when the shard has been read, and :func:`check_unique_keys` finds keys
-repeated across the parts of the embed stage. A remote shard whose store cannot be reached (a network
-error, throttling) is not marked unreadable: :class:`~rebalance.data.fs.StorageError` fails the stage, and
-a resumed run reads the shard again.
+``data.path`` may be a directory (searched recursively; names and folders starting with ``.`` are
+skipped) or a single ``.parquet`` or ``.tar`` file, local or a URI of any ``pyarrow.fs`` filesystem
+(``s3://bucket/prefix``, ``gs://...``; see :mod:`rebalance.data.fs`). A batch holds at most ``batch_size``
+rows (kept and rejected together), so memory is bounded by the batch size, not the shard. A shard that
+cannot be read yields no rows and one rejected entry ``(<shard>, "shard:unreadable (...)")``; keys repeated
+within a shard raise :class:`DuplicateKeyError` when the shard has been read, and :func:`check_unique_keys`
+finds keys repeated across the parts of the embed stage. A remote shard whose store cannot be reached (a
+network error, throttling) is not marked unreadable: :class:`~rebalance.data.fs.StorageError` fails the
+stage, and a resumed run reads the shard again.
 """
 
 from __future__ import annotations
@@ -26,21 +21,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tarfile
-import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
-from rebalance.data import folder, fs, laion, webdataset
+from rebalance.data import embeddings, folder, fs, parquet, webdataset
+from rebalance.data.input_format import UNREADABLE, InputFormat, LayoutError, Location
+from rebalance.data.parquet import columns_of, vector_matrix
 from rebalance.data.parts import part_path, read_part
-from rebalance.data.rows import BatchBuilder, RowBatch, Shard
+from rebalance.data.rows import RowBatch, Shard
 from rebalance.spec import DataSpec, SpecError
 
 __all__ = [
+    "FORMATS",
     "Shard",
     "RowBatch",
     "DuplicateKeyError",
@@ -56,8 +50,11 @@ __all__ = [
 ]
 
 MAX_DUPLICATES_NAMED = 10
-# Errors that mean a shard's bytes cannot be read as its format; anything else is a bug and propagates.
-UNREADABLE = (OSError, EOFError, ValueError, tarfile.TarError, pa.ArrowException, zlib.error)
+
+FORMATS: dict[str, InputFormat] = {
+    f.name: f for f in (embeddings.FORMAT, webdataset.FORMAT, parquet.FORMAT, folder.FORMAT)
+}
+"""The input formats by name (``data.format`` values, ``Shard.kind``), in the order ``auto`` tries them."""
 
 
 class DuplicateKeyError(ValueError):
@@ -75,268 +72,43 @@ class DuplicateKeyError(ValueError):
 # ---------------------------------------------------------------------------------------------- listing
 
 
-def _search(root: Path | fs.StoragePath) -> tuple[list, list]:
-    """The visible .tar and .parquet files under ``root``, each list in sorted path order."""
-    tars, parquets = [], []
-    for rel in folder.walk_files(root):
-        lower = rel.lower()
-        if lower.endswith(".tar"):
-            tars.append(root / rel)
-        elif lower.endswith(".parquet"):
-            parquets.append(root / rel)
-    return sorted(tars), sorted(parquets)
-
-
-def _file_shards(paths: list, root: Path | fs.StoragePath, kind: str) -> list[Shard]:
-    return [Shard(i, str(p), kind=kind, rel=p.relative_to(root).as_posix()) for i, p in enumerate(paths)]
-
-
 def list_shards(data: DataSpec) -> list[Shard]:
-    """The dataset's shards in order (see the module docstring for how ``auto`` decides the layout).
+    """The dataset's shards in order (see the module docstring for how the format is chosen).
 
     Part ``NNNNN`` of every per-row output comes from shard ``NNNNN``: Parquet and tar files sorted by
     path, LAION shards by their number, folder chunks in image-path order. Raises :class:`SpecError` when
     the path holds nothing of the requested format, or a LAION layout whose files do not line up.
     """
-    root = fs.as_path(data.path)
-    fs.check_location(root, "data.path")
-    fmt = data.format
-    if isinstance(root, fs.StoragePath) and not root.exists():
+    where = Location(data.path)
+    fs.check_location(where.root, "data.path")
+    if isinstance(where.root, fs.StoragePath) and not where.root.exists():
         raise SpecError("data.path", "nothing exists at this URI", data.path)
-    if root.is_file():
-        if fmt == "folder":
-            raise SpecError("data.path", "format folder needs a directory", data.path)
-        tar = root.suffix.lower() == ".tar" if fmt == "auto" else fmt == "webdataset"
-        return [Shard(0, str(root), kind="tar" if tar else "parquet", rel=root.name)]
-    if fmt == "folder":
-        shards = folder.list_folder_shards(root)
-        if not shards:
-            raise SpecError(
-                "data.path", f"no image files ({', '.join(folder.IMAGE_SUFFIXES)}) found", data.path
-            )
-        return shards
-    if fmt in ("auto", "embeddings") and laion.is_laion(root):
-        try:
-            return laion.list_laion_shards(root)
-        except laion.LaionLayoutError as err:
-            raise SpecError("data.path", f"clip-retrieval layout: {err}", data.path) from None
-    tars, parquets = _search(root)
-    if fmt == "webdataset" or (fmt == "auto" and tars):
-        if not tars:
-            raise SpecError("data.path", "no .tar shards found", data.path)
-        return _file_shards(tars, root, "tar")
-    if parquets:
-        return _file_shards(parquets, root, "parquet")
-    if fmt == "auto":
-        shards = folder.list_folder_shards(root)
-        if shards:
-            return shards
-        raise SpecError(
-            "data.path", "found no img_emb/ or text_emb/, .tar, .parquet or image files", data.path
-        )
-    raise SpecError("data.path", "no .parquet shards found", data.path)
-
-
-def columns_of(shard: Shard) -> pa.Schema:
-    """The schema of one Parquet shard, read from its footer."""
-    return fs.read_schema(shard.path)
-
-
-# ---------------------------------------------------------------------------------------------- format
-
-
-def _no_columns(data: DataSpec, fmt: str) -> None:
-    for name, value in (("data.image_column", data.image_column), ("data.text_column", data.text_column)):
-        if value is not None:
-            raise SpecError(name, f"is not used with format {fmt} (sides are found from the files)", value)
-
-
-def _first_readable(shards: list[Shard], probe):
-    """``probe(shard)`` of the first shard it does not fail on; SpecError naming the failures if none."""
-    errors = []
-    for shard in shards:
-        try:
-            return shard, probe(shard)
-        except UNREADABLE as err:
-            errors.append(f"{shard.label}: {type(err).__name__}: {err}")
-            if len(errors) >= 20:
-                break
-    raise SpecError("data.path", f"no readable shard ({'; '.join(errors[:3])})")
-
-
-def _probe_tar(shard: Shard) -> tuple[bool, bool, set[str]]:
-    """Sides and json fields of one tar; a tar without samples tells nothing and counts as unreadable."""
-    found = webdataset.probe_tar(shard.path)
-    if not (found[0] or found[1]):
-        raise ValueError("no image or caption members")
-    return found
+    if data.format == "auto":
+        chosen = next((f for f in FORMATS.values() if f.detect(where)), None)
+        if chosen is None:
+            *most, last = [f.looks_for for f in FORMATS.values()]
+            raise SpecError("data.path", f"found no {', '.join(most)} or {last}", data.path)
+    else:
+        candidates = [f for f in FORMATS.values() if data.format in f.formats]
+        chosen = next((f for f in candidates if f.detect(where)), candidates[-1])
+    shards = chosen.list_shards(where)
+    if not shards:
+        raise SpecError("data.path", f"no {chosen.looks_for} found", data.path)
+    return shards
 
 
 def resolve_format(data: DataSpec, shards: list[Shard]) -> tuple[str, str | None, str | None]:
     """(format, image column, text column) of the dataset; a column is None for an absent side.
 
-    Parquet: ``auto`` picks ``embeddings`` when the image/text columns hold float lists and ``parquet``
-    when they hold binary images / strings; the first readable shard's schema decides. A named column that
-    is absent raises :class:`SpecError`; with default names, an absent column means that side is not in the
-    dataset (image-only or text-only data). WebDataset: the sides are those found in the first readable
-    tar (images; ``.txt`` members or json members with a caption). Folder: images, and captions when any
-    image has a sidecar ``.txt``. LAION: the sides whose directory holds vectors. For these three formats
-    the returned column names only mark a side as present, and ``data.image_column`` /
-    ``data.text_column`` must be unset.
+    The format of the shards decides (:meth:`~rebalance.data.input_format.InputFormat.resolve`): Parquet
+    reads the columns of the first readable shard (``auto`` picks ``embeddings`` when they hold float
+    lists); WebDataset, folder and the LAION layout find the sides from the files, their returned column
+    names only mark a side as present, and ``data.image_column`` / ``data.text_column`` must be unset.
     """
-    kind = shards[0].kind
-    if kind == "tar":
-        _no_columns(data, "webdataset")
-        first, (has_image, has_text, fields) = _first_readable(shards, _probe_tar)
-        missing = [c for c in data.carry if c not in fields]
-        if missing:
-            raise SpecError(
-                "data.carry",
-                f"not a field of the json members of {first.label} (fields: {sorted(fields)})",
-                missing,
-            )
-        return "webdataset", "image" if has_image else None, "text" if has_text else None
-    if kind == "folder":
-        _no_columns(data, "folder")
-        if data.carry:
-            raise SpecError("data.carry", "format folder has no metadata columns to carry", list(data.carry))
-        return "folder", "image", "text" if folder.has_captions(shards) else None
-    if kind == "laion":
-        _no_columns(data, "embeddings (clip-retrieval layout)")
-        roles = laion.shard_files(shards[0])
-        if data.carry:
-            if "metadata" not in roles:
-                raise SpecError("data.carry", "the dataset has no metadata/ files", list(data.carry))
-            first, schema = _first_readable(shards, laion.metadata_schema)
-            for name in data.carry:
-                if name not in schema.names:
-                    raise SpecError("data.carry", f"column not in metadata of shard {first.label}", name)
-        return (
-            "embeddings",
-            "img_emb" if "img_emb" in roles else None,
-            "text_emb" if "text_emb" in roles else None,
-        )
-    first, schema = _first_readable(shards, columns_of)
-    fmt = data.format
-    if fmt == "auto":
-        probe = data.image_column or ("jpg" if "jpg" in schema.names else "image")
-        probe_type = schema.field(probe).type if probe in schema.names else pa.null()
-        is_vector = pa.types.is_list(probe_type) or pa.types.is_fixed_size_list(probe_type)
-        fmt = "embeddings" if is_vector else "parquet"
-    default_image, default_text = ("image", "text") if fmt == "embeddings" else ("jpg", "txt")
-    columns = []
-    for name, default, spec_field in (
-        (data.image_column, default_image, "data.image_column"),
-        (data.text_column, default_text, "data.text_column"),
-    ):
-        if name is not None and name not in schema.names:
-            raise SpecError(spec_field, f"column not in {first.name} (columns: {schema.names})", name)
-        columns.append(name or (default if default in schema.names else None))
-    if columns == [None, None]:
-        raise SpecError("data", f"no image or text column found in {first.name}: {schema.names}")
-    for name in data.carry:
-        if name not in schema.names:
-            raise SpecError("data.carry", f"column not in {first.name} (columns: {schema.names})", name)
-    return fmt, columns[0], columns[1]
+    return FORMATS[shards[0].kind].resolve(data, shards)
 
 
 # ---------------------------------------------------------------------------------------------- reading
-
-
-def _read_parquet_shard(
-    shard: Shard, data: DataSpec, fmt: str, image_column: str | None, text_column: str | None, batch_size: int
-) -> Iterator[RowBatch]:
-    """Keys come from ``data.key_column`` when the shard has it, else ``<shard>:<row>``. Rows whose
-    img2dataset ``status`` is not ``success`` are rejected with reason ``status:<value>``."""
-    parquet = fs.parquet_file(shard.path)
-    names = parquet.schema_arrow.names
-    has_key = data.key_column in names
-    has_status = "status" in names and fmt == "parquet"
-    wanted = [c for c in (image_column, text_column, *data.carry) if c is not None]
-    wanted += [data.key_column] * has_key + ["status"] * has_status
-    row = 0
-    for record_batch in parquet.iter_batches(batch_size=batch_size, columns=list(dict.fromkeys(wanted))):
-        n = record_batch.num_rows
-        keys = [f"{shard.label}:{row + i}" for i in range(n)]
-        if has_key:
-            values = record_batch.column(data.key_column).to_pylist()
-            keys = [str(k) if k is not None else fallback for k, fallback in zip(values, keys, strict=True)]
-        row += n
-        rejected: list[tuple[str, str]] = []
-        if has_status:
-            status = record_batch.column("status")
-            ok = pc.fill_null(pc.equal(status, "success"), False)
-            bad = np.flatnonzero(~ok.to_numpy(zero_copy_only=False))
-            rejected = [(keys[i], f"status:{status[i].as_py()}") for i in bad]
-            if bad.size:
-                record_batch = record_batch.filter(ok)
-                keep = np.flatnonzero(ok.to_numpy(zero_copy_only=False))
-                keys = [keys[i] for i in keep]
-        batch = RowBatch(keys=keys, rejected=rejected)
-        batch.carried = {c: record_batch.column(c) for c in data.carry}
-        if fmt == "embeddings":
-            if image_column:
-                batch.image_vectors = vector_matrix(record_batch.column(image_column))
-            if text_column:
-                batch.text_vectors = vector_matrix(record_batch.column(text_column))
-        else:
-            if image_column:
-                batch.images = record_batch.column(image_column).to_pylist()
-            if text_column:
-                batch.texts = record_batch.column(text_column).to_pylist()
-        yield batch
-
-
-def vector_matrix(column: pa.Array) -> np.ndarray:
-    """A list<float> column as an (n, d) float32 array; rows must all have the same length."""
-    if pa.types.is_fixed_size_list(column.type):
-        d = column.type.list_size
-        return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, d)
-    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-    if lengths.size and (lengths != lengths[0]).any():
-        raise ValueError(f"embedding rows have different lengths: {sorted(set(lengths.tolist()))[:5]}")
-    d = int(lengths[0]) if lengths.size else 0
-    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, d)
-
-
-def _reader(
-    shard: Shard, data: DataSpec, fmt: str, image_column: str | None, text_column: str | None, batch_size: int
-) -> Iterator[RowBatch]:
-    if shard.kind == "tar":
-        has_image, has_text = image_column is not None, text_column is not None
-        return webdataset.read_tar_shard(shard, has_image, has_text, data.carry, batch_size)
-    if shard.kind == "folder":
-        return folder.read_folder_shard(shard, data.path, text_column is not None, batch_size)
-    if shard.kind == "laion":
-        return laion.read_laion_shard(shard, data.key_column, data.carry, batch_size)
-    return _read_parquet_shard(shard, data, fmt, image_column, text_column, batch_size)
-
-
-def _empty_batch(
-    shard: Shard, data: DataSpec, fmt: str, image_column: str | None, text_column: str | None
-) -> RowBatch:
-    """A batch with no rows whose sides, vector widths and carried types match the dataset's, taken from
-    the first other shard that can be read (an unreadable shard tells nothing about them)."""
-    has_image, has_text = image_column is not None, text_column is not None
-    if shard.kind in ("tar", "folder"):
-        return BatchBuilder(1, has_image, has_text, data.carry if shard.kind == "tar" else ()).empty()
-    for other in list_shards(data)[:32]:
-        if other.path == shard.path:
-            continue
-        try:
-            for batch in _reader(other, data, fmt, image_column, text_column, 1):
-                return batch.empty_like()
-        except UNREADABLE:
-            continue
-    vectors = np.zeros((0, 0), np.float32) if fmt == "embeddings" else None
-    return RowBatch(
-        keys=[],
-        images=[] if has_image and fmt != "embeddings" else None,
-        texts=[] if has_text and fmt != "embeddings" else None,
-        image_vectors=vectors if has_image else None,
-        text_vectors=vectors if has_text else None,
-        carried={c: pa.array([], pa.null()) for c in data.carry},
-    )
 
 
 def read_shard(
@@ -350,7 +122,8 @@ def read_shard(
     Keys that repeat within the shard raise :class:`DuplicateKeyError` (naming them) once the shard has
     been read, before its part can be committed.
     """
-    inner = _reader(shard, data, fmt, image_column, text_column, batch_size)
+    source = FORMATS[shard.kind]
+    inner = source.read(shard, data, fmt, image_column, text_column, batch_size)
     hashes: list[np.ndarray] = []  # 8 bytes a row, not the keys
     last: RowBatch | None = None
     rows = 0
@@ -359,7 +132,7 @@ def read_shard(
             batch = next(inner)
         except StopIteration:
             break
-        except laion.LaionLayoutError:
+        except LayoutError:
             raise
         except UNREADABLE as err:
             if fs.is_transient(err):  # the store, not the shard: fail, and let a resume read it again
@@ -369,7 +142,7 @@ def read_shard(
             batch = (
                 last.empty_like()
                 if last is not None
-                else _empty_batch(shard, data, fmt, image_column, text_column)
+                else source.empty_batch(shard, data, fmt, image_column, text_column)
             )
             batch.rejected = [(shard.label, f"shard:unreadable ({detail}{where})")]
             yield batch
@@ -380,7 +153,7 @@ def read_shard(
         last = batch
         yield batch
     if last is None:
-        yield _empty_batch(shard, data, fmt, image_column, text_column)
+        yield source.empty_batch(shard, data, fmt, image_column, text_column)
     repeated = _repeated(np.concatenate(hashes)) if hashes else np.zeros(0, np.uint64)
     if repeated.size:
         _raise_on_repeated_keys(shard, data, fmt, image_column, text_column, repeated)
@@ -408,7 +181,7 @@ def _raise_on_repeated_keys(
     key really occurs twice (equal hashes of different keys are no error)."""
     counts: dict[str, int] = {}
     try:
-        for batch in _reader(shard, data, fmt, image_column, text_column, 1024):
+        for batch in FORMATS[shard.kind].read(shard, data, fmt, image_column, text_column, 1024):
             keys = _batch_keys(batch)
             for j in np.flatnonzero(np.isin(key_hashes(keys), repeated)):
                 counts[keys[j]] = counts.get(keys[j], 0) + 1

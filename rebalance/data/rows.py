@@ -23,12 +23,13 @@ MAX_ENCODED_BYTES = 64 * 1024 * 1024
 class Shard:
     """One unit of input: its position in the sorted shard list and the files it reads.
 
-    ``kind`` is ``parquet`` (one Parquet file), ``tar`` (one WebDataset tar), ``folder`` (a chunk of an
-    image folder: ``files`` are its images and sidecar captions) or ``laion`` (the clip-retrieval layout:
-    ``files`` are the shard's ``img_emb``/``text_emb`` ``.npy`` and ``metadata`` Parquet files). ``path``
-    is the shard's first file (a local path or a URI: a string, so that it travels to Ray actors on any
-    node). ``rel`` is how keys and messages name the shard: the path relative to
-    ``data.path`` (the file name when ``data.path`` is a file), or the number ``i`` of a LAION shard.
+    ``kind`` names the input format that listed the shard and reads it (a key of
+    :data:`rebalance.data.readers.FORMATS`: ``parquet``, ``webdataset``, ...). ``files`` are the files of a
+    shard of several (a folder chunk's images and sidecar captions; a LAION shard's ``.npy`` and metadata
+    files), empty for a shard of one file. ``path`` is the shard's first file (a local path or a URI: a
+    string, so that it travels to Ray actors on any node). ``rel`` is how keys and messages name the shard:
+    the path relative to ``data.path`` (the file name when ``data.path`` is a file), or the number ``i`` of
+    a LAION shard.
     """
 
     index: int

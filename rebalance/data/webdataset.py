@@ -6,6 +6,10 @@ its first ``jpg``, ``jpeg``, ``png`` or ``webp`` member in that order of prefere
 ``txt`` member, else the ``caption`` (or ``txt``) field of its ``json`` member, whose fields are also the
 columns ``data.carry`` can name (as strings: JSON strings as they are, other values as JSON text). Other
 members (``.cls``, ``.npy``, ...) and names starting with ``.`` are skipped without being read.
+
+Shards (``format: webdataset``) are the visible ``.tar`` files under ``data.path``, sorted by path (Parquet
+files beside them, img2dataset's per-tar metadata, are ignored), or ``data.path`` itself when it is a file.
+The dataset's sides and json fields are those of the first readable tar.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from rebalance.data.fs import is_remote, open_input
+from rebalance.data.input_format import InputFormat, Location, first_readable, no_columns
 from rebalance.data.rows import (
     MAX_ENCODED_BYTES,
     BatchBuilder,
@@ -25,8 +30,17 @@ from rebalance.data.rows import (
     SourceRow,
     decode_caption,
 )
+from rebalance.spec import DataSpec, SpecError
 
-__all__ = ["IMAGE_EXTENSIONS", "TarSample", "iter_samples", "probe_tar", "read_tar_shard", "split_member"]
+__all__ = [
+    "FORMAT",
+    "IMAGE_EXTENSIONS",
+    "TarSample",
+    "iter_samples",
+    "probe_tar",
+    "read_tar_shard",
+    "split_member",
+]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTENSIONS = ("txt", "json")
@@ -175,3 +189,58 @@ def _tar_rows(
                 value = next((meta[f] for f in CAPTION_FIELDS if meta.get(f) is not None), None)
                 text = value if value is None or isinstance(value, str) else str(value)
         yield sample.key, image, text, {c: _carried_value(meta.get(c)) for c in carry}, reason
+
+
+def _probe_sides(shard: Shard) -> tuple[bool, bool, set[str]]:
+    """Sides and json fields of one tar; a tar without samples tells nothing and counts as unreadable."""
+    found = probe_tar(shard.path)
+    if not (found[0] or found[1]):
+        raise ValueError("no image or caption members")
+    return found
+
+
+class WebDatasetFormat(InputFormat):
+    name = "webdataset"
+    looks_for = ".tar shards"
+
+    def detect(self, where: Location) -> bool:
+        return where.root.suffix.lower() == ".tar" if where.is_file else where.has(".tar")
+
+    def list_shards(self, where: Location) -> list[Shard]:
+        return where.file_shards(".tar", self.name)
+
+    def resolve(self, data: DataSpec, shards: list[Shard]) -> tuple[str, str | None, str | None]:
+        """The sides found in the first readable tar (images; ``.txt`` members or json members with a
+        caption); ``data.carry`` must name fields of its json members. The column names returned only mark
+        a side as present."""
+        no_columns(data, self.name)
+        first, (has_image, has_text, fields) = first_readable(shards, _probe_sides)
+        missing = [c for c in data.carry if c not in fields]
+        if missing:
+            raise SpecError(
+                "data.carry",
+                f"not a field of the json members of {first.label} (fields: {sorted(fields)})",
+                missing,
+            )
+        return self.name, "image" if has_image else None, "text" if has_text else None
+
+    def read(
+        self,
+        shard: Shard,
+        data: DataSpec,
+        fmt: str,
+        image_column: str | None,
+        text_column: str | None,
+        batch_size: int,
+    ) -> Iterator[RowBatch]:
+        return read_tar_shard(
+            shard, image_column is not None, text_column is not None, data.carry, batch_size
+        )
+
+    def empty_batch(
+        self, shard: Shard, data: DataSpec, fmt: str, image_column: str | None, text_column: str | None
+    ) -> RowBatch:
+        return BatchBuilder(1, image_column is not None, text_column is not None, data.carry).empty()
+
+
+FORMAT = WebDatasetFormat()

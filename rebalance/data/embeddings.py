@@ -10,7 +10,8 @@ Row j of the three files of shard i describe the same pair. A dataset may have o
 through a read-only memory map, ``batch_size`` rows at a time. The key of a row is the metadata's
 ``data.key_column`` (default ``key``) when the metadata has it, else ``<i>:<j>``; carried columns come from
 the metadata. Files of one shard with different row counts, a shard missing one of the files the others
-have, or vectors of different widths are a :class:`LaionLayoutError` that names the files.
+have, or vectors of different widths are a :class:`~rebalance.data.input_format.LayoutError` that names
+the files (a :class:`SpecError` when the shards are listed).
 
 ``data.path`` may be a URI (:mod:`rebalance.data.fs`): remote ``.npy`` files are not memory-mapped but read
 ``batch_size`` rows at a time by ranged reads after their header.
@@ -26,19 +27,17 @@ import numpy as np
 import pyarrow as pa
 
 from rebalance.data import fs
+from rebalance.data.input_format import InputFormat, LayoutError, Location, first_readable, no_columns
 from rebalance.data.rows import RowBatch, Shard
+from rebalance.spec import DataSpec, SpecError
 
-__all__ = ["LaionLayoutError", "is_laion", "list_laion_shards", "read_laion_shard", "shard_files"]
+__all__ = ["FORMAT", "is_laion", "list_laion_shards", "read_laion_shard", "shard_files"]
 
 ROLES = {
     "img_emb": ("img_emb", ".npy"),
     "text_emb": ("text_emb", ".npy"),
     "metadata": ("metadata", ".parquet"),
 }
-
-
-class LaionLayoutError(ValueError):
-    """The three files of the clip-retrieval layout do not line up."""
 
 
 def is_laion(root: str | Path | fs.StoragePath) -> bool:
@@ -122,18 +121,18 @@ def check_shard(
     shapes = {role: _rows_and_width(path) for role, path in files.items()}
     for role, shape in shapes.items():
         if shape is not None and shape[1] == -1:
-            raise LaionLayoutError(f"{files[role]}: expected a 2-D array of vectors")
+            raise LayoutError(f"{files[role]}: expected a 2-D array of vectors")
         if shape is not None and widths is not None and shape[1] is not None:
             first = widths.setdefault(role, (shape[1], files[role]))
             if first[0] != shape[1]:
-                raise LaionLayoutError(
+                raise LayoutError(
                     f"vectors of different widths: {first[1]} has {first[0]} columns, {files[role]} has "
                     f"{shape[1]}"
                 )
     rows = {role: s[0] for role, s in shapes.items() if s is not None}
     if len(set(rows.values())) > 1:
         detail = ", ".join(f"{files[role]} has {n}" for role, n in rows.items())
-        raise LaionLayoutError(f"shard {rel}: misaligned row counts: {detail}")
+        raise LayoutError(f"shard {rel}: misaligned row counts: {detail}")
     return next(iter(rows.values()), None)
 
 
@@ -144,7 +143,7 @@ def list_laion_shards(root: str | Path | fs.StoragePath) -> list[Shard]:
     found = {role: _numbered(root / role, prefix, suffix) for role, (prefix, suffix) in ROLES.items()}
     vector_roles = [r for r in ("img_emb", "text_emb") if found[r]]
     if not vector_roles:
-        raise LaionLayoutError(f"{root}: no img_emb/img_emb_<i>.npy or text_emb/text_emb_<i>.npy files")
+        raise LayoutError(f"{root}: no img_emb/img_emb_<i>.npy or text_emb/text_emb_<i>.npy files")
     roles = vector_roles + ["metadata"] * bool(found["metadata"])
     numbers = set().union(*(found[r] for r in roles))
     for role in roles:
@@ -152,7 +151,7 @@ def list_laion_shards(root: str | Path | fs.StoragePath) -> list[Shard]:
         if missing:
             prefix, suffix = ROLES[role]
             names = [f"{role}/{prefix}_{i}{suffix}" for i in missing[:10]]
-            raise LaionLayoutError(
+            raise LayoutError(
                 f"{root}: shards {missing[:10]} lack {', '.join(names)} (every shard needs the same files)"
             )
     shards = []
@@ -160,7 +159,7 @@ def list_laion_shards(root: str | Path | fs.StoragePath) -> list[Shard]:
     for index, number in enumerate(sorted(numbers, key=lambda s: (int(s), s))):
         files = tuple(str(found[role][number]) for role in roles)
         check_shard(dict(zip(roles, files, strict=True)), number, widths)
-        shards.append(Shard(index, files[0], kind="laion", files=files, rel=number))
+        shards.append(Shard(index, files[0], kind=FORMAT.name, files=files, rel=number))
     return shards
 
 
@@ -207,10 +206,59 @@ def read_laion_shard(
         yielded = True
         yield batch
     if start != rows:
-        raise LaionLayoutError(f"shard {shard.rel}: metadata yielded {start} rows, the vectors have {rows}")
+        raise LayoutError(f"shard {shard.rel}: metadata yielded {start} rows, the vectors have {rows}")
     if not yielded:
         schema = meta.schema_arrow if meta is not None else pa.schema([])
         batch = RowBatch(keys=[], carried={c: pa.array([], schema.field(c).type) for c in carry})
         for side, array in arrays.items():
             setattr(batch, f"{side}_vectors", np.zeros((0, array.shape[1]), np.float32))
         yield batch
+
+
+class EmbeddingsFormat(InputFormat):
+    """The clip-retrieval layout; Parquet files with vector columns are read by
+    :mod:`rebalance.data.parquet`, which also answers ``format: embeddings``."""
+
+    name = "embeddings"
+    looks_for = "img_emb/ or text_emb/"
+
+    def detect(self, where: Location) -> bool:
+        return not where.is_file and is_laion(where.root)
+
+    def list_shards(self, where: Location) -> list[Shard]:
+        try:
+            return list_laion_shards(where.root)
+        except LayoutError as err:
+            raise SpecError("data.path", f"clip-retrieval layout: {err}", where.path) from None
+
+    def resolve(self, data: DataSpec, shards: list[Shard]) -> tuple[str, str | None, str | None]:
+        """The sides whose directory holds vectors; ``data.carry`` must name columns of the metadata. The
+        column names returned only mark a side as present."""
+        no_columns(data, "embeddings (clip-retrieval layout)")
+        roles = shard_files(shards[0])
+        if data.carry:
+            if "metadata" not in roles:
+                raise SpecError("data.carry", "the dataset has no metadata/ files", list(data.carry))
+            first, schema = first_readable(shards, metadata_schema)
+            for name in data.carry:
+                if name not in schema.names:
+                    raise SpecError("data.carry", f"column not in metadata of shard {first.label}", name)
+        return (
+            self.name,
+            "img_emb" if "img_emb" in roles else None,
+            "text_emb" if "text_emb" in roles else None,
+        )
+
+    def read(
+        self,
+        shard: Shard,
+        data: DataSpec,
+        fmt: str,
+        image_column: str | None,
+        text_column: str | None,
+        batch_size: int,
+    ) -> Iterator[RowBatch]:
+        return read_laion_shard(shard, data.key_column, data.carry, batch_size)
+
+
+FORMAT = EmbeddingsFormat()
