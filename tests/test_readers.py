@@ -3,6 +3,7 @@ carried columns, shard order and sides; bounded batches; fingerprints; duplicate
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -11,6 +12,7 @@ import pytest
 from shards import image_bytes, write_tar
 
 from rebalance.data import folder, readers
+from rebalance.data.input_format import InputFormat
 from rebalance.data.parts import write_part
 from rebalance.data.readers import (
     DuplicateKeyError,
@@ -270,6 +272,62 @@ def test_parquet_status_rejections_and_nested_fallback_keys(tmp_path):
         ("sub/x.parquet:1", "status:failed_to_download"),
         ("sub/x.parquet:2", "status:None"),
     ]
+
+
+# ---------------------------------------------------------------------------------------------- a new format
+
+
+class _JsonLines(InputFormat):
+    """A caption-only format a user might add: ``.jsonl`` files of {"key": ..., "caption": ...} lines."""
+
+    name = "jsonl"
+    looks_for = ".jsonl shards"
+
+    def detect(self, where):
+        return not where.is_file and where.has(".jsonl")
+
+    def list_shards(self, where):
+        return where.file_shards(".jsonl", self.name)
+
+    def resolve(self, data, shards):
+        return "jsonl", None, "caption"
+
+    def read(self, shard, data, fmt, image_column, text_column, batch_size):
+        rows = [json.loads(line) for line in Path(shard.path).read_text().splitlines()]
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            yield readers.RowBatch(keys=[r["key"] for r in chunk], texts=[r.get("caption") for r in chunk])
+
+
+def test_a_new_format_is_one_class_and_one_registry_entry(tmp_path, monkeypatch):
+    # Listing, auto detection, reading, unreadable shards and duplicate keys all go through the registry.
+    monkeypatch.setitem(readers.FORMATS, "jsonl", _JsonLines())
+    root = tmp_path / "captions"
+    (root / "b").mkdir(parents=True)
+    (root / "a.jsonl").write_text(
+        "".join(json.dumps({"key": f"a{i}", "caption": f"c{i}"}) + "\n" for i in range(3))
+    )
+    (root / "b" / "bad.jsonl").write_text("{not json\n")
+    (root / "c.jsonl").write_text(json.dumps({"key": "d", "caption": "x"}) + "\n" + json.dumps({"key": "d"}))
+    data = DataSpec(path=str(root))
+    shards = list_shards(data)
+    assert [(s.kind, s.label) for s in shards] == [
+        ("jsonl", "a.jsonl"),
+        ("jsonl", "b/bad.jsonl"),
+        ("jsonl", "c.jsonl"),
+    ]
+    fmt, image_column, text_column = resolve_format(data, shards)
+    assert (fmt, image_column, text_column) == ("jsonl", None, "caption")
+    batches = list(read_shard(shards[0], data, fmt, image_column, text_column, 2))
+    assert [b.keys for b in batches] == [["a0", "a1"], ["a2"]] and batches[1].texts == ["c2"]
+    (bad,) = read_shard(shards[1], data, fmt, image_column, text_column, 2)
+    assert bad.keys == [] and bad.texts == [] and bad.images is None  # the dataset's sides
+    assert [(k, r.split(" (")[0]) for k, r in bad.rejected] == [("b/bad.jsonl", "shard:unreadable")]
+    with pytest.raises(DuplicateKeyError, match="'d'"):
+        list(read_shard(shards[2], data, fmt, image_column, text_column, 2))
+    monkeypatch.delitem(readers.FORMATS, "jsonl")
+    with pytest.raises(SpecError, match=r"found no .*\.parquet shards or image files"):
+        list_shards(data)
 
 
 # ---------------------------------------------------------------------------------------------- bounded batches
