@@ -12,7 +12,7 @@ import pytest
 from shards import image_bytes, write_tar
 
 from rebalance.data import folder, readers
-from rebalance.data.input_format import InputFormat
+from rebalance.data.input_format import Columns, InputFormat
 from rebalance.data.parts import write_part
 from rebalance.data.readers import (
     DuplicateKeyError,
@@ -290,9 +290,9 @@ class _JsonLines(InputFormat):
         return where.file_shards(".jsonl", self.name)
 
     def resolve(self, data, shards):
-        return "jsonl", None, "caption"
+        return Columns("jsonl", None, "caption")
 
-    def read(self, shard, data, fmt, image_column, text_column, batch_size):
+    def read(self, shard, data, columns, batch_size):
         rows = [json.loads(line) for line in Path(shard.path).read_text().splitlines()]
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]

@@ -27,7 +27,14 @@ import numpy as np
 import pyarrow as pa
 
 from rebalance.data import fs
-from rebalance.data.input_format import InputFormat, LayoutError, Location, first_readable, no_columns
+from rebalance.data.input_format import (
+    Columns,
+    InputFormat,
+    LayoutError,
+    Location,
+    first_readable,
+    no_columns,
+)
 from rebalance.data.rows import RowBatch, Shard
 from rebalance.spec import DataSpec, SpecError
 
@@ -231,7 +238,7 @@ class EmbeddingsFormat(InputFormat):
         except LayoutError as err:
             raise SpecError("data.path", f"clip-retrieval layout: {err}", where.path) from None
 
-    def resolve(self, data: DataSpec, shards: list[Shard]) -> tuple[str, str | None, str | None]:
+    def resolve(self, data: DataSpec, shards: list[Shard]) -> Columns:
         """The sides whose directory holds vectors; ``data.carry`` must name columns of the metadata. The
         column names returned only mark a side as present."""
         no_columns(data, "embeddings (clip-retrieval layout)")
@@ -243,21 +250,13 @@ class EmbeddingsFormat(InputFormat):
             for name in data.carry:
                 if name not in schema.names:
                     raise SpecError("data.carry", f"column not in metadata of shard {first.label}", name)
-        return (
+        return Columns(
             self.name,
             "img_emb" if "img_emb" in roles else None,
             "text_emb" if "text_emb" in roles else None,
         )
 
-    def read(
-        self,
-        shard: Shard,
-        data: DataSpec,
-        fmt: str,
-        image_column: str | None,
-        text_column: str | None,
-        batch_size: int,
-    ) -> Iterator[RowBatch]:
+    def read(self, shard: Shard, data: DataSpec, columns: Columns, batch_size: int) -> Iterator[RowBatch]:
         return read_laion_shard(shard, data.key_column, data.carry, batch_size)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from rebalance.data import fs
-from rebalance.data.input_format import InputFormat, Location, no_columns
+from rebalance.data.input_format import Columns, InputFormat, Location, no_columns
 from rebalance.data.rows import (
     MAX_ENCODED_BYTES,
     BatchBuilder,
@@ -138,29 +138,19 @@ class FolderFormat(InputFormat):
             raise SpecError("data.path", "format folder needs a directory", where.path)
         return list_folder_shards(where)
 
-    def resolve(self, data: DataSpec, shards: list[Shard]) -> tuple[str, str | None, str | None]:
+    def resolve(self, data: DataSpec, shards: list[Shard]) -> Columns:
         """Images, and captions when any image has a sidecar ``.txt``; no carried columns. The column names
         returned only mark a side as present."""
         no_columns(data, self.name)
         if data.carry:
             raise SpecError("data.carry", "format folder has no metadata columns to carry", list(data.carry))
-        return self.name, "image", "text" if has_captions(shards) else None
+        return Columns(self.name, "image", "text" if has_captions(shards) else None)
 
-    def read(
-        self,
-        shard: Shard,
-        data: DataSpec,
-        fmt: str,
-        image_column: str | None,
-        text_column: str | None,
-        batch_size: int,
-    ) -> Iterator[RowBatch]:
-        return read_folder_shard(shard, data.path, text_column is not None, batch_size)
+    def read(self, shard: Shard, data: DataSpec, columns: Columns, batch_size: int) -> Iterator[RowBatch]:
+        return read_folder_shard(shard, data.path, columns.text is not None, batch_size)
 
-    def empty_batch(
-        self, shard: Shard, data: DataSpec, fmt: str, image_column: str | None, text_column: str | None
-    ) -> RowBatch:
-        return BatchBuilder(1, image_column is not None, text_column is not None).empty()
+    def empty_batch(self, shard: Shard, data: DataSpec, columns: Columns) -> RowBatch:
+        return BatchBuilder(1, columns.image is not None, columns.text is not None).empty()
 
 
 FORMAT = FolderFormat()

@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -34,7 +34,7 @@ from rebalance.data import fs
 from rebalance.data.rows import RowBatch, Shard
 from rebalance.spec import DataSpec, SpecError
 
-__all__ = ["InputFormat", "Location", "LayoutError", "UNREADABLE", "first_readable", "no_columns"]
+__all__ = ["InputFormat", "Columns", "Location", "LayoutError", "UNREADABLE", "first_readable", "no_columns"]
 
 # Errors that mean a shard's bytes cannot be read as its format; anything else is a bug and propagates.
 UNREADABLE = (OSError, EOFError, ValueError, tarfile.TarError, pa.ArrowException, zlib.error)
@@ -42,6 +42,15 @@ UNREADABLE = (OSError, EOFError, ValueError, tarfile.TarError, pa.ArrowException
 EMPTY_PROBES = 32
 
 T = TypeVar("T")
+
+
+class Columns(NamedTuple):
+    """What :meth:`InputFormat.resolve` finds: the dataset's format name (a ``data.format`` value) and its
+    image and text columns, None for a side the dataset lacks."""
+
+    format: str
+    image: str | None
+    text: str | None
 
 
 class LayoutError(ValueError):
@@ -105,26 +114,16 @@ class InputFormat(ABC):
         :class:`SpecError` when the files are there but do not make a dataset of this format."""
 
     @abstractmethod
-    def resolve(self, data: DataSpec, shards: list[Shard]) -> tuple[str, str | None, str | None]:
-        """(format, image column, text column) of the dataset, a column None for an absent side; checks
-        ``data``'s columns and ``carry`` against the files (:class:`SpecError` naming the field)."""
+    def resolve(self, data: DataSpec, shards: list[Shard]) -> Columns:
+        """The dataset's format and columns; checks ``data``'s columns and ``carry`` against the files
+        (:class:`SpecError` naming the field)."""
 
     @abstractmethod
-    def read(
-        self,
-        shard: Shard,
-        data: DataSpec,
-        fmt: str,
-        image_column: str | None,
-        text_column: str | None,
-        batch_size: int,
-    ) -> Iterator[RowBatch]:
+    def read(self, shard: Shard, data: DataSpec, columns: Columns, batch_size: int) -> Iterator[RowBatch]:
         """The shard's rows in batches of at most ``batch_size`` (kept and rejected together), at least
         one; an error of :data:`UNREADABLE` means the shard (from there on) cannot be read."""
 
-    def empty_batch(
-        self, shard: Shard, data: DataSpec, fmt: str, image_column: str | None, text_column: str | None
-    ) -> RowBatch:
+    def empty_batch(self, shard: Shard, data: DataSpec, columns: Columns) -> RowBatch:
         """A batch with no rows whose sides, vector widths and carried types match the dataset's.
 
         By default they are taken from the first of the dataset's other shards (at most EMPTY_PROBES) that
@@ -135,11 +134,11 @@ class InputFormat(ABC):
             if other.path == shard.path:
                 continue
             try:
-                for batch in self.read(other, data, fmt, image_column, text_column, 1):
+                for batch in self.read(other, data, columns, 1):
                     return batch.empty_like()
             except UNREADABLE:
                 continue
-        has_image, has_text = image_column is not None, text_column is not None
+        fmt, has_image, has_text = columns.format, columns.image is not None, columns.text is not None
         vectors = np.zeros((0, 0), np.float32) if fmt == "embeddings" else None
         return RowBatch(
             keys=[],

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rebalance.data import fs
-from rebalance.data.input_format import InputFormat, Location, first_readable
+from rebalance.data.input_format import Columns, InputFormat, Location, first_readable
 from rebalance.data.rows import RowBatch, Shard
 from rebalance.spec import DataSpec, SpecError
 
@@ -53,7 +53,7 @@ class ParquetFormat(InputFormat):
     def list_shards(self, where: Location) -> list[Shard]:
         return where.file_shards(".parquet", self.name)
 
-    def resolve(self, data: DataSpec, shards: list[Shard]) -> tuple[str, str | None, str | None]:
+    def resolve(self, data: DataSpec, shards: list[Shard]) -> Columns:
         """``auto`` picks ``embeddings`` when the image/text columns hold float lists and ``parquet`` when
         they hold binary images / strings; the first readable shard's schema decides. A named column that
         is absent raises :class:`SpecError`; with default names, an absent column means that side is not
@@ -66,30 +66,23 @@ class ParquetFormat(InputFormat):
             is_vector = pa.types.is_list(probe_type) or pa.types.is_fixed_size_list(probe_type)
             fmt = "embeddings" if is_vector else "parquet"
         default_image, default_text = ("image", "text") if fmt == "embeddings" else ("jpg", "txt")
-        columns = []
+        found = []
         for name, default, spec_field in (
             (data.image_column, default_image, "data.image_column"),
             (data.text_column, default_text, "data.text_column"),
         ):
             if name is not None and name not in schema.names:
                 raise SpecError(spec_field, f"column not in {first.name} (columns: {schema.names})", name)
-            columns.append(name or (default if default in schema.names else None))
-        if columns == [None, None]:
+            found.append(name or (default if default in schema.names else None))
+        if found == [None, None]:
             raise SpecError("data", f"no image or text column found in {first.name}: {schema.names}")
         for name in data.carry:
             if name not in schema.names:
                 raise SpecError("data.carry", f"column not in {first.name} (columns: {schema.names})", name)
-        return fmt, columns[0], columns[1]
+        return Columns(fmt, found[0], found[1])
 
-    def read(
-        self,
-        shard: Shard,
-        data: DataSpec,
-        fmt: str,
-        image_column: str | None,
-        text_column: str | None,
-        batch_size: int,
-    ) -> Iterator[RowBatch]:
+    def read(self, shard: Shard, data: DataSpec, columns: Columns, batch_size: int) -> Iterator[RowBatch]:
+        fmt, image_column, text_column = columns
         parquet = fs.parquet_file(shard.path)
         names = parquet.schema_arrow.names
         has_key = data.key_column in names

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from rebalance.data import embeddings, folder, fs, parquet, webdataset
-from rebalance.data.input_format import UNREADABLE, InputFormat, LayoutError, Location
+from rebalance.data.input_format import UNREADABLE, Columns, InputFormat, LayoutError, Location
 from rebalance.data.parquet import columns_of, vector_matrix
 from rebalance.data.parts import part_path, read_part
 from rebalance.data.rows import RowBatch, Shard
@@ -97,7 +97,7 @@ def list_shards(data: DataSpec) -> list[Shard]:
     return shards
 
 
-def resolve_format(data: DataSpec, shards: list[Shard]) -> tuple[str, str | None, str | None]:
+def resolve_format(data: DataSpec, shards: list[Shard]) -> Columns:
     """(format, image column, text column) of the dataset; a column is None for an absent side.
 
     The format of the shards decides (:meth:`~rebalance.data.input_format.InputFormat.resolve`): Parquet
@@ -122,8 +122,8 @@ def read_shard(
     Keys that repeat within the shard raise :class:`DuplicateKeyError` (naming them) once the shard has
     been read, before its part can be committed.
     """
-    source = FORMATS[shard.kind]
-    inner = source.read(shard, data, fmt, image_column, text_column, batch_size)
+    source, columns = FORMATS[shard.kind], Columns(fmt, image_column, text_column)
+    inner = source.read(shard, data, columns, batch_size)
     hashes: list[np.ndarray] = []  # 8 bytes a row, not the keys
     last: RowBatch | None = None
     rows = 0
@@ -139,11 +139,7 @@ def read_shard(
                 raise fs.StorageError(f"cannot read shard {shard.label}: {err}") from err
             where = f" after {rows} rows" if rows else ""
             detail = f"{type(err).__name__}: {err}"[:300]
-            batch = (
-                last.empty_like()
-                if last is not None
-                else source.empty_batch(shard, data, fmt, image_column, text_column)
-            )
+            batch = last.empty_like() if last is not None else source.empty_batch(shard, data, columns)
             batch.rejected = [(shard.label, f"shard:unreadable ({detail}{where})")]
             yield batch
             last = batch
@@ -153,10 +149,10 @@ def read_shard(
         last = batch
         yield batch
     if last is None:
-        yield source.empty_batch(shard, data, fmt, image_column, text_column)
+        yield source.empty_batch(shard, data, columns)
     repeated = _repeated(np.concatenate(hashes)) if hashes else np.zeros(0, np.uint64)
     if repeated.size:
-        _raise_on_repeated_keys(shard, data, fmt, image_column, text_column, repeated)
+        _raise_on_repeated_keys(shard, data, columns, repeated)
 
 
 def _batch_keys(batch: RowBatch) -> list[str]:
@@ -169,19 +165,12 @@ def _repeated(hashes: np.ndarray) -> np.ndarray:
     return np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
 
 
-def _raise_on_repeated_keys(
-    shard: Shard,
-    data: DataSpec,
-    fmt: str,
-    image_column: str | None,
-    text_column: str | None,
-    repeated: np.ndarray,
-) -> None:
+def _raise_on_repeated_keys(shard: Shard, data: DataSpec, columns: Columns, repeated: np.ndarray) -> None:
     """Read the shard again for the keys behind ``repeated`` hashes; raise DuplicateKeyError when some
     key really occurs twice (equal hashes of different keys are no error)."""
     counts: dict[str, int] = {}
     try:
-        for batch in FORMATS[shard.kind].read(shard, data, fmt, image_column, text_column, 1024):
+        for batch in FORMATS[shard.kind].read(shard, data, columns, 1024):
             keys = _batch_keys(batch)
             for j in np.flatnonzero(np.isin(key_hashes(keys), repeated)):
                 counts[keys[j]] = counts.get(keys[j], 0) + 1

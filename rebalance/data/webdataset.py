@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from rebalance.data.fs import is_remote, open_input
-from rebalance.data.input_format import InputFormat, Location, first_readable, no_columns
+from rebalance.data.input_format import Columns, InputFormat, Location, first_readable, no_columns
 from rebalance.data.rows import (
     MAX_ENCODED_BYTES,
     BatchBuilder,
@@ -209,7 +209,7 @@ class WebDatasetFormat(InputFormat):
     def list_shards(self, where: Location) -> list[Shard]:
         return where.file_shards(".tar", self.name)
 
-    def resolve(self, data: DataSpec, shards: list[Shard]) -> tuple[str, str | None, str | None]:
+    def resolve(self, data: DataSpec, shards: list[Shard]) -> Columns:
         """The sides found in the first readable tar (images; ``.txt`` members or json members with a
         caption); ``data.carry`` must name fields of its json members. The column names returned only mark
         a side as present."""
@@ -222,25 +222,15 @@ class WebDatasetFormat(InputFormat):
                 f"not a field of the json members of {first.label} (fields: {sorted(fields)})",
                 missing,
             )
-        return self.name, "image" if has_image else None, "text" if has_text else None
+        return Columns(self.name, "image" if has_image else None, "text" if has_text else None)
 
-    def read(
-        self,
-        shard: Shard,
-        data: DataSpec,
-        fmt: str,
-        image_column: str | None,
-        text_column: str | None,
-        batch_size: int,
-    ) -> Iterator[RowBatch]:
+    def read(self, shard: Shard, data: DataSpec, columns: Columns, batch_size: int) -> Iterator[RowBatch]:
         return read_tar_shard(
-            shard, image_column is not None, text_column is not None, data.carry, batch_size
+            shard, columns.image is not None, columns.text is not None, data.carry, batch_size
         )
 
-    def empty_batch(
-        self, shard: Shard, data: DataSpec, fmt: str, image_column: str | None, text_column: str | None
-    ) -> RowBatch:
-        return BatchBuilder(1, image_column is not None, text_column is not None, data.carry).empty()
+    def empty_batch(self, shard: Shard, data: DataSpec, columns: Columns) -> RowBatch:
+        return BatchBuilder(1, columns.image is not None, columns.text is not None, data.carry).empty()
 
 
 FORMAT = WebDatasetFormat()
