@@ -90,6 +90,7 @@ def list_shards(data: DataSpec) -> list[Shard]:
             raise SpecError("data.path", f"found no {', '.join(most)} or {last}", data.path)
     else:
         candidates = [f for f in FORMATS.values() if data.format in f.formats]
+        # The first that detects the path; else the last (embeddings: Parquet) says what is missing.
         chosen = next((f for f in candidates if f.detect(where)), candidates[-1])
     shards = chosen.list_shards(where)
     if not shards:
