@@ -46,15 +46,60 @@ def _is_remote(path: str) -> bool:
     return "://" in path
 
 
+def _exponent(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise SpecError(where, "expected a number >= 0", value)
+    return float(value)
+
+
+def _positive(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise SpecError(where, "expected a number > 0", value)
+    return float(value)
+
+
+def _value_weights(value: Any, where: str) -> dict[str, float]:
+    if isinstance(value, str):
+        path = Path(value)
+        if not path.is_file():
+            raise SpecError(where, "file does not exist", value)
+        value = yaml.safe_load(path.read_text())
+    if not isinstance(value, dict) or not value:
+        raise SpecError(where, "expected a non-empty mapping value -> weight", value)
+    clean: dict[str, float] = {}
+    for k, w in value.items():
+        if isinstance(w, bool) or not isinstance(w, int | float) or not w >= 0:
+            raise SpecError(f"{where}.{k}", "expected a number >= 0", w)
+        clean[str(k)] = float(w)
+    if sum(clean.values()) <= 0:
+        raise SpecError(where, "weights must not all be zero", value)
+    return clean
+
+
+TARGET_KINDS: dict[str, Any] = {
+    "power": _exponent,
+    "cap": _positive,
+    "weights": _value_weights,
+}
+"""The target kinds with a parameter, each with the parser of ``{kind: value}``'s value (value, field path)
+-> the value :func:`rebalance.kernels.targets.target_marginal` takes as the keyword ``kind``. ``uniform``
+has none. A new kind: its parser here and its function in :mod:`rebalance.kernels.targets`."""
+
+
 @dataclass(frozen=True)
 class Target:
     """A target marginal: ``uniform``, ``{power: a}`` (count^a), ``{cap: t}`` (min(count, t)) or
-    ``{weights: {value: w, ...}}`` (given, normalised to sum 1; values not listed get 0)."""
+    ``{weights: {value: w, ...}}`` (given, normalised to sum 1; values not listed get 0), computed by
+    :func:`rebalance.kernels.targets.target_marginal`. ``value`` is the kind's parameter (None for
+    ``uniform``)."""
 
-    kind: Literal["uniform", "power", "cap", "weights"] = "uniform"
-    power: float | None = None
-    cap: float | None = None
-    weights: dict[str, float] | None = None
+    kind: str = "uniform"
+    value: Any = None
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The keyword parameters of the kind's target function: ``{kind: value}`` (none for uniform)."""
+        return {} if self.kind == "uniform" else {self.kind: self.value}
 
     @classmethod
     def parse(cls, raw: Any, where: str) -> Target:
@@ -62,39 +107,17 @@ class Target:
             return raw
         if raw == "uniform":
             return cls()
+        kinds = ", ".join(f"{{{k}: ...}}" for k in TARGET_KINDS)
         if not isinstance(raw, dict) or len(raw) != 1:
-            raise SpecError(where, "expected 'uniform', {power: a}, {cap: t} or {weights: {value: w}}", raw)
+            raise SpecError(where, f"expected 'uniform' or one of {kinds}", raw)
         ((kind, value),) = raw.items()
-        if kind == "power":
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-                raise SpecError(f"{where}.power", "expected a number >= 0", value)
-            return cls(kind="power", power=float(value))
-        if kind == "cap":
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise SpecError(f"{where}.cap", "expected a number > 0", value)
-            return cls(kind="cap", cap=float(value))
-        if kind == "weights":
-            if isinstance(value, str):
-                path = Path(value)
-                if not path.is_file():
-                    raise SpecError(f"{where}.weights", "file does not exist", value)
-                value = yaml.safe_load(path.read_text())
-            if not isinstance(value, dict) or not value:
-                raise SpecError(f"{where}.weights", "expected a non-empty mapping value -> weight", value)
-            clean: dict[str, float] = {}
-            for k, w in value.items():
-                if isinstance(w, bool) or not isinstance(w, int | float) or not w >= 0:
-                    raise SpecError(f"{where}.weights.{k}", "expected a number >= 0", w)
-                clean[str(k)] = float(w)
-            if sum(clean.values()) <= 0:
-                raise SpecError(f"{where}.weights", "weights must not all be zero", value)
-            return cls(kind="weights", weights=clean)
-        raise SpecError(where, f"unknown target kind {kind!r}; expected power, cap or weights", raw)
+        parse = TARGET_KINDS.get(kind)
+        if parse is None:
+            raise SpecError(where, f"unknown target kind {kind!r}; expected {', '.join(TARGET_KINDS)}", raw)
+        return cls(kind=kind, value=parse(value, f"{where}.{kind}"))
 
     def to_dict(self) -> Any:
-        if self.kind == "uniform":
-            return "uniform"
-        return {self.kind: getattr(self, self.kind)}
+        return "uniform" if self.kind == "uniform" else {self.kind: self.value}
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from rebalance.kernels.ipf import (
     ipf_rows,
     label_sums,
     prepare_codes,
-    row_weights,
 )
+from rebalance.kernels.scaling import Scaling
 
 
 def cell_path(codes: np.ndarray, targets, **kwargs):
@@ -110,9 +110,7 @@ def test_row_path_equals_cell_path_whatever_the_split(problem):
         assert (np.isfinite(rows.log_factors[m]) == finite).all()
         np.testing.assert_allclose(rows.log_factors[m][finite], cell.log_factors[m][finite], atol=1e-9)
     assert rows.log_normalizer == pytest.approx(cell.log_normalizer, abs=1e-12)
-    again = np.concatenate(
-        [row_weights(p, rows.log_factors, rows.log_normalizer) for p in split(codes, cuts)]
-    )
+    again = np.concatenate([rows.scaling.weights(p) for p in split(codes, cuts)])
     np.testing.assert_allclose(again, weights, rtol=1e-9, atol=1e-300)
 
 
@@ -189,7 +187,7 @@ def test_step_kernels_by_brute_force_and_chunking():
     assert (w == w0).all()
     log_factors = [np.log(rng.random(4)), np.log(rng.random(3)), np.array([-np.inf, 0.5])]
     direct = [np.exp(sum(f[c[j]] for j, f in enumerate(log_factors)) - 2.0) for c in codes]
-    np.testing.assert_allclose(row_weights(codes, log_factors, 2.0), direct, rtol=1e-14)
+    np.testing.assert_allclose(Scaling(tuple(log_factors), 2.0).weights(codes), direct, rtol=1e-14)
 
 
 def test_two_marginals_need_one_reduction_per_step():

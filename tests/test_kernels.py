@@ -1,4 +1,6 @@
-"""Targets, imbalance statistics, bottom-k sampling and the faiss k-means wrapper."""
+"""Targets, the balancing scaling, imbalance statistics, bottom-k sampling and the faiss k-means wrapper."""
+
+import json
 
 import numpy as np
 import pytest
@@ -6,8 +8,10 @@ from sklearn.metrics import normalized_mutual_info_score
 
 from rebalance.kernels.kmeans import assign, train_kmeans
 from rebalance.kernels.sampling import bottom_k, key_priorities
+from rebalance.kernels.scaling import Scaling
 from rebalance.kernels.stats import gini, imbalance_stats, normalized_entropy
-from rebalance.kernels.targets import target_marginal
+from rebalance.kernels.targets import TARGETS, UnknownValuesError, target_marginal
+from rebalance.spec import TARGET_KINDS, Target
 
 
 def test_targets():
@@ -22,6 +26,44 @@ def test_targets():
         target_marginal(counts, "power", power=-1)
     with pytest.raises(ValueError, match="unknown target kind"):
         target_marginal(counts, "nope")
+
+
+def test_parsed_targets_compute_themselves():
+    # Every kind the spec parses has its function, and a parsed target gives what its kind and value give.
+    assert set(TARGETS) == {"uniform", *TARGET_KINDS}
+    counts = np.array([100.0, 25.0, 0.0, 4.0])
+    names = ["a", "b", "c", "d"]
+    np.testing.assert_allclose(
+        target_marginal(counts, Target.parse("uniform", "t")), [1 / 3, 1 / 3, 0, 1 / 3]
+    )
+    np.testing.assert_allclose(
+        target_marginal(counts, Target.parse({"cap": 20}, "t")), np.array([20, 20, 0, 4]) / 44
+    )
+    weights = Target.parse({"weights": {"a": 1, "d": 3}}, "t")
+    np.testing.assert_allclose(target_marginal(counts, weights, values=names), [0.25, 0, 0, 0.75])
+    with pytest.raises(UnknownValuesError) as err:  # positive weight on a value no row has: missing mass
+        target_marginal(counts, Target.parse({"weights": {"a": 1, "z": 2, "y": 0}}, "t"), values=names)
+    assert err.value.values == ["y", "z"]
+
+
+def test_scaling_weights_cap_and_record_by_hand():
+    # f_0 = log [2, 0.5, 0] (-inf: a target of 0), f_1 = log [1, 4], L = log 2: w(l) = f_0(l_0) f_1(l_1) / 2.
+    scaling = Scaling((np.log([2.0, 0.5]).tolist() + [-np.inf], np.log([1.0, 4.0])), float(np.log(2.0)))
+    codes = np.array([[0, 0], [0, 1], [1, 1], [2, 1]])
+    np.testing.assert_allclose(scaling.weights(codes), [1, 4, 1, 0], rtol=1e-15)
+    capped = scaling.capped(1.5, 3.0)
+    np.testing.assert_allclose(capped.weights(codes), [1.5, 3, 1.5, 0], rtol=1e-15)
+    with pytest.raises(ValueError, match="names"):
+        capped.to_dict()  # the record names the labels
+    labelled = capped.labelled(["image_cluster", "source"], [[0, 1, 2], ["web", "stock"]])
+    record = json.loads(json.dumps(labelled.to_dict()))
+    assert record["values"] == {"image_cluster": ["0", "1", "2"], "source": ["web", "stock"]}
+    assert record["log_factors"]["image_cluster"][2] is None  # a target of 0
+    assert record["clip"] == {"scale": 1.5, "max_weight": 3.0}
+    again = Scaling.from_dict(record)
+    assert again.marginals == ("image_cluster", "source") and again.values[1] == ("web", "stock")
+    np.testing.assert_array_equal(again.weights(codes), capped.weights(codes))
+    assert Scaling.from_dict(scaling.labelled(["a", "b"], [[0, 1, 2], [0, 1]]).to_dict()).max_weight is None
 
 
 def test_stats_by_hand():

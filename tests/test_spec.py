@@ -39,8 +39,8 @@ def test_full_spec(data_dir):
             "ray": {"address": "local", "num_cpus": 2},
         }
     )
-    assert spec.balance.target_for("image_cluster") == Target(kind="cap", cap=100.0)
-    assert spec.balance.target_for("source").weights == {"web": 1.0, "stock": 2.0}
+    assert spec.balance.target_for("image_cluster") == Target(kind="cap", value=100.0)
+    assert spec.balance.target_for("source").value == {"web": 1.0, "stock": 2.0}
     assert spec.data.carry == ("source", "label") and spec.embed.workers == 2
 
 
@@ -108,6 +108,6 @@ def test_weights_target_from_file(data_dir, tmp_path):
             "balance": {"marginals": ["source"], "target": {"weights": str(weights)}},
         }
     )
-    assert spec.balance.target.weights == {"web": 2.0, "stock": 1.0}
+    assert spec.balance.target.value == {"web": 2.0, "stock": 1.0}
     with pytest.raises(SpecError, match=r"'balance.target.weights': file does not exist"):
         Spec.from_dict({"data": {"path": data_dir}, "balance": {"target": {"weights": str(tmp_path / "x")}}})

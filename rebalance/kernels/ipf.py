@@ -15,7 +15,8 @@ process: rows stay split into parts (on actors), each part holding its rows' lab
 multiplies every row's mass by the ratio of its label (:func:`apply_ratio`) and needs from every part only
 the per-label sums of the next marginal (:func:`label_sums`), added across parts. The two are fused into
 one pass over the part (:func:`apply_ratio_and_sum`), so a step reads the rows once. The driver keeps the
-log factors, from which :func:`row_weights` recomputes any row's weight (a lost part, an unseen cell).
+log factors, from which the result's :class:`~rebalance.kernels.scaling.Scaling` recomputes any row's
+weight (a lost part, an unseen cell).
 On the cell path with two marginals the table is a sparse K_0 x K_1 matrix N and a step is one sparse
 matrix-vector product (q = diag(u) N diag(v): the sums of marginal 0 are u * (N v)), the Sinkhorn form.
 
@@ -40,6 +41,8 @@ from typing import Literal
 import numpy as np
 import scipy.sparse
 
+from rebalance.kernels.scaling import Scaling
+
 Omega = float | Literal["auto"]
 """Over-relaxation of the projections: a factor in [1, 2) (1 = plain IPF) or ``"auto"``."""
 
@@ -48,7 +51,6 @@ __all__ = [
     "MissingMassError",
     "Omega",
     "Relaxation",
-    "RowIPFResult",
     "clip_scale",
     "clip_weights",
     "ess",
@@ -60,7 +62,6 @@ __all__ = [
     "label_sums",
     "marginal_errors",
     "prepare_codes",
-    "row_weights",
 ]
 
 
@@ -75,24 +76,35 @@ class MissingMassError(ValueError):
 
 @dataclass
 class IPFResult:
-    """Balanced cell masses and the trace of the iteration.
+    """The scaling an IPF found and the trace of the iteration; both paths return it.
 
-    mass: (C,) balanced measure, sums to 1. errors: (n_passes + 1, M) total-variation error per marginal,
-    row 0 before any pass. converged: the largest final error is below ``tol``. log_factors: M arrays
-    (K_m,), the accumulated log scaling of each label, and log_normalizer, such that the weight
-    mass_c / initial_mass_c of any cell, seen or not, is exp(sum_m log_factors[m][l_m(c)] - log_normalizer)
-    (-inf log factors are labels whose target is 0). omegas: (n_passes,) over-relaxation of each pass.
+    scaling: the per-label log factors (M arrays (K_m,), -inf where the target is 0) and log normaliser,
+    such that the weight (mean 1 over all rows) of a row or cell with labels l, seen or not, is
+    exp(sum_m log_factors[m][l_m] - log_normalizer) (:class:`~rebalance.kernels.scaling.Scaling`).
+    errors: (passes + 1, M) total-variation error per marginal, row 0 before any pass. converged: the
+    largest final error is below ``tol``. worst: per marginal the labels farthest from their target and
+    their gaps. omegas: (passes,) over-relaxation of each pass (1 = plain IPF). mass: (C,) the balanced
+    measure on the cells, summing to 1 (from :func:`ipf`; None from the row path). weights: one (n_i,)
+    array of row weights per part (from :func:`ipf_rows`; empty otherwise, the parts living elsewhere).
     """
 
-    mass: np.ndarray
+    scaling: Scaling
     errors: np.ndarray
     converged: bool
     passes: int
     tol: float
     worst: list[dict] = field(default_factory=list)
-    log_factors: list[np.ndarray] = field(default_factory=list)
-    log_normalizer: float = 0.0
     omegas: np.ndarray = field(default_factory=lambda: np.ones(0))
+    mass: np.ndarray | None = None
+    weights: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def log_factors(self) -> tuple[np.ndarray, ...]:
+        return self.scaling.log_factors
+
+    @property
+    def log_normalizer(self) -> float:
+        return self.scaling.log_normalizer
 
     @property
     def final_error(self) -> float:
@@ -145,18 +157,8 @@ def ipf(
         cells.step, cells.counts, targets, iterations=iterations, tol=tol, max_iter=max_iter, omega=omega
     )
     balanced = cells.mass()
-    total = balanced.sum()
-    return IPFResult(
-        balanced / total,
-        result.errors,
-        result.converged,
-        result.passes,
-        tol,
-        result.worst,
-        result.log_factors,
-        result.log_normalizer,
-        result.omegas,
-    )
+    result.mass = balanced / balanced.sum()
+    return result
 
 
 class _Cells:
@@ -265,34 +267,6 @@ ROW_CHUNK = 1 << 17
 """Rows per block in :func:`apply_ratio_and_sum`: a block's gathered ratios stay in cache."""
 
 
-@dataclass
-class RowIPFResult:
-    """The trace of a row-path IPF and the scaling that reproduces its weights.
-
-    errors: (passes + 1, M) total-variation error per marginal, row 0 before any pass: the numbers
-    :func:`ipf` reports on the cell table. log_factors (M arrays (K_m,), -inf where the target is 0) and
-    log_normalizer: the weight (mean 1 over all rows) of a row with labels l is
-    exp(sum_m log_factors[m][l_m] - log_normalizer), as in :class:`IPFResult`. weights: one (n_i,) array
-    per part, filled by :func:`ipf_rows` (empty from :func:`ipf_driver`, whose parts live elsewhere).
-    omegas: (passes,) over-relaxation of each pass (1 = plain IPF).
-    """
-
-    log_factors: list[np.ndarray]
-    log_normalizer: float
-    errors: np.ndarray
-    converged: bool
-    passes: int
-    tol: float
-    worst: list[dict] = field(default_factory=list)
-    weights: list[np.ndarray] = field(default_factory=list)
-    omegas: np.ndarray = field(default_factory=lambda: np.ones(0))
-
-    @property
-    def final_error(self) -> float:
-        """The largest marginal error after the last pass."""
-        return float(self.errors[-1].max())
-
-
 def prepare_codes(codes: np.ndarray) -> np.ndarray:
     """The (n, M) labels of a part as a column-major int64 array, the layout the row-path kernels read
     fastest (from a row-major array every column is strided: about 4x slower). Do it once per part."""
@@ -364,18 +338,6 @@ def apply_ratio_and_sum(
     return out
 
 
-def row_weights(
-    codes_part: np.ndarray, log_factors: Sequence[np.ndarray], log_normalizer: float
-) -> np.ndarray:
-    """Weight of each row of a part from a result's scaling: exp(sum_m log_factors[m][c_im] -
-    log_normalizer), shape (n,). Recomputes a part's weights without re-running the iteration."""
-    codes = np.asarray(codes_part)
-    log_w = np.full(codes.shape[0], -float(log_normalizer))
-    for m, f in enumerate(log_factors):
-        log_w += np.asarray(f, dtype=np.float64)[codes[:, m]]
-    return np.exp(log_w)
-
-
 def ipf_driver(
     step: Callable[[int | None, np.ndarray | None, int], np.ndarray],
     counts: Sequence[np.ndarray],
@@ -385,7 +347,7 @@ def ipf_driver(
     tol: float = 1e-6,
     max_iter: int = 1000,
     omega: Omega = "auto",
-) -> RowIPFResult:
+) -> IPFResult:
     """The iteration of :func:`ipf`, driven from per-label reductions over parts that hold the rows.
 
     The parts start with mass 1/N per row (N = sum of counts[0]). step(m, ratio, next_m): every part runs
@@ -452,9 +414,8 @@ def ipf_driver(
         order = np.argsort(-np.abs(gap))[:5]
         worst.append({"marginal": m, "labels": order.tolist(), "gap": gap[order].tolist()})
     converged = bool(errors[-1].max() < tol)
-    return RowIPFResult(
-        log_factors, float(np.log(total)), errors, converged, passes, tol, worst, omegas=relax.history()
-    )
+    scaling = Scaling(tuple(log_factors), float(np.log(total)))
+    return IPFResult(scaling, errors, converged, passes, tol, worst, omegas=relax.history())
 
 
 class Relaxation:
@@ -567,11 +528,11 @@ def ipf_rows(
     tol: float = 1e-6,
     max_iter: int = 1000,
     omega: Omega = "auto",
-) -> RowIPFResult:
+) -> IPFResult:
     """Row-path IPF over rows split into parts, in one process: the reference for a distributed driver.
 
     parts_codes: one (n_i, M) integer array per part, column m in [0, K_m). targets: M arrays (K_m,)
-    summing to 1. Returns :class:`RowIPFResult` whose ``weights`` (one (n_i,) array per part, mean 1 over
+    summing to 1. Returns :class:`IPFResult` whose ``weights`` (one (n_i,) array per part, mean 1 over
     all rows) equal the cell path's mass_c / (count_c / N) for each row's cell, whatever the split.
     Only :func:`label_sums` and :func:`apply_ratio_and_sum` touch the rows, inside ``step``: a Ray adapter
     replaces the sums over parts by actor calls and keeps this loop (:func:`ipf_driver`).

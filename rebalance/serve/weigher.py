@@ -4,7 +4,8 @@ Everything here is plain Python (numpy, faiss, optionally the run's open_clip mo
 :mod:`rebalance.serve.app` and the Ray Serve deployment in :mod:`rebalance.serve.deploy`.
 
 The weight of a new row is the weight of its cell (its tuple of labels), read from ``balance.json``'s
-``scaling`` (see docs/run-directory.md)::
+``scaling`` (:class:`~rebalance.kernels.scaling.Scaling`, the formula the balance stage weighs its rows
+with; see docs/run-directory.md)::
 
     w = min(clip.scale * exp(sum_m log_factors[m][index of label_m] - log_normalizer), clip.max_weight)
 
@@ -18,7 +19,6 @@ import base64
 import binascii
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import numpy as np
 
 from rebalance.data import fs
 from rebalance.kernels.kmeans import level_labels
+from rebalance.kernels.scaling import Scaling
 from rebalance.spec import cluster_marginal
 
 __all__ = ["RequestError", "Sample", "Weigher", "MISSING_LABEL", "SIDES"]
@@ -96,18 +97,12 @@ class Weigher:
                 f"{self.root}/balance.json has no 'scaling' (written by an older rebalance): re-run the "
                 "balance stage to weigh new rows"
             )
-        self.marginals: list[str] = list(scaling["marginals"])
+        self.scaling = Scaling.from_dict(scaling)
+        self.marginals: list[str] = list(self.scaling.marginals)
         self.values: dict[str, list[str]] = {
-            m: [str(v) for v in scaling["values"][m]] for m in self.marginals
+            m: list(v) for m, v in zip(self.marginals, self.scaling.values, strict=True)
         }
         self._codes = {m: {v: i for i, v in enumerate(vals)} for m, vals in self.values.items()}
-        self._log_factors = {
-            m: np.array([-math.inf if f is None else float(f) for f in scaling["log_factors"][m]])
-            for m in self.marginals
-        }
-        self.log_normalizer = float(scaling["log_normalizer"])
-        clip = scaling.get("clip")
-        self.clip = None if clip is None else (float(clip["scale"]), float(clip["max_weight"]))
 
         embed = stages["embed"]
         self.format = embed.get("format")
@@ -180,23 +175,12 @@ class Weigher:
             "marginals": self.marginals,
             "metadata_fields": self.carried_marginals,
             "values": self.values,
-            "clip": None if self.clip is None else {"scale": self.clip[0], "max_weight": self.clip[1]},
+            "clip": self.scaling.to_dict()["clip"],
             "model": self.model_name if self.accepts_raw else None,
             "accepts_raw_inputs": self.accepts_raw,
         }
 
     # -- weighting ---------------------------------------------------------------------------------------
-
-    def cell_weights(self, codes: np.ndarray) -> np.ndarray:
-        """Weights (n,) of cells given their label indices (n, M), one column per marginal."""
-        total = np.zeros(codes.shape[0], dtype=np.float64)
-        for m, name in enumerate(self.marginals):
-            total += self._log_factors[name][codes[:, m]]
-        with np.errstate(over="ignore"):
-            w = np.exp(total - self.log_normalizer)
-        if self.clip is not None:
-            w = np.minimum(self.clip[0] * w, self.clip[1])
-        return w
 
     def weigh(self, samples: list[Sample]) -> list[dict[str, Any]]:
         """Clusters, labels and weight of every sample; raises :class:`RequestError` for a bad sample."""
@@ -264,7 +248,7 @@ class Weigher:
                     codes[i, m] = code
         if errors:
             raise RequestError(self._join(errors))
-        weights = self.cell_weights(codes)
+        weights = self.scaling.weights(codes)
 
         out = []
         for i, sample in enumerate(samples):

@@ -1,0 +1,161 @@
+"""Balance step 2: IPF on one of two paths that compute the same iteration (:mod:`rebalance.kernels.ipf`).
+
+- cell path (:class:`CellParts`): the driver holds the merged cell counts and runs
+  :func:`~rebalance.kernels.ipf.ipf` on them;
+- row path (:class:`RowParts`): actors keep their parts' label codes and masses in memory and the driver
+  reduces the next marginal's per-label sums after every step (:func:`~rebalance.kernels.ipf.ipf_driver`),
+  for more cells than one process should hold.
+
+Both parts objects answer the same ``reduce`` (a function of every part's :class:`Labelled` state, the
+results added) and ``ipf``, so the later steps (clipping, diagnostics) do not ask which path ran.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+
+from rebalance.kernels.ipf import (
+    IPFResult,
+    MissingMassError,
+    apply_ratio_and_sum,
+    ipf,
+    ipf_driver,
+    prepare_codes,
+)
+from rebalance.runtime.resident import ResidentParts
+from rebalance.spec import BalanceSpec
+from rebalance.stages.balance.survey import BalanceError, encode_labels, load_labels
+
+__all__ = ["CellParts", "Labelled", "RowParts", "fit", "fit_record"]
+
+log = logging.getLogger(__name__)
+
+
+class Labelled(NamedTuple):
+    """Rows (or cells, each ``counts`` rows) with their label codes and, on the row path, IPF masses."""
+
+    codes: np.ndarray
+    counts: np.ndarray | None
+    mass: np.ndarray | None = None
+
+
+class CellParts:
+    """The cell table as a single part, in the driver's memory."""
+
+    def __init__(self, state: Labelled):
+        self.state = state
+
+    def reduce(self, fn: Any, *args: Any, combine: Any = np.add) -> Any:
+        """fn(state, *args) of the one part."""
+        return fn(self.state, *args)
+
+    def ipf(self, counts: list[np.ndarray], targets: list[np.ndarray], **options: Any) -> IPFResult:
+        """:func:`~rebalance.kernels.ipf.ipf` on the cells (``counts``, the per-label rows, are theirs)."""
+        return ipf(self.state.codes, self.state.counts, targets, **options)
+
+    def __enter__(self) -> CellParts:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _load_rows(
+    run_root: str, index: int, marginals: list[str], values: list[pa.Array], n_rows: int
+) -> Labelled:
+    codes = prepare_codes(encode_labels(load_labels(run_root, index, marginals), marginals, values))
+    return Labelled(codes, None, np.full(codes.shape[0], 1.0 / n_rows))
+
+
+def _row_step(
+    state: Labelled, m: int | None, ratio: np.ndarray | None, next_m: int, k_next: int
+) -> np.ndarray:
+    return apply_ratio_and_sum(state.codes, state.mass, m, ratio, next_m, k_next)
+
+
+class RowParts(ResidentParts):
+    """Every part's rows (label codes, IPF mass) resident on actors: ``RowParts(items, workers)`` loads
+    part (run_root, index, marginals, values, n_rows) of each item."""
+
+    def __init__(self, items: list[tuple], workers: int):
+        super().__init__(_load_rows, items, workers)
+
+    def ipf(self, counts: list[np.ndarray], targets: list[np.ndarray], **options: Any) -> IPFResult:
+        """:func:`~rebalance.kernels.ipf.ipf_driver`, each step one reduction over the actors."""
+        sizes = [t.size for t in targets]
+
+        def step(m: int | None, ratio: np.ndarray | None, next_m: int) -> np.ndarray:
+            return self.reduce(_row_step, m, ratio, next_m, sizes[next_m])
+
+        return ipf_driver(step, counts, targets, **options)
+
+
+def fit(
+    parts: CellParts | RowParts,
+    spec: BalanceSpec,
+    values: list[pa.Array],
+    counts: list[np.ndarray],
+    targets: list[np.ndarray],
+) -> IPFResult:
+    """IPF of the parts toward ``targets`` as ``spec`` says; a target positive on a label with no rows is a
+    :class:`BalanceError` naming the labels."""
+    marginals = list(spec.marginals)
+    try:
+        result = parts.ipf(
+            counts,
+            targets,
+            iterations=None if spec.iterations == "auto" else spec.iterations,
+            tol=spec.tol,
+            max_iter=spec.max_iter,
+            omega=spec.overrelaxation,
+        )
+    except MissingMassError as err:
+        labels = values[err.marginal].take(pa.array(err.labels)).to_pylist()
+        raise BalanceError(
+            f"balance target of marginal {marginals[err.marginal]!r} is positive on values with "
+            f"no rows (missing mass): {labels[:20]}"
+        ) from None
+    omega = float(result.omegas.max()) if result.passes else 1.0
+    log.info(
+        "balance: %d passes (%s), largest marginal error %.3e, %s",
+        result.passes,
+        f"over-relaxed, omega up to {omega:.3f}" if omega > 1 else "plain",
+        result.final_error,
+        "converged" if result.converged else "not converged",
+    )
+    return result
+
+
+def fit_record(result: IPFResult, spec: BalanceSpec, values: list[pa.Array]) -> dict[str, Any]:
+    """The ``balance.json`` fields of the iteration: passes, convergence, errors and omega per pass and,
+    when ``iterations: auto`` did not converge, ``error`` naming the values farthest from their targets."""
+    marginals = list(spec.marginals)
+    record: dict[str, Any] = {
+        "passes": result.passes,
+        "converged": result.converged,
+        "marginal_error_per_iteration": [
+            dict(zip(marginals, e.tolist(), strict=True)) for e in result.errors
+        ],
+        "final_marginal_error": dict(zip(marginals, result.errors[-1].tolist(), strict=True)),
+        "overrelaxation": spec.overrelaxation,
+        "omega_per_iteration": result.omegas.tolist(),
+    }
+    if not result.converged and spec.iterations == "auto":
+        worst = [
+            f"{marginals[w['marginal']]}: "
+            + ", ".join(
+                f"{values[w['marginal']][lab].as_py()!r} ({gap:+.2e})"
+                for lab, gap in zip(w["labels"], w["gap"], strict=True)
+            )
+            for w in result.worst
+        ]
+        record["error"] = (
+            f"IPF did not reach tol={spec.tol} in {result.passes} iterations (largest marginal error "
+            f"{result.final_error:.3e}); the targets may be incompatible with the data's structural zeros. "
+            f"Farthest values per marginal: {'; '.join(worst)}"
+        )
+    return record

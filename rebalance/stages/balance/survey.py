@@ -1,0 +1,171 @@
+"""Balance step 1: survey the parts' labels, choose the IPF path, build the targets.
+
+The pool reads every part's marginal columns and returns its label counts per marginal and, when small,
+its table of distinct label tuples (cells). The driver merges the labels of each marginal (sorted values;
+a label's code is its position), chooses the path (``balance.path``; ``auto``: the cell path while the
+parts hold at most ``balance.max_cells`` cells in all, a bound on the merged table) and computes each
+marginal's target from its counts (:func:`rebalance.kernels.targets.target_marginal`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rebalance.data.fs import join
+from rebalance.data.parts import read_part
+from rebalance.kernels.targets import UnknownValuesError, target_marginal
+from rebalance.runtime.pool import ActorPool, ShardWorker
+from rebalance.spec import BalanceSpec, cluster_marginal
+
+__all__ = [
+    "BalanceError",
+    "CellTable",
+    "Survey",
+    "count_cells",
+    "encode_labels",
+    "load_labels",
+    "survey",
+    "survey_part",
+    "targets_for",
+]
+
+MISSING_LABEL = "<missing>"
+COUNT = "count_all"
+
+
+class BalanceError(RuntimeError):
+    """The targets cannot be met (missing mass, or no convergence within max_iter)."""
+
+
+def load_labels(run_root: str, index: int, marginals: list[str]) -> pa.Table:
+    """The marginal columns of part ``index``: cluster labels from ``assignments/``, carried columns (as
+    strings, nulls as ``<missing>``) from ``embeddings/``, plus ``key``."""
+    clusters = [m for m in marginals if cluster_marginal(m) is not None]
+    carried = [m for m in marginals if cluster_marginal(m) is None]
+    table = read_part(join(run_root, "assignments"), index, columns=["key", *clusters])
+    if carried:
+        emb = read_part(join(run_root, "embeddings"), index, columns=carried)
+        for name in carried:
+            values = pc.fill_null(pc.cast(emb.column(name), pa.string()), MISSING_LABEL)
+            table = table.append_column(name, values)
+    return table
+
+
+def count_cells(run_root: str, index: int, marginals: list[str]) -> pa.Table:
+    """Rows per distinct label tuple in one part: the marginal columns plus ``count_all``."""
+    return load_labels(run_root, index, marginals).group_by(marginals).aggregate([([], COUNT)])
+
+
+def survey_part(run_root: str, index: int, marginals: list[str], max_cells: int) -> dict[str, Any]:
+    """One part's label counts per marginal (``values``: one table of value, ``count_all`` per marginal),
+    its number of distinct cells, and its cell table (:func:`count_cells`) when that has at most
+    ``max_cells`` rows (else None)."""
+    labels = load_labels(run_root, index, marginals)
+    cells = labels.group_by(marginals).aggregate([([], COUNT)])
+    return {
+        "values": [labels.group_by(m).aggregate([([], COUNT)]) for m in marginals],
+        "n_cells": cells.num_rows,
+        "cells": cells if cells.num_rows <= max_cells else None,
+    }
+
+
+def encode_labels(table: pa.Table, marginals: list[str], values: list[pa.Array]) -> np.ndarray:
+    """Codes (n, M) int64 of the marginal columns of ``table``: each label's position in its marginal's
+    sorted ``values`` (every label must be among them)."""
+    columns = [
+        pc.index_in(table.column(m), value_set=v).to_numpy(zero_copy_only=False)
+        for m, v in zip(marginals, values, strict=True)
+    ]
+    return np.stack(columns, axis=1).astype(np.int64) if columns else np.zeros((table.num_rows, 0), np.int64)
+
+
+class CellTable:
+    """The distinct cells of the whole dataset: codes (C, M) int64 label codes, counts (C,) rows per cell."""
+
+    def __init__(self, counts: pa.Table, marginals: list[str], values: list[pa.Array]):
+        merged = counts.group_by(marginals).aggregate([(COUNT, "sum")])
+        self.codes = encode_labels(merged, marginals, values)
+        self.counts = merged.column(f"{COUNT}_sum").to_numpy().astype(np.float64)
+
+
+@dataclass
+class Survey:
+    """What the survey found: the path and why, each marginal's sorted ``values`` and rows per value
+    (``counts``), and on the cell path every part's cell table (``cell_counts``; None on the row path)."""
+
+    path: str
+    reason: str
+    values: list[pa.Array]
+    counts: list[np.ndarray]
+    cell_counts: list[pa.Table] | None
+
+    @property
+    def rows(self) -> float:
+        return float(self.counts[0].sum())
+
+    def cells(self, marginals: list[str]) -> CellTable:
+        """The merged cell table (cell path only)."""
+        return CellTable(pa.concat_tables(self.cell_counts), marginals, self.values)
+
+
+def survey(root: str, indices: list[int], spec: BalanceSpec, workers: int) -> Survey:
+    """Survey every part's labels on a pool of ``workers`` actors, choose the path and, on the cell path,
+    gather every part's cell table (counting again the parts whose table was too large to return)."""
+    marginals = list(spec.marginals)
+    with ActorPool(ShardWorker, workers) as pool:
+        per_part = max(1, spec.max_cells // len(indices))
+        surveys = pool.map(
+            "call", [(survey_part, root, i, marginals, per_part) for i in indices], "survey labels"
+        )
+        path, reason = choose_path(spec, surveys)
+        cell_counts = None
+        if path == "cell":
+            cell_counts = [s["cells"] for s in surveys]
+            if any(c is None for c in cell_counts):
+                cell_counts = pool.map(
+                    "call", [(count_cells, root, i, marginals) for i in indices], "count cells"
+                )
+    values, counts = merge_values(surveys, marginals)
+    return Survey(path, reason, values, counts, cell_counts)
+
+
+def merge_values(surveys: list[dict], marginals: list[str]) -> tuple[list[pa.Array], list[np.ndarray]]:
+    """Each marginal's sorted distinct values and its rows per value, merged over the parts' surveys."""
+    values, counts = [], []
+    for i, m in enumerate(marginals):
+        merged = pa.concat_tables([s["values"][i] for s in surveys]).group_by(m).aggregate([(COUNT, "sum")])
+        merged = merged.sort_by(m)
+        values.append(merged.column(m).combine_chunks())
+        counts.append(merged.column(f"{COUNT}_sum").to_numpy().astype(np.float64))
+    return values, counts
+
+
+def choose_path(spec: BalanceSpec, surveys: list[dict]) -> tuple[str, str]:
+    """The IPF path (``cell`` or ``rows``) and the reason, from ``balance.path`` and the parts' cells."""
+    bound = sum(s["n_cells"] for s in surveys)
+    if spec.path != "auto":
+        return spec.path, f"balance.path: {spec.path}"
+    if bound <= spec.max_cells:
+        return "cell", f"the parts hold {bound} cells in all <= balance.max_cells = {spec.max_cells}"
+    return "rows", f"the parts hold {bound} cells in all > balance.max_cells = {spec.max_cells}"
+
+
+def targets_for(
+    values: list[pa.Array], counts: list[np.ndarray], marginals: list[str], spec: BalanceSpec
+) -> list[np.ndarray]:
+    """The target distribution of each marginal, from its observed counts and its target spec."""
+    out = []
+    for name, v, c in zip(marginals, values, counts, strict=True):
+        try:
+            out.append(target_marginal(c, spec.target_for(name), values=[str(x) for x in v.to_pylist()]))
+        except UnknownValuesError as err:
+            raise BalanceError(
+                f"balance target of marginal {name!r} puts positive weight on values with no rows "
+                f"(missing mass): {err.values[:20]}"
+            ) from None
+    return out
