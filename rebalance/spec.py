@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,13 +47,27 @@ def _is_remote(path: str) -> bool:
     return "://" in path
 
 
+# A decimal number as people write it in YAML. PyYAML (YAML 1.1) reads ``1e-6`` (no dot) and ``1E3`` as
+# strings; a float field takes such a string as the number. ``nan``, ``inf`` and words stay errors.
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+
+
+def _yaml_number(value: Any) -> Any:
+    """``value`` as a float when it is a number-looking string (``"1e-6"``), else unchanged."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
 def _exponent(value: Any, where: str) -> float:
+    value = _yaml_number(value)
     if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
         raise SpecError(where, "expected a number >= 0", value)
     return float(value)
 
 
 def _positive(value: Any, where: str) -> float:
+    value = _yaml_number(value)
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise SpecError(where, "expected a number > 0", value)
     return float(value)
@@ -68,6 +83,7 @@ def _value_weights(value: Any, where: str) -> dict[str, float]:
         raise SpecError(where, "expected a non-empty mapping value -> weight", value)
     clean: dict[str, float] = {}
     for k, w in value.items():
+        w = _yaml_number(w)
         if isinstance(w, bool) or not isinstance(w, int | float) or not w >= 0:
             raise SpecError(f"{where}.{k}", "expected a number >= 0", w)
         clean[str(k)] = float(w)
@@ -503,6 +519,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             raise SpecError(path, "expected an integer", value)
         return value
     if tp is float:
+        value = _yaml_number(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise SpecError(path, "expected a number", value)
         return float(value)

@@ -78,6 +78,27 @@ def test_bad_values_name_field_and_value(data_dir, patch, field, shown):
     assert f"'{field}'" in message and shown in message, message
 
 
+def test_yaml_numbers_without_a_dot_are_numbers(data_dir, tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-6 and 5E1 as strings; float fields take them as the numbers they look like.
+    path = tmp_path / "spec.yaml"
+    path.write_text(
+        f"data: {{path: {data_dir}}}\n"
+        "balance: {tol: 1e-6, max_weight: 5E1, target: {power: 5e-1}, overrelaxation: 1.5e0,\n"
+        "          soft: {temperature: 2e-2}}\n"
+    )
+    assert yaml.safe_load(path.read_text())["balance"]["tol"] == "1e-6"  # what the bug was
+    spec = Spec.from_yaml(path)
+    assert spec.balance.tol == 1e-6 and spec.balance.max_weight == 50.0
+    assert spec.balance.target == Target(kind="power", value=0.5)
+    assert spec.balance.overrelaxation == 1.5 and spec.balance.soft.temperature == 0.02
+    for bad in ("1e-6x", "nan", "tiny", "1e"):
+        with pytest.raises(SpecError, match=r"'balance.tol': expected a number") as info:
+            Spec.from_dict({"data": {"path": data_dir}, "balance": {"tol": bad}})
+        assert repr(bad) in str(info.value)
+    with pytest.raises(SpecError, match=r"'cluster.niter': expected an integer"):
+        Spec.from_dict({"data": {"path": data_dir}, "cluster": {"niter": "1e1"}})
+
+
 def test_unknown_keys_suggest_the_right_one(data_dir):
     with pytest.raises(SpecError, match=r"'cluster.nitre': unknown field; did you mean 'niter'"):
         Spec.from_dict({"data": {"path": data_dir}, "cluster": {"nitre": 3}})
