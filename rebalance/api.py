@@ -20,7 +20,8 @@ import pyarrow as pa
 from rebalance.data.fs import StoragePath, as_path, check_location
 from rebalance.data.parts import read_parts
 from rebalance.data.readers import dataset_fingerprint, list_shards, resolve_format
-from rebalance.runtime.manifest import STAGES, RunDir, check_run_dir, fingerprint, package_versions
+from rebalance.preflight import check_run
+from rebalance.runtime.manifest import STAGES, RunDir, fingerprint, package_versions
 from rebalance.runtime.session import ray_session
 from rebalance.spec import Spec, SpecError
 
@@ -129,7 +130,6 @@ def run(
         raise ValueError(f"until must be one of {STAGES}, got {until!r}")
     spec = as_spec(spec)
     check_location(out, "run directory")
-    check_run_dir(out, keep)
     run_dir = RunDir(out)
     shards = list_shards(spec.data)
     inputs = dataset_fingerprint(shards)
@@ -143,6 +143,10 @@ def run(
     todo = [s for s in wanted if not run_dir.is_complete(s, fps[s])]
     if todo:
         first = STAGES.index(todo[0])
+        sides = [side for side, c in (("image", image_column), ("text", text_column)) if c is not None]
+        check_run(spec, out, shards, sides, embed=first == 0, keep=keep)
+        for stage in wanted[:first]:
+            log.info("stage %s: skipped (complete)", stage)
         header = {"spec": spec.to_dict(), "versions": package_versions(), "inputs": inputs}
         functions = _stage_functions()
         with ray_session(spec.ray) as resources:

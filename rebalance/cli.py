@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 import yaml
@@ -42,7 +43,9 @@ def _print_summary(result) -> None:
     print(
         f"final marginal error:   {s['final_marginal_error']:.3e} ({'converged' if s['converged'] else 'NOT converged'})"
     )
-    print(f"report:                 {result.out / 'report' / 'report.html'}")
+    html = result.out / "report" / "report.html"
+    if html.is_file():
+        print(f"report:                 {html}")
 
 
 def _cmd_run(args: argparse.Namespace, until: str = "report") -> int:
@@ -103,40 +106,113 @@ def _add_service_commands(sub) -> None:
     add_serve_command(sub)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rebalance", description=__doc__)
+_RUN_HELP = """Run the stages of SPEC (a YAML file, docs/spec.md) into run directory OUT. Stages already
+complete for the same inputs and spec are skipped, and an interrupted run resumes from its committed parts
+when the same command runs again. Everything that can be checked without work (the spec, the data path,
+the model and its weights, k against the rows the inputs declare, OUT) is checked before Ray starts."""
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="YAML spec file (docs/spec.md)")
+    p.add_argument(
+        "--out", required=True, help="run directory: a local path or a pyarrow.fs URI (s3://bucket/run1)"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    from rebalance import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="rebalance",
+        description=__doc__,
+        epilog="Exit status: 0 done, 1 a failure while running, 2 a spec or input error, 130 interrupted.",
+    )
+    parser.add_argument("--version", action="version", version=f"rebalance {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="run every stage of SPEC into run directory OUT")
-    p.add_argument("spec", help="YAML spec file")
-    p.add_argument("--out", required=True, help="run directory")
+    parser.add_argument(
+        "--verbose", dest="show_traceback", action="store_true", help="print the traceback of an error"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser(
+        "run", help="run every stage of SPEC into run directory OUT", description=_RUN_HELP
+    )
+    _add_run_arguments(p)
     p.set_defaults(func=_cmd_run)
     for stage in ("embed", "cluster", "balance"):
-        p = sub.add_parser(stage, help=f"run the stages up to and including {stage}")
-        p.add_argument("spec")
-        p.add_argument("--out", required=True)
+        p = sub.add_parser(
+            stage,
+            help=f"run the stages up to and including {stage}",
+            description=f"{_RUN_HELP}\n\nThis command stops after the {stage} stage; `rebalance run` "
+            "with the same SPEC and OUT continues from there.",
+        )
+        _add_run_arguments(p)
         p.set_defaults(func=lambda a, s=stage: _cmd_run(a, until=s))
-    p = sub.add_parser("demo", help="generate the built-in long-tailed dataset and run everything on it")
+    p = sub.add_parser(
+        "demo",
+        help="generate the built-in long-tailed dataset and run everything on it",
+        description="Generate the built-in long-tailed image-text dataset in OUT/dataset (kept while ROWS, "
+        "SHARDS and SEED stay the same), write the demo spec to OUT/spec.yaml and run every stage on CPU with "
+        "the shipped tiny model; prints the summary and how well the clusters recover the true concepts.",
+    )
     p.add_argument("--out", default="runs/demo", help="run directory (the dataset goes in OUT/dataset)")
-    p.add_argument("--rows", type=int, default=3000)
-    p.add_argument("--shards", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rows", type=int, default=3000, help="rows of the generated dataset (default 3000)")
+    p.add_argument("--shards", type=int, default=4, help="Parquet shards it is split into (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated dataset (default 0)")
     p.set_defaults(func=_cmd_demo)
-    p = sub.add_parser("report", help="rebuild report/ of a finished run directory")
-    p.add_argument("run_dir")
+    p = sub.add_parser(
+        "report",
+        help="rebuild report/ of a finished run directory",
+        description="Recompute report/ (report.json, and report.html with report.html: true) of RUN_DIR "
+        "from the run directory alone; the dataset need not be reachable.",
+    )
+    p.add_argument("run_dir", help="a run directory whose balance stage is complete")
     p.set_defaults(func=_cmd_report)
     _add_service_commands(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _exit_code(err: BaseException) -> int:
+    """2 for a spec or input error (the same command cannot succeed until the input changes), else 1."""
+    from rebalance.data.laion import LaionLayoutError
+    from rebalance.data.readers import DuplicateKeyError
+    from rebalance.preflight import UsageError
+
+    input_errors: tuple[type[BaseException], ...] = (
+        SpecError,
+        UsageError,
+        DuplicateKeyError,
+        LaionLayoutError,
+        FileNotFoundError,
+        NotADirectoryError,
+    )
+    if type(err).__name__ in ("ClusterError", "MissingMassError"):  # not imported: they pull in faiss
+        return 2
+    return 2 if isinstance(err, input_errors) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("rebalance").setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
-        return args.func(args)
-    except (SpecError, FileNotFoundError) as err:
-        print(f"rebalance: error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
-        print(f"rebalance: error: {err}", file=sys.stderr)
-        return 1
+        with logging_redirect_tqdm():  # progress bars and log lines never share a line
+            return args.func(args)
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        again = f"run the same command again to resume {out}" if out else "nothing to resume"
+        print(f"rebalance: interrupted; committed work is kept: {again}", file=sys.stderr)
+        return 130
+    except Exception as err:
+        cause = getattr(err, "cause", None)  # a Ray task error: the actor's own exception
+        if isinstance(cause, BaseException):
+            err = cause
+        if args.show_traceback:
+            traceback.print_exception(err, file=sys.stderr)
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"rebalance: error: {message}", file=sys.stderr)
+        return _exit_code(err)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """A pool of Ray actors that maps a method over work items, in order, with progress and retries.
 
 Work items must be idempotent (they write their outputs atomically under names derived from the item),
-because a restarted actor redoes the item it was running.
+because a restarted actor redoes the item it was running. Only crashes are retried (a dead actor process, a
+lost node): an exception raised by the actor's constructor or by a work item is deterministic, so it is
+raised once, from :meth:`ActorPool.map`, as the original exception wrapped by Ray (``err.cause``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ class PlacementError(RuntimeError):
 
 class ActorPool:
     """``n`` actors of ``actor_cls``, each constructed with ``init_args``, each holding ``num_cpus`` CPUs
-    and ``num_gpus`` GPUs. Actors are restarted after a crash and the lost item is resubmitted.
+    and ``num_gpus`` GPUs. Actors are restarted after a crash and the lost item is resubmitted; exceptions
+    (of the constructor too) are not retried.
 
     Items go only to actors Ray has placed and started, so the pool works at the size Ray can place: actors
     still pending (waiting for a node the autoscaler is adding, or for one that never comes) join when they
@@ -54,10 +57,10 @@ class ActorPool:
         if not num_gpus and ray.cluster_resources().get("GPU", 0) > 0:
             # only where there are GPUs to hide: a runtime_env costs each actor a fresh worker process
             options["runtime_env"] = {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
-        remote_cls = ray.remote(actor_cls).options(
+        remote_cls = ray.remote(_Host).options(
             **options, max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS
         )
-        self.actors = [remote_cls.remote(*init_args) for _ in range(n)]
+        self.actors = [remote_cls.remote(actor_cls, *init_args) for _ in range(n)]
         self.asked = f"{n} {actor_cls.__name__} actor(s) of {num_cpus:g} CPU(s) and {num_gpus:g} GPU(s) each"
         self.placement_timeout_s = placement_timeout_s
         self._starting = {actor.__ray_ready__.remote(): actor for actor in self.actors}
@@ -68,7 +71,7 @@ class ActorPool:
         """Move the actors whose readiness refs are in ``refs`` to the ready list (raises if one failed)."""
         for ref in refs:
             actor = self._starting.pop(ref)
-            ray.get(ref)  # an actor whose constructor failed raises here
+            ray.get(ref)  # a constructor error does not fail the actor: its first call raises it
             self._ready.append(actor)
 
     def _wait_for_first(self) -> None:
@@ -100,7 +103,7 @@ class ActorPool:
                 while queue and idle:
                     actor = idle.pop()
                     i = queue.pop()
-                    running[getattr(actor, method).remote(*items[i])] = (i, actor)
+                    running[actor.call.remote(method, *items[i])] = (i, actor)
                 done, _ = ray.wait(list(running) + list(self._starting), num_returns=1)
                 if done[0] in self._starting:
                     self._started(done)
@@ -122,6 +125,26 @@ class ActorPool:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+class _Host:
+    """The actor: builds ``cls(*args)`` and calls its methods. A constructor that raises does not kill the
+    actor (Ray would restart it and retry its tasks, for a failure that cannot change): the exception is
+    kept and raised by every call."""
+
+    def __init__(self, cls: type, *args: Any):
+        self._obj: Any = None
+        self._error: Exception | None = None
+        try:
+            self._obj = cls(*args)
+        except Exception as err:
+            self._error = err
+
+    @ray.method(retry_exceptions=False)  # Ray's default, stated: max_task_retries covers crashes only
+    def call(self, method: str, *args: Any) -> Any:
+        if self._error is not None:
+            raise self._error
+        return getattr(self._obj, method)(*args)
 
 
 class ShardWorker:
