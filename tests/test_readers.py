@@ -442,3 +442,13 @@ def test_check_unique_keys_across_parts(tmp_path, monkeypatch):
     assert (
         check_unique_keys(tmp_path / "ok", _fake_parts(tmp_path / "ok", [(["a", "b"], []), (["c"], [])])) == 3
     )
+
+
+def test_a_small_folder_is_split_for_parallel_work(tmp_path):
+    # 1000 images: ceil(1000 / FOLDER_SHARDS) = 16 < FOLDER_MIN_SHARD_SIZE, so 15 chunks of 64 and one of 40,
+    # not one chunk of FOLDER_SHARD_SIZE that a single actor embeds while the other cores idle.
+    for i in range(1000):
+        (tmp_path / f"{i:04d}.jpg").write_bytes(b"")
+    shards = folder.list_folder_shards(tmp_path)
+    assert [len(s.files) for s in shards] == [64] * 15 + [40]
+    assert [s.index for s in shards] == list(range(16)) and shards[1].rel == "0064.jpg"

@@ -5,8 +5,10 @@ skipped) whose suffix is ``.jpg``, ``.jpeg``, ``.png`` or ``.webp`` (any case). 
 file with the same path and the suffix ``.txt`` (``cats/001.jpg`` -> ``cats/001.txt``). The key of a row is
 the image's path relative to ``data.path`` without its suffix (``cats/001``), with ``/`` separators.
 
-Shards are fixed-size chunks of the image list sorted by relative path: ``FOLDER_SHARD_SIZE`` images each,
-whatever the sub-folders (so a flat folder of a million images still spreads over many actors). Each shard
+Shards are equal chunks of the image list sorted by relative path, whatever the sub-folders: the list is cut
+into ``FOLDER_SHARDS`` chunks, of at least ``FOLDER_MIN_SHARD_SIZE`` and at most ``FOLDER_SHARD_SIZE``
+images (so a folder of a few thousand images spreads over up to 64 actors, and a flat folder of a million
+over a hundred). The split depends on the folder only, never on the machine, so a run resumes anywhere. Each shard
 carries its file list, so workers never list the folder again. ``data.path`` may be a URI
 (:mod:`rebalance.data.fs`); a remote folder is listed once, recursively.
 """
@@ -29,6 +31,8 @@ from rebalance.spec import DataSpec, SpecError
 
 __all__ = [
     "FORMAT",
+    "FOLDER_MIN_SHARD_SIZE",
+    "FOLDER_SHARDS",
     "FOLDER_SHARD_SIZE",
     "IMAGE_SUFFIXES",
     "folder_key",
@@ -38,6 +42,8 @@ __all__ = [
 ]
 
 FOLDER_SHARD_SIZE = 10_000
+FOLDER_MIN_SHARD_SIZE = 64
+FOLDER_SHARDS = 64
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
@@ -48,10 +54,9 @@ def folder_key(rel: str) -> str:
 
 
 def list_folder_shards(where: Location, shard_size: int | None = None) -> list[Shard]:
-    """The folder's images in chunks of ``shard_size`` (default FOLDER_SHARD_SIZE), each image followed by
-    its sidecar caption when it has one."""
+    """The folder's images in chunks of ``shard_size`` (default: the module docstring's rule), each image
+    followed by its sidecar caption when it has one."""
     root = where.root
-    shard_size = shard_size or FOLDER_SHARD_SIZE
     images, texts = [], set()
     for rel in where.files:
         lower = rel.lower()
@@ -60,6 +65,9 @@ def list_folder_shards(where: Location, shard_size: int | None = None) -> list[S
         elif rel.endswith(".txt"):
             texts.add(rel)
     images.sort()
+    if shard_size is None:
+        even = -(-len(images) // FOLDER_SHARDS)
+        shard_size = min(FOLDER_SHARD_SIZE, max(FOLDER_MIN_SHARD_SIZE, even))
     shards = []
     for index, start in enumerate(range(0, len(images), shard_size)):
         chunk = images[start : start + shard_size]
