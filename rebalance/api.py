@@ -82,13 +82,18 @@ def as_spec(spec: Spec | dict | str | os.PathLike) -> Spec:
     return Spec.from_yaml(spec)
 
 
+# Version of the per-row directories' layout, in the fingerprints: a run directory of an older layout
+# (layout 1: part summaries named part-NNNNN.json) is recomputed, never read as if it were complete.
+PART_LAYOUT = 2
+
+
 def stage_fingerprints(spec: Spec, inputs: list[dict]) -> dict[str, str]:
     """Chained fingerprints: each stage hashes its own spec section and the previous stage's fingerprint.
     ``embed.workers``, ``embed.prefetch``, ``embed.cpus_per_gpu`` and the ``ray`` section change where and
     when work runs, not its result, and are left out."""
     s = spec.to_dict()
     embed = {k: v for k, v in s["embed"].items() if k not in ("workers", "prefetch", "cpus_per_gpu")}
-    fps = {"embed": fingerprint("embed", s["data"], embed, inputs)}
+    fps = {"embed": fingerprint("embed", s["data"], embed, inputs, PART_LAYOUT)}
     fps["cluster"] = fingerprint("cluster", fps["embed"], s["cluster"])
     fps["balance"] = fingerprint("balance", fps["cluster"], s["balance"])
     fps["report"] = fingerprint("report", fps["balance"], s["report"])

@@ -133,9 +133,7 @@ def _parser() -> argparse.ArgumentParser:
         "--verbose", dest="show_traceback", action="store_true", help="print the traceback of an error"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser(
-        "run", help="run every stage of SPEC into run directory OUT", description=_RUN_HELP
-    )
+    p = sub.add_parser("run", help="run every stage of SPEC into run directory OUT", description=_RUN_HELP)
     _add_run_arguments(p)
     p.set_defaults(func=_cmd_run)
     for stage in ("embed", "cluster", "balance"):

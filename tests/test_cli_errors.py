@@ -69,7 +69,9 @@ def test_pretrained_tag_not_in_the_cache_without_network(tmp_path, dataset):
     spec = _spec(tmp_path, dataset, embed={"model": "ViT-B-32", "pretrained": "openai"})
     empty = {"HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     proc = _cli("run", str(spec), "--out", str(tmp_path / "out"), env=empty, timeout=60)
-    _assert_one_line_error(proc, 2, "rebalance: error: spec field 'embed.pretrained': the weights of ViT-B-32")
+    _assert_one_line_error(
+        proc, 2, "rebalance: error: spec field 'embed.pretrained': the weights of ViT-B-32"
+    )
     assert "not in this machine's cache" in proc.stderr and "local checkpoint" in proc.stderr
     # A tag the model does not have, or a checkpoint path that does not exist, is a spec error too.
     missing = _spec(tmp_path, dataset, embed={"model": "ViT-B-32", "pretrained": "no-such-tag"})
@@ -96,7 +98,9 @@ def test_out_under_a_regular_file(tmp_path, dataset):
 def test_out_that_cannot_be_created(tmp_path, dataset):
     spec = _spec(tmp_path, dataset)
     proc = _cli("run", str(spec), "--out", "/proc/x", timeout=60)
-    _assert_one_line_error(proc, 2, "rebalance: error: --out /proc/x: cannot create the run directory in /proc")
+    _assert_one_line_error(
+        proc, 2, "rebalance: error: --out /proc/x: cannot create the run directory in /proc"
+    )
     assert "No such file or directory" not in proc.stderr
 
 
@@ -139,7 +143,9 @@ def test_yaml_numbers_html_off_skipped_stages_and_the_summary(tmp_path, dataset)
     assert "report.html" not in proc.stdout and not (out / "report" / "report.html").exists()
     assert f"report:                 {out / 'report' / 'report.json'}" in proc.stdout
     # Log lines from the stages are whole lines: none carries a progress bar's carriage return.
-    assert all("\r" not in line or line.endswith("\r") for line in proc.stderr.split("\n") if " rebalance" in line)
+    assert all(
+        "\r" not in line or line.endswith("\r") for line in proc.stderr.split("\n") if " rebalance" in line
+    )
 
 
 def test_ctrl_c_ends_with_one_line_saying_the_run_can_be_resumed(tmp_path, dataset):

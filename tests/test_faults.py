@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _wait_for_parts(directory: Path, n: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while len(list(directory.glob("part-*.json"))) < n:
+    while len(list(directory.glob("_part-*.json"))) < n:
         if time.monotonic() > deadline:
             raise TimeoutError(f"no {n} committed parts in {directory} after {timeout} s")
         time.sleep(0.05)
@@ -93,7 +93,7 @@ def test_killed_driver_resumes_to_the_same_result(demo_run, tmp_path, ray_local)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    committed = len(list((out / "embeddings").glob("part-*.json")))
+    committed = len(list((out / "embeddings").glob("_part-*.json")))
     assert 1 <= committed < 4, "the driver was killed too late to test a resume"
     result = rebalance.run(spec_path, out)
     assert result.manifest["stages"]["embed"]["resumed"] is True

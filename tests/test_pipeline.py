@@ -113,7 +113,7 @@ def test_interrupted_stage_resumes_only_missing_parts(demo_copy, ray_local):
     manifest["stages"]["balance"]["status"] = "running"
     manifest["stages"].pop("report")
     (demo_copy / "manifest.json").write_text(json.dumps(manifest))
-    (demo_copy / "weights" / "part-00002.json").unlink()
+    (demo_copy / "weights" / "_part-00002.json").unlink()
     (demo_copy / "weights" / "part-00002.parquet").unlink()
     kept = (demo_copy / "weights" / "part-00000.parquet").stat().st_mtime_ns
     result = rebalance.run(demo_copy / "spec.yaml", demo_copy)

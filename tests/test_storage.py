@@ -394,7 +394,7 @@ def test_resume_on_s3_after_a_crash_mid_embed(runs):
     for stage in ("cluster", "balance", "report"):
         manifest["stages"].pop(stage)
     bucket.write("resume/manifest.json", json.dumps(manifest).encode())
-    bucket.s3.delete_file(f"{bucket.name}/resume/embeddings/part-00001.json")
+    bucket.s3.delete_file(f"{bucket.name}/resume/embeddings/_part-00001.json")
     bucket.write("resume/embeddings/part-00001.parquet", b"PAR1 torn")
     bucket.write("resume/embeddings/.part-00001.parquet.tmp-1-0123abcd", b"PAR1 torn")
     bucket.write("resume/.balance.json.tmp-1-0123abcd", b"{")

@@ -1,4 +1,9 @@
-"""Per-shard part files of a run directory: ``part-NNNNN.parquet`` plus its summary ``part-NNNNN.json``.
+"""Per-shard part files of a run directory: ``part-NNNNN.parquet`` plus its summary ``_part-NNNNN.json``.
+
+The summary's name starts with ``_``, which dataset readers skip (Arrow's dataset discovery ignores ``_``
+and ``.`` names; globs of ``*.parquet`` never match it), so the directory reads as one table with
+``pandas.read_parquet(dir)``, ``pyarrow.dataset.dataset(dir)``, ``ray.data.read_parquet(dir)``,
+``polars.read_parquet(dir/*.parquet)`` or duckdb's ``'dir/*.parquet'``.
 
 The summary is written after the Parquet file, so it is the commit point of a part: a part whose summary
 exists is complete (resume skips it); a Parquet file without a summary is redone. This holds on object
@@ -24,8 +29,10 @@ __all__ = ["part_path", "write_part", "part_summary", "read_parts", "read_part",
 def part_path(
     directory: str | os.PathLike | StoragePath, index: int, suffix: str = ".parquet"
 ) -> Path | StoragePath:
-    """Path of part ``index`` in ``directory``."""
-    return as_path(directory) / f"part-{index:05d}{suffix}"
+    """Path of part ``index`` in ``directory``: ``part-NNNNN.parquet``, or its summary ``_part-NNNNN.json``
+    for ``suffix=".json"``."""
+    prefix = "_" if suffix == ".json" else ""
+    return as_path(directory) / f"{prefix}part-{index:05d}{suffix}"
 
 
 def write_part(
@@ -46,7 +53,8 @@ def part_summary(directory: str | os.PathLike | StoragePath, index: int) -> dict
 
 def list_parts(directory: str | os.PathLike | StoragePath) -> list[Path | StoragePath]:
     """The committed Parquet parts of ``directory`` in index order."""
-    return sorted(p.with_suffix(".parquet") for p in as_path(directory).glob("part-*.json"))
+    summaries = as_path(directory).glob("_part-*.json")
+    return sorted(p.with_name(p.name.removeprefix("_")).with_suffix(".parquet") for p in summaries)
 
 
 def read_part(

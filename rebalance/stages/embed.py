@@ -351,6 +351,6 @@ def run_embed(ctx: StageContext) -> dict[str, Any]:
             "count": len(rejected),
             "by_reason": dict(Counter(r.split(" (")[0] for _, r in rejected)),
             "rows": [{"key": k, "reason": r} for k, r in rejected[:MAX_REJECTED_IN_MANIFEST]],
-            "complete_list": "embeddings/part-*.json" if len(rejected) > MAX_REJECTED_IN_MANIFEST else None,
+            "complete_list": "embeddings/_part-*.json" if len(rejected) > MAX_REJECTED_IN_MANIFEST else None,
         },
     }
