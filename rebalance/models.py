@@ -60,8 +60,10 @@ def load_model(name: str, pretrained: str | None, device: str = "cpu", seed: int
             name, pretrained=pretrained, device=device, weights_only=True
         )
     except Exception as err:
-        if pretrained is None or Path(pretrained).is_file():
+        if pretrained is None:
             raise
+        if Path(pretrained).is_file():
+            raise RuntimeError(f"could not load checkpoint {pretrained} for model {name!r}: {err}") from err
         raise RuntimeError(
             f"could not load pretrained weights {pretrained!r} for model {name!r} ({err}). Without network "
             "access, download the checkpoint elsewhere and set embed.pretrained to its local path "

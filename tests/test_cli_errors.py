@@ -49,11 +49,14 @@ def _spec(tmp_path: Path, data: Path, **sections) -> Path:
     return path
 
 
-def _assert_one_line_error(proc: subprocess.CompletedProcess, code: int, first: str) -> None:
-    """Exit ``code``; stderr's first line is the error, starting with ``first``; no traceback anywhere."""
+def _assert_one_line_error(proc: subprocess.CompletedProcess, code: int, first: str, before_ray: bool = True):
+    """Exit ``code``; one line of stderr is the error, starting with ``first`` (stderr's first line for an
+    error found before Ray starts, its last for one found while running); no traceback anywhere."""
     assert proc.returncode == code, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
-    assert lines and lines[0].startswith(first), proc.stderr[-3000:]
+    errors = [line for line in lines if line.startswith("rebalance: error:")]
+    assert len(errors) == 1 and errors[0].startswith(first), proc.stderr[-3000:]
+    assert lines[0 if before_ray else -1] == errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
 
 
@@ -63,6 +66,10 @@ def test_unknown_model_is_a_spec_error_before_ray(tmp_path, dataset):
     _assert_one_line_error(proc, 2, "rebalance: error: spec field 'embed.model': not an open_clip model")
     assert "'ViT-B-99'" in proc.stderr and "ViT-B-32" in proc.stderr  # the close names are suggested
     assert "Ray" not in proc.stderr and not (tmp_path / "out").exists()
+    # The traceback only with --verbose, the one line still last.
+    proc = _cli("--verbose", "run", str(spec), "--out", str(tmp_path / "out"), timeout=60)
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("rebalance: error: spec field 'embed.model'")
 
 
 def test_pretrained_tag_not_in_the_cache_without_network(tmp_path, dataset):
@@ -104,17 +111,14 @@ def test_out_that_cannot_be_created(tmp_path, dataset):
     assert "No such file or directory" not in proc.stderr
 
 
-def test_duplicate_keys_across_shards_one_line_and_traceback_only_with_verbose(tmp_path, dataset):
+def test_duplicate_keys_across_shards(tmp_path, dataset):
     data = tmp_path / "dup"
     shutil.copytree(dataset, data)
     shutil.copy(data / "part-00000.parquet", data / "part-00002.parquet")
     spec = _spec(tmp_path, data)
     proc = _cli("-q", "run", str(spec), "--out", str(tmp_path / "out"))
-    _assert_one_line_error(proc, 2, "rebalance: error: duplicate keys")
+    _assert_one_line_error(proc, 2, "rebalance: error: duplicate keys", before_ray=False)
     assert "part-00000" in proc.stderr and "part-00002" in proc.stderr
-    proc = _cli("-q", "--verbose", "run", str(spec), "--out", str(tmp_path / "out"))
-    assert proc.returncode == 2 and "Traceback" in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("rebalance: error: duplicate keys")
 
 
 def test_a_model_that_cannot_load_inside_the_actors_is_not_retried(tmp_path, dataset):
@@ -123,10 +127,9 @@ def test_a_model_that_cannot_load_inside_the_actors_is_not_retried(tmp_path, dat
     bad.write_bytes(b"not a checkpoint")
     spec = _spec(tmp_path, dataset, embed={"pretrained": str(bad)})
     proc = _cli("-q", "run", str(spec), "--out", str(tmp_path / "out"))
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("rebalance: error:")]
-    assert len(errors) == 1 and "broken.safetensors" in errors[0], proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr and "ActorDiedError" not in proc.stderr
+    _assert_one_line_error(proc, 1, "rebalance: error: ", before_ray=False)
+    assert "broken.safetensors" in proc.stderr.strip().splitlines()[-1]
+    assert "ActorDiedError" not in proc.stderr
 
 
 def test_yaml_numbers_html_off_skipped_stages_and_the_summary(tmp_path, dataset):
