@@ -151,8 +151,14 @@ def test_nan_vectors_are_rejected_with_their_keys(tmp_path, ray_local):
 
 def test_too_few_rows_or_distinct_vectors(tmp_path, ray_local):
     write_mixture(tmp_path / "data", n=6)
-    with pytest.raises(ClusterError, match=r"cluster.image.k = 8 exceeds the 6 embedded rows"):
+    # The Parquet footers declare 6 rows: refused before Ray starts, with nothing created.
+    with pytest.raises(rebalance.SpecError, match=r"'cluster.image.k': exceeds the 6 rows the dataset's"):
         rebalance.run(spec_for(tmp_path / "data"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # 9 declared rows of which 2 are rejected while embedding: the cluster stage finds 7 < 8.
+    write_mixture(tmp_path / "data9", n=9, nan_rows=(0, 5))
+    with pytest.raises(ClusterError, match=r"cluster.image.k = 8 exceeds the 7 embedded rows"):
+        rebalance.run(spec_for(tmp_path / "data9"), tmp_path / "out")
     same = tmp_path / "same"
     same.mkdir()
     vec = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(40 * 4, np.float32)), 4)

@@ -503,3 +503,33 @@ def test_a_store_failure_while_reading_fails_instead_of_marking_the_shard_unread
     data = DataSpec(path=path)
     with pytest.raises(fs.StorageError, match="NETWORK_CONNECTION"):
         list(read_shard(Shard(0, path), data, "parquet", "jpg", "txt", 16))
+
+
+def test_per_row_directories_on_s3_read_as_one_table(bucket, ray_local):
+    # The part summaries (_part-NNNNN.json) sit beside the Parquet parts on the store too, and Arrow-based
+    # readers skip them: pyarrow.dataset, pandas and Ray Data read the prefix as one table.
+    import pandas as pd
+    import pyarrow.dataset as pads
+    import ray
+
+    from rebalance.data.parts import write_part
+
+    tables = [
+        pa.table({"key": [f"k{i}{j}" for j in range(n)], "weight": np.arange(n, dtype=np.float64)})
+        for i, n in enumerate((3, 2))
+    ]
+    for index, table in enumerate(tables):
+        write_part(bucket.uri("run/weights"), index, table, {})
+    assert bucket.keys("run/weights") == [
+        "run/weights/_part-00000.json", "run/weights/_part-00001.json",
+        "run/weights/part-00000.parquet", "run/weights/part-00001.parquet",
+    ]  # fmt: skip
+    expected = pa.concat_tables(tables)
+    path = f"{bucket.name}/run/weights"
+    assert pads.dataset(path, filesystem=bucket.s3, format="parquet").to_table().equals(expected)
+    frame = pd.read_parquet(path, filesystem=bucket.s3)
+    assert frame["key"].tolist() == expected.column("key").to_pylist()
+    refs = ray.data.read_parquet(path, filesystem=bucket.s3).to_arrow_refs()
+    got = pa.concat_tables(ray.get(refs)).select(["key", "weight"]).sort_by("key")
+    assert got.equals(expected.sort_by("key"))
+    assert read_parts(bucket.uri("run/weights")).equals(expected)
