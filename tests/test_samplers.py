@@ -1,10 +1,15 @@
 """rebalance.samplers: frequencies follow the weights, ranks split one stream, keys map to indices."""
 
 import json
+import os
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from hypothesis import given, settings
@@ -19,6 +24,8 @@ from rebalance.samplers import (
     export_webdataset_buckets,
     weights_for_keys,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_run(tmp_path, keys, weights, parts=2):
@@ -160,7 +167,6 @@ def test_default_sizes_and_dataloader():
 
 def test_export_webdataset_buckets(tmp_path):
     info = generate_dataset(tmp_path / "data", n_rows=48, n_shards=2, seed=0)
-    import pyarrow.parquet as pq
 
     keys = [
         k
@@ -195,3 +201,56 @@ def test_export_webdataset_buckets(tmp_path):
     out2 = export_webdataset_buckets(run2, tmp_path / "data", tmp_path / "wds2", n_buckets=3)
     assert 0 < out2["total_variation"] < 0.2
     assert sum(b["rows"] for b in out2["buckets"]) == 48
+
+
+def test_open_clip_train_reads_the_exported_buckets(tmp_path):
+    # The real consumer: open_clip's own training script trains rebalance-tiny for a few CPU steps on the
+    # exported tars with the --train-data / --train-data-upsampling-factors strings the export returned.
+    pytest.importorskip("webdataset", reason="open_clip_train reads tars with the webdataset package")
+    data = pytest.importorskip("open_clip_train.data", reason="open_clip_train ships with open_clip_torch")
+    generate_dataset(tmp_path / "data", n_rows=96, n_shards=2, seed=0)
+    keys = [
+        k
+        for p in sorted((tmp_path / "data").glob("*.parquet"))
+        for k in pq.read_table(p).column("key").to_pylist()
+    ]
+    weights = [(0.25, 1.0, 3.0)[i % 3] for i in range(96)]
+    run = make_run(tmp_path, keys, weights)
+    out = export_webdataset_buckets(run, tmp_path / "data", tmp_path / "wds", n_buckets=3, shard_size=8)
+    assert out["total_variation"] == pytest.approx(0.0, abs=1e-12)
+    # The drawn samples' bucket frequencies match the factors: open_clip draws tar t with probability
+    # factor(t) / sum(factors) and reads all of it, so bucket b gets factor_b * rows_b of the draws, which is
+    # its share of the total weight (1/17, 4/17, 12/17 here).
+    shards = data.ResampledShards2(
+        out["train_data"], weights=out["upsampling_factors"], nshards=20_000, deterministic=True,
+        worker_seed=lambda: 0,
+    )  # fmt: skip
+    rows = {}
+    for tar_path in (tmp_path / "wds").glob("bucket-*/*.tar"):
+        with tarfile.open(tar_path) as tar:
+            rows[str(tar_path)] = sum(name.endswith(".json") for name in tar.getnames())
+    drawn = np.zeros(3)
+    for shard in shards:
+        drawn[int(shard["url"].split("bucket-")[1][:2])] += rows[shard["url"]]
+    expected = np.array([0.25, 1.0, 3.0]) * 32 / (4.25 * 32)
+    assert np.abs(drawn / drawn.sum() - expected).max() < 0.01, drawn / drawn.sum()
+    script = "import sys, rebalance.models; from open_clip_train.main import main; sys.exit(main(sys.argv[1:]) or 0)"
+    args = [
+        "--train-data", out["train_data"], "--train-data-upsampling-factors", out["upsampling_factors"],
+        "--dataset-type", "webdataset", "--dataset-resampled", "--train-num-samples", "64",
+        "--batch-size", "16", "--epochs", "1", "--workers", "0", "--model", "rebalance-tiny",
+        "--lr", "1e-3", "--warmup", "1", "--precision", "fp32", "--seed", "0", "--save-frequency", "0",
+        "--logs", str(tmp_path / "logs"), "--name", "tiny", "--log-every-n-steps", "1", "--report-to", "",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    log = (tmp_path / "logs" / "tiny" / "out.log").read_text()
+    steps = [line for line in log.splitlines() if "Train Epoch: 0" in line and "Loss:" in line]
+    assert len(steps) >= 4, log[-3000:]  # 64 samples / batch 16

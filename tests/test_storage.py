@@ -313,7 +313,9 @@ def test_pipeline_on_s3_matches_local_run(runs):
         assert name in keys, name
     for stage in ("embeddings", "assignments", "weights"):
         assert [k for k in keys if k.startswith(f"run/{stage}/")] == [
-            f"run/{stage}/part-{i:05d}{s}" for i in range(3) for s in (".json", ".parquet")
+            f"run/{stage}/{name}-{i:05d}{s}"
+            for name, s in (("_part", ".json"), ("part", ".parquet"))
+            for i in range(3)
         ]
     assert not [k for k in keys if ".tmp-" in k], "temporary objects left behind"
     assert not (ROOT / "s3:").exists(), "a URI was used as a local path"
