@@ -43,8 +43,9 @@ def _print_summary(result) -> None:
     print(
         f"final marginal error:   {s['final_marginal_error']:.3e} ({'converged' if s['converged'] else 'NOT converged'})"
     )
-    html = result.out / "report" / "report.html"  # only when report.html: true wrote it
-    print(f"report:                 {html if html.is_file() else result.out / 'report' / 'report.json'}")
+    html = result.out / "report" / "report.html"
+    if html.is_file():
+        print(f"report:                 {html}")
 
 
 def _cmd_run(args: argparse.Namespace, until: str = "report") -> int:
