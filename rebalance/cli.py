@@ -65,11 +65,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from rebalance.data.parts import read_parts
     from rebalance.data.synthetic import generate_dataset
     from rebalance.kernels.stats import normalized_mutual_info
-    from rebalance.runtime.manifest import check_run_dir
+    from rebalance.preflight import check_run_directory
 
     out = Path(args.out).resolve()
     own = ("dataset", "spec.yaml")
-    check_run_dir(out, own)  # before writing the dataset there
+    check_run_directory(out, own)  # before writing the dataset there
     dataset = out / "dataset"
     summary = dataset / "dataset.json"
     wanted = {"rows": args.rows, "shards": args.shards, "seed": args.seed}

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from rebalance.data.fs import StoragePath, as_path
 from rebalance.data.rows import Shard
+from rebalance.runtime.manifest import check_run_dir
 from rebalance.spec import EmbedSpec, Spec, SpecError
 
 __all__ = ["UsageError", "check_run", "check_model", "check_run_directory", "known_row_count"]
@@ -29,11 +30,16 @@ class UsageError(ValueError):
 
 
 def check_run(
-    spec: Spec, out: str | os.PathLike | StoragePath, shards: list[Shard], sides: list[str], embed: bool
+    spec: Spec,
+    out: str | os.PathLike | StoragePath,
+    shards: list[Shard],
+    sides: list[str],
+    embed: bool,
+    keep: tuple[str, ...] = (),
 ) -> None:
     """Every check that needs no Ray: the model and its weights (when the embed stage will run), k of each
     of the dataset's ``sides`` against the rows the inputs' metadata declares, and the run directory (last:
-    it may create the directory)."""
+    it may create the directory; ``keep`` as in :func:`check_run_directory`)."""
     if embed:
         check_model(spec.embed)
     rows = known_row_count(shards)
@@ -46,7 +52,7 @@ def check_run(
                     f"exceeds the {rows} rows the dataset's metadata declares; set it to at most {rows}",
                     k,
                 )
-    check_run_directory(out)
+    check_run_directory(out, keep)
 
 
 def check_model(embed: EmbedSpec) -> None:
@@ -149,11 +155,14 @@ def known_row_count(shards: list[Shard]) -> int | None:
     return total
 
 
-def check_run_directory(out: str | os.PathLike | StoragePath) -> None:
-    """The run directory can be created and written: it is created here when missing (its parents too).
-    Messages say why not: a path under a regular file, a filesystem that refuses new entries (``/proc``),
-    a read-only filesystem, missing permissions. Remote run directories are checked by
+def check_run_directory(out: str | os.PathLike | StoragePath, keep: tuple[str, ...] = ()) -> None:
+    """``out`` can serve as a run directory: not a non-empty directory of something else
+    (:func:`rebalance.runtime.manifest.check_run_dir`, ``keep`` the entries the caller put there), and it
+    can be created and written: it is created here when missing (its parents too). Messages say why not: a
+    path under a regular file, a filesystem that refuses new entries (``/proc``), a read-only filesystem,
+    missing permissions. The store of a remote run directory is checked by
     :func:`rebalance.data.fs.check_location`."""
+    check_run_dir(out, keep)
     path = as_path(out)
     if isinstance(path, StoragePath):
         return
