@@ -21,7 +21,7 @@ from rebalance.data.fs import StoragePath, as_path, check_location
 from rebalance.data.parts import read_parts
 from rebalance.data.readers import dataset_fingerprint, list_shards, resolve_format
 from rebalance.preflight import check_run
-from rebalance.runtime.manifest import STAGES, RunDir, fingerprint, package_versions
+from rebalance.runtime.manifest import STAGES, RunDir, check_run_dir, fingerprint, package_versions
 from rebalance.runtime.session import ray_session
 from rebalance.spec import Spec, SpecError
 
@@ -135,6 +135,7 @@ def run(
         raise ValueError(f"until must be one of {STAGES}, got {until!r}")
     spec = as_spec(spec)
     check_location(out, "run directory")
+    check_run_dir(out, keep)  # first: a directory of something else is refused before anything else
     run_dir = RunDir(out)
     shards = list_shards(spec.data)
     inputs = dataset_fingerprint(shards)
