@@ -307,5 +307,5 @@ def test_benchmark_baselines_take_the_device():
 def test_manifest_records_embed_device_and_dtype(demo_run):
     summary = json.loads((demo_run / "manifest.json").read_text())["stages"]["embed"]
     assert (summary["device"], summary["dtype"]) == ("cpu", "float32")
-    part = json.loads((demo_run / "embeddings" / "part-00000.json").read_text())
+    part = json.loads((demo_run / "embeddings" / "_part-00000.json").read_text())
     assert (part["device"], part["dtype"]) == ("cpu", "float32")
