@@ -352,6 +352,7 @@ def test_large_shards_stream_in_batches_of_at_most_batch_size(tmp_path, monkeypa
     for k in expected:
         (tmp_path / "folder" / f"{k}.png").write_bytes(tiny)
     write_laion(tmp_path / "laion", {"0": n}, metadata=False)
+    monkeypatch.setattr(folder, "FOLDER_MIN_SHARD_SIZE", n)  # the folder as one large shard
     for path, fmt in (("big.tar", "auto"), ("big.parquet", "auto"), ("folder", "folder"), ("laion", "auto")):
         data = DataSpec(path=str(tmp_path / path), format=fmt)
         shards = list_shards(data)
