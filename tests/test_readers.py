@@ -12,7 +12,7 @@ import pytest
 from shards import image_bytes, write_tar
 
 from rebalance.data import folder, readers
-from rebalance.data.input_format import Columns, InputFormat
+from rebalance.data.input_format import Columns, InputFormat, Location
 from rebalance.data.parts import write_part
 from rebalance.data.readers import (
     DuplicateKeyError,
@@ -450,6 +450,6 @@ def test_a_small_folder_is_split_for_parallel_work(tmp_path):
     # not one chunk of FOLDER_SHARD_SIZE that a single actor embeds while the other cores idle.
     for i in range(1000):
         (tmp_path / f"{i:04d}.jpg").write_bytes(b"")
-    shards = folder.list_folder_shards(tmp_path)
+    shards = folder.list_folder_shards(Location(tmp_path))
     assert [len(s.files) for s in shards] == [64] * 15 + [40]
     assert [s.index for s in shards] == list(range(16)) and shards[1].rel == "0064.jpg"
