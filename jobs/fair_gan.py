@@ -40,8 +40,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from jobs import _common as C
 from jobs import train_gan
+from jobs.cli import add_ray_args, setup_logging
+from jobs.dataset import ImageTextParquet
 
 log = logging.getLogger("jobs.fair_gan")
 
@@ -106,7 +107,7 @@ def real_features(
     """CLIP features ``(m, d)`` of up to ``max_rows`` real images (a seeded sample, decoded and resized to
     the generator's ``image_size`` as the generated images are) and their class indices under the
     classifier's names (rows whose label is not a class name are left out)."""
-    data = C.ImageTextParquet(path, text_column=None, label_column=label_column)
+    data = ImageTextParquet(path, text_column=None, label_column=label_column)
     index = {name: i for i, name in enumerate(classifier.class_names)}
     names = data.class_names
     keep = [i for i in range(len(data)) if names[data.targets[i]] in index]
@@ -267,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         "0 = equal weights, 0.5 = toward its rare classes (default: %(default)s)",
     )
     train_gan.add_classifier_args(parser)
-    C.add_ray_args(parser)
+    add_ray_args(parser)
     return parser
 
 
@@ -466,7 +467,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else None
-    train_gan.C.setup_logging()
+    setup_logging()
     try:
         report = run(args)
     except (ValueError, FileNotFoundError) as err:

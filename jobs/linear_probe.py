@@ -29,14 +29,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jobs import _common as C
+from jobs.cli import setup_logging
+from jobs.dataset import ImageTextParquet
+from jobs.metrics import class_metrics
 
 log = logging.getLogger("jobs.linear_probe")
 
 
 @torch.no_grad()
 def embed_images(
-    model: torch.nn.Module, preprocess, data: C.ImageTextParquet, device: str, batch_size: int = 256
+    model: torch.nn.Module, preprocess, data: ImageTextParquet, device: str, batch_size: int = 256
 ):
     """``(N, d)`` float32 image features of every row of ``data`` (un-normalised image tower output)."""
     data.with_output("image", transform=preprocess)
@@ -89,14 +91,16 @@ def fit_logistic(
 
 
 def probe(args: argparse.Namespace) -> dict:
+    from rebalance.models import load_model
+
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    model, _, preprocess, _ = C.create_clip(args.model, args.pretrained, args.seed)
-    model.to(device)
-    data = C.ImageTextParquet(args.data, text_column=None, label_column=args.label_column)
+    clip = load_model(args.model, args.pretrained, device, args.seed)
+    model, preprocess = clip.model, clip.preprocess
+    data = ImageTextParquet(args.data, text_column=None, label_column=args.label_column)
     names = data.class_names
     feats = embed_images(model, preprocess, data, device)
     if args.test_data:
-        test = C.ImageTextParquet(args.test_data, text_column=None, label_column=args.label_column)
+        test = ImageTextParquet(args.test_data, text_column=None, label_column=args.label_column)
         unknown = sorted(set(test.class_names) - set(names))
         if unknown:
             raise ValueError(f"test data has classes the training data lacks: {unknown[:5]}")
@@ -122,12 +126,12 @@ def probe(args: argparse.Namespace) -> dict:
     logits = torch.as_tensor((x_test - mean) / scale, dtype=torch.float64) @ w.T + b
     pred = logits.argmax(1).numpy()
     if args.class_counts_from:
-        ref = C.ImageTextParquet(args.class_counts_from, text_column=None, label_column=args.label_column)
+        ref = ImageTextParquet(args.class_counts_from, text_column=None, label_column=args.label_column)
         ref_counts = dict(zip(ref.class_names, ref.class_counts().tolist(), strict=True))
         counts = np.array([ref_counts.get(n, 0) for n in names], dtype=float)
     else:
         counts = np.bincount(data.targets, minlength=len(names)).astype(float)
-    result = C.class_metrics(y_test, pred, names, counts, args.tail_fraction)
+    result = class_metrics(y_test, pred, names, counts, args.tail_fraction)
     result.update(
         {
             "model": args.model,
@@ -187,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    C.setup_logging()
+    setup_logging()
     result = probe(args)
     if args.out:
         from rebalance.data.atomic import atomic_write_json

@@ -22,7 +22,9 @@ import time
 
 import torch
 
-from jobs import _common as C
+from jobs.cli import print_json, setup_logging, training_parser
+from jobs.dataset import ImageTextParquet, epoch_loader, sampling_weights, steps_per_epoch
+from jobs.training import epoch_metrics, fit, report_epoch, resume, set_threads, unwrap, worker_device
 
 
 def _gather(x: torch.Tensor) -> torch.Tensor:
@@ -48,29 +50,31 @@ def train_loop(config: dict) -> None:
     from ray.train.torch import prepare_model
 
     from rebalance.losses import balanced_clip_loss
+    from rebalance.models import load_model
 
     args = argparse.Namespace(**config["args"])
-    C.set_threads()
-    device = C.worker_device()
-    model, pre_train, _, tokenizer = C.create_clip(args.model, args.pretrained, args.seed)
-    data = C.ImageTextParquet(args.data, text_column=args.text_column).with_output(
+    set_threads()
+    device = worker_device()
+    clip = load_model(args.model, args.pretrained, seed=args.seed)
+    model, pre_train, tokenizer = clip.model, clip.preprocess_train, clip.tokenizer
+    data = ImageTextParquet(args.data, text_column=args.text_column).with_output(
         "image", "text", transform=pre_train, tokenizer=tokenizer
     )
-    weights = C.sampling_weights(data, args.weights)
-    steps = C.steps_per_epoch(args, len(data))
+    weights = sampling_weights(data, args.weights)
+    steps = steps_per_epoch(args, len(data))
     total_steps = steps * args.epochs
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    resumed = C.resume(model, {"optimizer": optimizer}, epochs=args.epochs)
+    resumed = resume(model, {"optimizer": optimizer}, epochs=args.epochs)
     if resumed is None:
         return
     start, step = resumed
     model = prepare_model(model)
-    inner = C.unwrap(model)
+    inner = unwrap(model)
     for epoch in range(start, args.epochs):
         model.train()
         t0, losses = time.time(), []
-        loader = C.epoch_loader(data, weights, args.batch_size, steps, args.seed, epoch, args.loader_workers)
+        loader = epoch_loader(data, weights, args.batch_size, steps, args.seed, epoch, args.loader_workers)
         for images, texts in loader:
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, total_steps, args.lr, args.warmup_steps)
@@ -85,14 +89,14 @@ def train_loop(config: dict) -> None:
                 inner.logit_scale.clamp_(0, math.log(100))
             losses.append(loss.item())
             step += 1
-        metrics = C.epoch_metrics(
+        metrics = epoch_metrics(
             epoch, start, step, t0, loss=sum(losses) / len(losses), logit_scale=float(inner.logit_scale.exp())
         )
-        C.report_epoch(inner, metrics, {"optimizer": optimizer}, epoch=epoch, step=step)
+        report_epoch(inner, metrics, {"optimizer": optimizer}, epoch=epoch, step=step)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = C.training_parser("python -m jobs.train_clip", __doc__)
+    parser = training_parser("python -m jobs.train_clip", __doc__)
     g = parser.add_argument_group("CLIP")
     g.add_argument(
         "--balanced-loss-iters",
@@ -116,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.balanced_loss_iters < 0:
         raise SystemExit("--balanced-loss-iters must be >= 0")
-    C.setup_logging()
-    summary = C.fit("train_clip", train_loop, {}, args)
-    C.print_json(summary)
+    setup_logging()
+    summary = fit("train_clip", train_loop, {}, args)
+    print_json(summary)
     return 0
 
 

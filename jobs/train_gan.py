@@ -40,7 +40,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from jobs import _common as C
+from jobs.cli import add_ray_args, setup_logging
+from jobs.dataset import ImageTextParquet, epoch_loader, sampling_weights, steps_per_epoch
+from jobs.training import epoch_metrics, fit, report_epoch, resume, set_threads, worker_device
 
 log = logging.getLogger("jobs.train_gan")
 
@@ -129,9 +131,9 @@ def classifier_from_args(args: argparse.Namespace, device: str = "cpu"):
 # --------------------------------------------------------------------------------------------------
 
 
-def load_images(path: str, image_size: int) -> tuple[torch.Tensor, C.ImageTextParquet]:
+def load_images(path: str, image_size: int) -> tuple[torch.Tensor, ImageTextParquet]:
     """All usable images of the dataset as ``(N, 3, S, S)`` float32 in [-1, 1] (bicubic resize to S)."""
-    data = C.ImageTextParquet(path, text_column=None)
+    data = ImageTextParquet(path, text_column=None)
     out = np.empty((len(data), image_size, image_size, 3), dtype=np.uint8)
     for i, raw in enumerate(data.images):
         img = Image.open(io.BytesIO(raw)).convert("RGB")
@@ -197,17 +199,17 @@ def train_loop(config: dict) -> None:
     from rebalance.fairgan.loss import bias_mitigation_loss
 
     args = argparse.Namespace(**config["args"])
-    C.set_threads()
-    device = C.worker_device()
+    set_threads()
+    device = worker_device()
     rank = train.get_context().get_world_rank()
     images, data = load_images(args.data, args.image_size)
     dataset = torch.utils.data.TensorDataset(images)
-    weights = C.sampling_weights(data, args.weights)
-    steps = C.steps_per_epoch(args, len(dataset))
+    weights = sampling_weights(data, args.weights)
+    steps = steps_per_epoch(args, len(dataset))
     G, D, opt_g, opt_d = build_gan(args, device)
     extra = {"opt_g": opt_g, "opt_d": opt_d}
     modules = {"discriminator.safetensors": D}
-    resumed = C.resume(G, extra, modules, epochs=args.epochs)
+    resumed = resume(G, extra, modules, epochs=args.epochs)
     if resumed is None:
         return
     if resumed[0] == 0 and args.init_generator:
@@ -227,7 +229,7 @@ def train_loop(config: dict) -> None:
         D.train()
         t0 = time.time()
         sums = {"d_loss": 0.0, "g_loss": 0.0, "bias_loss": 0.0, "d_real": 0.0, "d_fake": 0.0}
-        loader = C.epoch_loader(dataset, weights, args.batch_size, steps, args.seed, epoch)
+        loader = epoch_loader(dataset, weights, args.batch_size, steps, args.seed, epoch)
         gen = torch.Generator(device="cpu").manual_seed(args.seed * 1_000_003 + epoch * 7919 + rank)
         for (real,) in loader:
             real = real.to(device)
@@ -255,14 +257,14 @@ def train_loop(config: dict) -> None:
             sums["bias_loss"] += loss_bias.item()
             sums["d_real"] += torch.sigmoid(d_real).mean().item()
             sums["d_fake"] += torch.sigmoid(d_fake).mean().item()
-        metrics = C.epoch_metrics(epoch, start, step, t0, **{k: v / steps for k, v in sums.items()})
+        metrics = epoch_metrics(epoch, start, step, t0, **{k: v / steps for k, v in sums.items()})
         if rank == 0:
             log.info(
                 "epoch %d/%d: %d steps, D %.3f, G %.3f, bias %.5f, D(real) %.2f, D(fake) %.2f, %.1f s",
                 epoch + 1, args.epochs, step, metrics["d_loss"], metrics["g_loss"], metrics["bias_loss"],
                 metrics["d_real"], metrics["d_fake"], metrics["seconds"],
             )  # fmt: skip
-        C.report_epoch(G, metrics, extra, modules, epoch=epoch, step=step)
+        report_epoch(G, metrics, extra, modules, epoch=epoch, step=step)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="file with the K class weights w_k (a JSON list, or {'weights': [...]}); default all 1",
     )
     add_classifier_args(parser)
-    C.add_ray_args(parser)
+    add_ray_args(parser)
     return parser
 
 
@@ -364,7 +366,7 @@ def run(args: argparse.Namespace) -> dict:
 
     validate(args)
     args.loader_workers = 0
-    summary = C.fit("train_gan", train_loop, {}, args)
+    summary = fit("train_gan", train_loop, {}, args)
     out = Path(args.out).resolve()
     G = load_generator(out / "model.safetensors")
     save_module(G, out / "generator.safetensors")
@@ -378,7 +380,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    C.setup_logging()
+    setup_logging()
     try:
         summary = run(args)
     except (ValueError, FileNotFoundError) as err:

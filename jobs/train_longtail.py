@@ -36,7 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jobs import _common as C
+from jobs.cli import setup_logging, training_parser
+from jobs.dataset import ImageTextParquet, epoch_loader, sampling_weights, steps_per_epoch
+from jobs.metrics import class_metrics
+from jobs.training import epoch_metrics, fit, report_epoch, resume, set_threads, worker_device
 
 
 class CosineHead(nn.Module):
@@ -63,44 +66,36 @@ def make_head(loss: str, dim: int, num_classes: int) -> nn.Module:
     return CosineHead(dim, num_classes) if loss == "ldam" else nn.Linear(dim, num_classes)
 
 
-def make_loss(args: argparse.Namespace, counts: np.ndarray):
-    from rebalance.losses import LDAMLoss, make_longtail_loss, vs_loss
-
-    if args.loss == "ldam":
-        return LDAMLoss(counts, max_margin=args.max_margin, s=args.ldam_scale)
-    if args.loss == "vs":
-
-        class VS:
-            weight = None
-
-            def __call__(self, f, y):
-                g = 0.3 if args.gamma is None else args.gamma
-                return vs_loss(f, y, counts, g, args.tau, weight=self.weight)
-
-        return VS()
-    return make_longtail_loss(args.loss, counts, tau=args.tau, gamma=args.gamma, beta=args.beta)
-
-
 def train_loop(config: dict) -> None:
     from ray.train.torch import prepare_model
 
-    from rebalance.losses import drw_weights
+    from rebalance.losses import drw_weights, make_longtail_loss
+    from rebalance.models import load_model
 
     args = argparse.Namespace(**config["args"])
-    C.set_threads()
-    device = C.worker_device()
-    model, pre_train, _, _ = C.create_clip(args.model, args.pretrained, args.seed)
-    data = C.ImageTextParquet(args.data, text_column=None, label_column=args.label_column)
+    set_threads()
+    device = worker_device()
+    clip = load_model(args.model, args.pretrained, seed=args.seed)
+    model, pre_train = clip.model, clip.preprocess_train
+    data = ImageTextParquet(args.data, text_column=None, label_column=args.label_column)
     data.with_output("image", "label", transform=pre_train)
     counts = data.class_counts()
-    head = make_head(args.loss, C.embed_dim(model), len(counts))
+    head = make_head(args.loss, clip.dim, len(counts))
     net = Classifier(model.visual, head).to(device)
-    loss_fn = make_loss(args, counts)
-    weights = C.sampling_weights(data, args.weights)
-    steps = C.steps_per_epoch(args, len(data))
+    loss_fn = make_longtail_loss(
+        args.loss,
+        counts,
+        tau=args.tau,
+        gamma=args.gamma,
+        beta=args.beta,
+        max_margin=args.max_margin,
+        s=args.ldam_scale,
+    )
+    weights = sampling_weights(data, args.weights)
+    steps = steps_per_epoch(args, len(data))
     total_steps = steps * args.epochs
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    resumed = C.resume(model, {"optimizer": optimizer}, {"head.safetensors": head}, epochs=args.epochs)
+    resumed = resume(model, {"optimizer": optimizer}, {"head.safetensors": head}, epochs=args.epochs)
     if resumed is None:
         return
     start, step = resumed
@@ -112,7 +107,7 @@ def train_loop(config: dict) -> None:
             loss_fn.weight = drw_weights(epoch, counts, args.drw_epoch, args.beta)
         net.train()
         t0, losses, correct, seen = time.time(), [], 0, 0
-        loader = C.epoch_loader(data, weights, args.batch_size, steps, args.seed, epoch, args.loader_workers)
+        loader = epoch_loader(data, weights, args.batch_size, steps, args.seed, epoch, args.loader_workers)
         for images, labels in loader:
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, total_steps, args.lr, args.warmup_steps)
@@ -126,10 +121,10 @@ def train_loop(config: dict) -> None:
             correct += int((logits.argmax(1) == labels).sum())
             seen += len(labels)
             step += 1
-        metrics = C.epoch_metrics(
+        metrics = epoch_metrics(
             epoch, start, step, t0, loss=sum(losses) / len(losses), train_accuracy=correct / seen
         )
-        C.report_epoch(
+        report_epoch(
             model, metrics, {"optimizer": optimizer}, {"head.safetensors": head}, epoch=epoch, step=step
         )
 
@@ -140,14 +135,16 @@ def evaluate(args: argparse.Namespace) -> dict:
     from safetensors.torch import load_file
 
     from rebalance.losses import logit_adjust_posthoc
+    from rebalance.models import load_model
 
-    train_data = C.ImageTextParquet(args.data, text_column=None, label_column=args.label_column)
+    train_data = ImageTextParquet(args.data, text_column=None, label_column=args.label_column)
     counts = train_data.class_counts()
-    model, _, pre_val, _ = C.create_clip(args.model, f"{args.out}/model.safetensors", args.seed)
-    head = make_head(args.loss, C.embed_dim(model), len(counts))
+    clip = load_model(args.model, f"{args.out}/model.safetensors", seed=args.seed)
+    model, pre_val = clip.model, clip.preprocess
+    head = make_head(args.loss, clip.dim, len(counts))
     head.load_state_dict(load_file(f"{args.out}/head.safetensors"))
     net = Classifier(model.visual, head).eval()
-    test = C.ImageTextParquet(args.eval_data, text_column=None, label_column=args.label_column)
+    test = ImageTextParquet(args.eval_data, text_column=None, label_column=args.label_column)
     unknown = sorted(set(test.class_names) - set(train_data.class_names))
     if unknown:
         raise ValueError(f"eval data has classes the training data lacks: {unknown[:5]}")
@@ -161,16 +158,16 @@ def evaluate(args: argparse.Namespace) -> dict:
     names = train_data.class_names
     return {
         "eval_data": str(args.eval_data),
-        "raw": C.class_metrics(y, pred_raw, names, counts),
-        "posthoc_adjusted": C.class_metrics(y, pred_adj, names, counts),
+        "raw": class_metrics(y, pred_raw, names, counts),
+        "posthoc_adjusted": class_metrics(y, pred_adj, names, counts),
         "train_class_counts": dict(zip(names, counts.tolist(), strict=True)),
     }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rebalance.losses import LONGTAIL_LOSSES
+    from rebalance.losses import DRW_LOSSES, LONGTAIL_LOSSES
 
-    parser = C.training_parser("python -m jobs.train_longtail", __doc__)
+    parser = training_parser("python -m jobs.train_longtail", __doc__)
     g = parser.add_argument_group("long tail")
     g.add_argument("--label-column", default="label", help="class label column (default: %(default)s)")
     g.add_argument(
@@ -182,7 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-margin", type=float, default=0.5, help="LDAM largest margin (default: %(default)s)")
     g.add_argument("--ldam-scale", type=float, default=30.0, help="LDAM logit scale s (default: %(default)s)")
     g.add_argument(
-        "--drw-epoch", type=int, default=None, help="deferred re-weighting from this epoch (ldam, vs)"
+        "--drw-epoch",
+        type=int,
+        default=None,
+        help=f"deferred re-weighting from this epoch ({', '.join(DRW_LOSSES)})",
     )
     g.add_argument(
         "--warmup-steps", type=int, default=20, help="linear LR warm-up steps (default: %(default)s)"
@@ -193,10 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.drw_epoch is not None and args.loss not in ("ldam", "vs"):
-        raise SystemExit("--drw-epoch applies to --loss ldam or vs")
-    C.setup_logging()
-    summary = C.fit("train_longtail", train_loop, {}, args)
+    from rebalance.losses import DRW_LOSSES
+
+    if args.drw_epoch is not None and args.loss not in DRW_LOSSES:
+        raise SystemExit(f"--drw-epoch applies to --loss {' or '.join(DRW_LOSSES)}")
+    setup_logging()
+    summary = fit("train_longtail", train_loop, {}, args)
     if args.eval_data:
         from rebalance.data.atomic import atomic_write_json
 

@@ -29,7 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from jobs import _common as C
+from jobs.cli import setup_logging, training_parser
+from jobs.dataset import ImageTextParquet, epoch_loader, sampling_weights, steps_per_epoch
+from jobs.training import epoch_metrics, fit, report_epoch, resume, set_threads, unwrap, worker_device
 
 
 def run_cluster_marginal(run_dir: str | Path, side: str = "image") -> np.ndarray:
@@ -76,18 +78,20 @@ def train_loop(config: dict) -> None:
     from ray.train.torch import prepare_model
 
     from rebalance.losses import GeometricHarmonizationLoss, info_nce_loss
+    from rebalance.models import load_model
 
     args = argparse.Namespace(**config["args"])
-    C.set_threads()
-    device = C.worker_device()
-    model, _, _, _ = C.create_clip(args.model, args.pretrained, args.seed)
+    set_threads()
+    device = worker_device()
+    clip = load_model(args.model, args.pretrained, seed=args.seed)
+    model = clip.model
     size = model.visual.image_size
     size = size[0] if isinstance(size, tuple | list) else size
     mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
     std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
-    data = C.ImageTextParquet(args.data, text_column=None)
+    data = ImageTextParquet(args.data, text_column=None)
     data.with_output("image", "image2", transform=simclr_transform(size, mean, std))
-    net = SSLNet(model.visual, C.embed_dim(model), args.hidden_dim, args.proj_dim).to(device)
+    net = SSLNet(model.visual, clip.dim, args.hidden_dim, args.proj_dim).to(device)
     gh = None
     if args.gh:
         pi = config["gh_marginal"]
@@ -98,11 +102,11 @@ def train_loop(config: dict) -> None:
             iterations=args.gh_iterations,
             class_marginal=pi,
         ).to(device)
-    weights = C.sampling_weights(data, args.weights)
-    steps = C.steps_per_epoch(args, len(data))
+    weights = sampling_weights(data, args.weights)
+    steps = steps_per_epoch(args, len(data))
     total_steps = steps * args.epochs
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    resumed = C.resume(
+    resumed = resume(
         model, {"optimizer": optimizer}, {"projector.safetensors": net.projector}, epochs=args.epochs
     )
     if resumed is None:
@@ -118,7 +122,7 @@ def train_loop(config: dict) -> None:
             gh.weight = gh_weight
         net.train()
         t0, losses = time.time(), []
-        loader = C.epoch_loader(data, weights, args.batch_size, steps, args.seed, epoch, args.loader_workers)
+        loader = epoch_loader(data, weights, args.batch_size, steps, args.seed, epoch, args.loader_workers)
         for view1, view2 in loader:
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, total_steps, args.lr, args.warmup_steps)
@@ -130,9 +134,9 @@ def train_loop(config: dict) -> None:
             optimizer.step()
             losses.append(loss.item())
             step += 1
-        metrics = C.epoch_metrics(epoch, start, step, t0, loss=sum(losses) / len(losses), gh_weight=gh_weight)
-        projector = C.unwrap(net).projector
-        C.report_epoch(
+        metrics = epoch_metrics(epoch, start, step, t0, loss=sum(losses) / len(losses), gh_weight=gh_weight)
+        projector = unwrap(net).projector
+        report_epoch(
             model,
             metrics,
             {"optimizer": optimizer},
@@ -143,7 +147,7 @@ def train_loop(config: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = C.training_parser("python -m jobs.train_ssl", __doc__)
+    parser = training_parser("python -m jobs.train_ssl", __doc__)
     g = parser.add_argument_group("SimCLR and Geometric Harmonization")
     g.add_argument(
         "--temperature", type=float, default=0.2, help="InfoNCE temperature (default: %(default)s)"
@@ -188,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         if len(pi) > args.proj_dim:
             raise SystemExit(f"--proj-dim ({args.proj_dim}) must be >= the number of GH classes ({len(pi)})")
         config["gh_marginal"] = pi.tolist()
-    C.setup_logging()
-    summary = C.fit("train_ssl", train_loop, config, args)
+    setup_logging()
+    summary = fit("train_ssl", train_loop, config, args)
     if args.gh:
         summary["gh_classes"] = len(config["gh_marginal"])
     print(json.dumps(summary, sort_keys=True))

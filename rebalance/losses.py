@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "DRW_LOSSES",
     "LONGTAIL_LOSSES",
     "GeometricHarmonizationLoss",
     "LDAMLoss",
@@ -395,6 +396,20 @@ def focal_loss(logits: Tensor, target: Tensor, gamma: float = 2.0, weight: Tenso
 
 #: Loss names accepted by :func:`make_longtail_loss` (and ``jobs.train_longtail --loss``).
 LONGTAIL_LOSSES = ("ce", "logit_adjusted", "balanced_softmax", "ldam", "vs", "focal", "cb")
+#: The losses whose ``weight`` (per-class weights) deferred re-weighting sets (``--drw-epoch``).
+DRW_LOSSES = ("ldam", "vs")
+
+
+class _ClassWeighted:
+    """``loss(logits, target)`` through ``fn(logits, target, weight)`` with per-class ``weight`` (C,) that
+    can be set between epochs (None: unweighted), like :attr:`LDAMLoss.weight`."""
+
+    def __init__(self, fn: Callable[[Tensor, Tensor, Tensor | None], Tensor]) -> None:
+        self.fn = fn
+        self.weight: Tensor | None = None
+
+    def __call__(self, logits: Tensor, target: Tensor) -> Tensor:
+        return self.fn(logits, target, self.weight)
 
 
 def make_longtail_loss(
@@ -409,7 +424,9 @@ def make_longtail_loss(
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """A ``loss(logits, target)`` by name: ``ce``, ``logit_adjusted`` (tau), ``balanced_softmax``,
     ``ldam`` (cosine logits expected; max_margin, s), ``vs`` (gamma default 0.3, tau), ``focal``
-    (gamma default 2), ``cb`` (class-balanced weighted CE with beta)."""
+    (gamma default 2), ``cb`` (class-balanced weighted CE with beta). The losses of :data:`DRW_LOSSES`
+    have a settable ``weight`` attribute (per-class weights, None at first) for deferred re-weighting
+    (:func:`drw_weights`)."""
     counts = _counts(class_counts)
     if name == "ce":
         return lambda f, y: F.cross_entropy(f, y)
@@ -421,7 +438,7 @@ def make_longtail_loss(
         return LDAMLoss(counts, max_margin=max_margin, s=s)
     if name == "vs":
         g = 0.3 if gamma is None else gamma
-        return lambda f, y: vs_loss(f, y, counts, g, tau)
+        return _ClassWeighted(lambda f, y, w: vs_loss(f, y, counts, g, tau, weight=w))
     if name == "focal":
         g = 2.0 if gamma is None else gamma
         return lambda f, y: focal_loss(f, y, g)

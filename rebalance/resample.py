@@ -13,14 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from rebalance.kernels.sampling import check_weights, draw_with_replacement
+
 __all__ = ["balanced_subset", "inclusion_probabilities", "resample_indices"]
-
-
-def _weights(weights: np.ndarray) -> np.ndarray:
-    w = np.asarray(weights, dtype=np.float64)
-    if w.ndim != 1 or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-        raise ValueError("weights must be a 1-d array of finite, non-negative numbers with a positive sum")
-    return w
 
 
 def resample_indices(
@@ -38,7 +33,7 @@ def resample_indices(
     is not size q_i once size is a sizeable fraction of the rows. ``size`` above the number of rows with
     positive weight raises ValueError.
     """
-    w = _weights(weights)
+    w = check_weights(weights)
     if size < 0:
         raise ValueError(f"size must be >= 0, got {size}")
     rng = np.random.default_rng(seed)
@@ -53,20 +48,7 @@ def resample_indices(
             keys = rng.exponential(size=w.size) / w  # inf for w = 0
         chosen = np.argpartition(keys, size - 1)[:size] if 0 < size < w.size else np.arange(size)
         return chosen[np.argsort(keys[chosen], kind="stable")].astype(np.int64)
-    cumulative = np.cumsum(w)
-    total = cumulative[-1]
-    if method == "systematic":
-        points = (rng.random() + np.arange(size)) * (total / size) if size else np.zeros(0)
-    elif method == "multinomial":
-        points = rng.random(size) * total
-    else:
-        raise ValueError(f"unknown method {method!r}; expected systematic or multinomial")
-    # The first row whose cumulative weight exceeds the point: a row with w = 0 never qualifies.
-    idx = np.searchsorted(cumulative, points, side="right")
-    idx = np.minimum(idx, np.flatnonzero(w)[-1])  # a point rounded up to the total
-    if method == "systematic":
-        rng.shuffle(idx)
-    return idx.astype(np.int64)
+    return draw_with_replacement(w, size, rng, method)
 
 
 def inclusion_probabilities(weights: np.ndarray, size: float | None = None) -> np.ndarray:
@@ -77,7 +59,7 @@ def inclusion_probabilities(weights: np.ndarray, size: float | None = None) -> n
     positive weight) sets c so that sum p = size: rows with c w_i > 1 are then kept surely but
     under-represented, and the subset needs the weights w_i / p_i (up to a constant) to stay balanced.
     """
-    w = _weights(weights)
+    w = check_weights(weights)
     if size is None:
         return w / w.max()
     positive = np.count_nonzero(w)

@@ -18,11 +18,9 @@ weight, from a stream fixed by ``(seed, epoch)``:
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
-import tarfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Sampler
+
+from rebalance.kernels.sampling import check_weights, draw_with_replacement
 
 __all__ = [
     "DistributedWeightedSampler",
@@ -115,28 +115,18 @@ def weights_for_keys(
 
 
 def _check_weights(weights: Any) -> np.ndarray:
-    w = np.asarray(weights.detach().cpu() if isinstance(weights, torch.Tensor) else weights, dtype=np.float64)
-    if w.ndim != 1 or w.size == 0:
-        raise ValueError(f"weights must be a non-empty 1-d sequence, got shape {w.shape}")
-    if not np.isfinite(w).all() or (w < 0).any():
-        raise ValueError("weights must be finite and >= 0")
-    if w.sum() <= 0:
-        raise ValueError("weights are all zero: nothing to draw")
-    return w
+    return check_weights(weights.detach().cpu() if isinstance(weights, torch.Tensor) else weights)
 
 
 def draw_weighted(weights: np.ndarray, size: int, seed: int, epoch: int) -> np.ndarray:
     """``size`` indices drawn with replacement with probability ``weights / sum(weights)``; int64.
 
     The stream depends only on ``(seed, epoch)`` and the weights (numpy PCG64 seeded by
-    ``SeedSequence([seed, epoch])``, inverse-CDF sampling).
+    ``SeedSequence([seed, epoch])``, inverse-CDF sampling: ``kernels.sampling.draw_with_replacement``).
     """
     w = _check_weights(weights)
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(epoch)])))
-    cdf = np.cumsum(w)
-    u = rng.random(size) * cdf[-1]
-    idx = np.searchsorted(cdf, u, side="right")
-    return np.minimum(idx, w.size - 1).astype(np.int64)
+    return draw_with_replacement(w, size, rng)
 
 
 class WeightedKeySampler(Sampler[int]):
@@ -263,24 +253,6 @@ class DistributedWeightedSampler(Sampler[int]):
 # --------------------------------------------------------------------------------------------------
 
 
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _write_tar(path: Path, samples: list[dict[str, bytes]]) -> None:
-    from rebalance.data.atomic import atomic_open
-
-    with atomic_open(path) as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for sample in samples:
-            for ext, data in sample.items():
-                if ext != "__key__":
-                    _tar_add(tar, f"{sample['__key__'].decode()}.{ext}", data)
-
-
 def export_webdataset_buckets(
     run_dir: str | os.PathLike,
     dataset: str | os.PathLike,
@@ -306,6 +278,8 @@ def export_webdataset_buckets(
     distribution and the bucketed one (0 = exact).
     """
     import pyarrow.parquet as pq
+
+    from rebalance.data.webdataset_writer import write_webdataset_tar
 
     if n_buckets < 1 or shard_size < 1:
         raise ValueError("n_buckets and shard_size must be >= 1")
@@ -333,7 +307,7 @@ def export_webdataset_buckets(
 
     def flush(b: int) -> None:
         (out / f"bucket-{b:02d}").mkdir(exist_ok=True)
-        _write_tar(out / f"bucket-{b:02d}" / f"{n_tars[b]:06d}.tar", pending[b])
+        write_webdataset_tar(out / f"bucket-{b:02d}" / f"{n_tars[b]:06d}.tar", pending[b])
         n_tars[b] += 1
         pending[b] = []
 

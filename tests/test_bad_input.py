@@ -16,6 +16,7 @@ from shards import write_tar
 
 import rebalance
 from rebalance.data import folder
+from rebalance.data.images import MAX_IMAGE_PIXELS, decode_image
 from rebalance.data.parts import read_parts
 from rebalance.data.readers import (
     DuplicateKeyError,
@@ -26,7 +27,6 @@ from rebalance.data.readers import (
 )
 from rebalance.data.synthetic import CAPTION_TEMPLATES, CONCEPTS, render_image
 from rebalance.spec import DataSpec
-from rebalance.stages.embed import MAX_IMAGE_PIXELS, decode_image
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:

@@ -259,7 +259,7 @@ def test_train_gan_resumed_optimizer_state_is_on_the_models_device():
     opt_g.step()
     opt_d.step()
     saved = {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict()}  # what a checkpoint holds
-    G, D, opt_g, opt_d = build_gan(args, "meta")  # then resumed as jobs._common.load_checkpoint does
+    G, D, opt_g, opt_d = build_gan(args, "meta")  # then resumed as jobs.training.load_checkpoint does
     opt_g.load_state_dict(saved["opt_g"])
     opt_d.load_state_dict(saved["opt_d"])
     for model, opt in ((G, opt_g), (D, opt_d)):

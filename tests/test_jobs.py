@@ -8,9 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from jobs import _common as C
 from jobs import linear_probe, train_clip, train_longtail, train_ssl
+from jobs.metrics import class_metrics
 from rebalance.data.synthetic import generate_dataset
+from rebalance.models import load_model
+from rebalance.runtime.session import resolve_address
+from rebalance.spec import RaySpec
 
 SMOKE = ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "16", "--warmup-steps", "1"]
 
@@ -54,8 +57,8 @@ def test_train_clip_smoke_resume_and_settings_guard(ray_local, demo_run, tmp_pat
     assert np.isfinite(first["last_metrics"]["loss"])
     model1 = load_file(out / "model.safetensors")
     # the trained model loads as an open_clip checkpoint and differs from the seeded random initialisation
-    model, _, _, _ = C.create_clip("rebalance-tiny", str(out / "model.safetensors"), seed=0)
-    random_init, _, _, _ = C.create_clip("rebalance-tiny", None, seed=0)
+    model = load_model("rebalance-tiny", str(out / "model.safetensors"), seed=0).model
+    random_init = load_model("rebalance-tiny", None, seed=0).model
     assert torch.equal(model.state_dict()["visual.conv1.weight"], model1["visual.conv1.weight"])
     assert not torch.equal(random_init.state_dict()["visual.conv1.weight"], model1["visual.conv1.weight"])
 
@@ -128,7 +131,7 @@ def test_class_metrics_by_hand():
     names = ["a", "b", "c"]
     y_true = [0, 0, 0, 0, 1, 1, 2, 2]
     y_pred = [0, 0, 0, 1, 1, 0, 0, 0]  # a: 3/4, b: 1/2, c: 0/2
-    m = C.class_metrics(y_true, y_pred, names, class_counts=[100, 10, 1])
+    m = class_metrics(y_true, y_pred, names, class_counts=[100, 10, 1])
     assert m["per_class_accuracy"] == {"a": 0.75, "b": 0.5, "c": 0.0}
     assert m["balanced_accuracy"] == pytest.approx(1.25 / 3)
     assert m["accuracy"] == pytest.approx(4 / 8)
@@ -154,8 +157,10 @@ def test_stratified_split_and_logistic_probe():
 
 
 def test_resolve_address(monkeypatch):
+    # the jobs' --address goes through the library's Ray session: None = start a local instance
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert C.resolve_address("auto") == "local"
+    assert resolve_address(RaySpec(address="auto")) is None
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
-    assert C.resolve_address("auto") == "10.0.0.1:6379"
-    assert C.resolve_address("local") == "local"
+    assert resolve_address(RaySpec(address="auto")) == "10.0.0.1:6379"
+    assert resolve_address(RaySpec(address="local")) is None
+    assert resolve_address(RaySpec(address="10.0.0.2:6379")) == "10.0.0.2:6379"

@@ -287,3 +287,23 @@ def test_make_longtail_loss_names():
         L.make_longtail_loss("nope", COUNTS)
     with pytest.raises(ValueError, match="class_counts"):
         L.make_longtail_loss("ce", [3, 0])
+
+
+def test_make_longtail_loss_passes_options_and_takes_drw_weights():
+    """The job builds every loss through make_longtail_loss: its LDAM options reach the loss, and the
+    losses of DRW_LOSSES take per-class weights set between epochs."""
+    w = L.class_balanced_weights(COUNTS, 0.5)
+    vs = L.make_longtail_loss("vs", COUNTS, gamma=0.2, tau=0.5)
+    unweighted = L.vs_loss(LOGITS, TARGET, COUNTS, 0.2, 0.5)
+    assert vs.weight is None and vs(LOGITS, TARGET).item() == pytest.approx(unweighted.item(), rel=1e-12)
+    vs.weight = w
+    weighted = L.vs_loss(LOGITS, TARGET, COUNTS, 0.2, 0.5, weight=w)
+    assert vs(LOGITS, TARGET).item() == pytest.approx(weighted.item(), rel=1e-12)
+    assert weighted.item() != pytest.approx(unweighted.item(), rel=1e-6)
+    ldam = L.make_longtail_loss("ldam", COUNTS, max_margin=0.3, s=10.0)
+    cos = torch.tanh(LOGITS)
+    direct = L.LDAMLoss(COUNTS, max_margin=0.3, s=10.0)
+    for loss in (ldam, direct):
+        loss.weight = w
+    assert ldam(cos, TARGET).item() == pytest.approx(direct(cos, TARGET).item(), rel=1e-12)
+    assert set(L.DRW_LOSSES) <= set(L.LONGTAIL_LOSSES)

@@ -275,7 +275,7 @@ class Weigher:
         self, side: str, samples: list[Sample], errors: list[str]
     ) -> tuple[np.ndarray | None, np.ndarray]:
         """L2-normalised vectors (n, d) of one side (zero rows where not given) and the mask of given rows."""
-        from rebalance.stages.embed import normalize_rows
+        from rebalance.kernels.vectors import normalize_rows
 
         n = len(samples)
         raw_field = "image" if side == "image" else "caption"
@@ -349,9 +349,7 @@ class Weigher:
         self, side: str, rows: list[int], values: list[Any], errors: list[str]
     ) -> dict[int, np.ndarray]:
         """Embed raw images / captions with the run's model, exactly as the embed stage does."""
-        import torch
-
-        from rebalance.stages.embed import decode_image, normalize_rows
+        from rebalance.data.images import decode_image
 
         model = self.model
         if side == "image":
@@ -372,25 +370,11 @@ class Weigher:
                     kept.append(i)
                 except ValueError as err:
                     errors.append(f"samples[{i}].image: {err}")
-            if not kept:
-                return {}
-            with torch.no_grad(), self._autocast():
-                out = model.model.encode_image(torch.stack(tensors).to(model.device))
+            vecs = model.encode_images(tensors)
         else:
             kept = rows
-            with torch.no_grad(), self._autocast():
-                out = model.model.encode_text(model.tokenizer([str(v) for v in values]).to(model.device))
-        vecs = normalize_rows(out.float().cpu().numpy())[0]
+            vecs = model.encode_texts([str(v) for v in values])
         return dict(zip(kept, vecs, strict=True))
-
-    def _autocast(self):
-        import contextlib
-
-        import torch
-
-        if self.model.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     @staticmethod
     def _preview(values: list[str], limit: int = 20) -> str:

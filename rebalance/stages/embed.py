@@ -8,11 +8,9 @@ are in the part summaries and, summed, in the manifest.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,92 +20,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rebalance.data.atomic import atomic_open, atomic_write_json
+from rebalance.data.images import decode_image
 from rebalance.data.parts import part_path, part_summary
 from rebalance.data.readers import RowBatch, Shard, check_unique_keys, read_shard
+from rebalance.kernels.vectors import normalize_rows
 from rebalance.runtime.placement import plan_embed
 from rebalance.runtime.pool import ActorPool
 from rebalance.runtime.prefetch import prefetch
 from rebalance.spec import DataSpec, EmbedSpec
 from rebalance.stages.context import StageContext
 
-__all__ = ["EmbedWorker", "run_embed", "decode_image", "normalize_rows"]
+__all__ = ["EmbedWorker", "run_embed"]
 
 log = logging.getLogger(__name__)
 
-MAX_IMAGE_PIXELS = 64_000_000  # larger images are rejected as decompression bombs
 MAX_REJECTED_IN_MANIFEST = 10_000
-
-
-def _declared_size(data: bytes) -> tuple[int, int] | None:
-    """Width and height from a PNG or GIF header (Pillow refuses to open those that declare 0)."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24 and data[12:16] == b"IHDR":
-        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
-        return int.from_bytes(data[6:8], "little"), int.from_bytes(data[8:10], "little")
-    return None
-
-
-def decode_image(data: bytes | None):
-    """Decode encoded image bytes to an RGB PIL image; raise ValueError with a short reason otherwise.
-
-    Reasons: ``image:missing`` (None), ``image:zero size`` (0 bytes, or a declared width or height of 0),
-    ``image:decompression bomb (...)`` (more than MAX_IMAGE_PIXELS pixels declared; the pixels are never
-    decoded), ``image:undecodable (...)`` (corrupt, truncated or not an image). Grayscale (L, I, I;16),
-    bilevel, palette and CMYK images are converted to RGB; transparency (RGBA, LA, PA, palette with a
-    transparent colour) is composited onto white.
-    """
-    from PIL import Image
-
-    if data is None:
-        raise ValueError("image:missing")
-    if len(data) == 0:
-        raise ValueError("image:zero size (0 bytes)")
-    declared = _declared_size(data)
-    if declared is not None and 0 in declared:
-        raise ValueError(f"image:zero size ({declared[0]}x{declared[1]})")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data))
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise ValueError(
-                    f"image:decompression bomb ({image.width}x{image.height} pixels > {MAX_IMAGE_PIXELS})"
-                )
-            image.load()
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
-            raise ValueError(f"image:decompression bomb ({err})") from err
-        except ValueError as err:
-            if str(err).startswith("image:"):
-                raise
-            raise ValueError(f"image:undecodable ({type(err).__name__}: {err})") from err
-        except Exception as err:
-            raise ValueError(f"image:undecodable ({type(err).__name__}: {err})") from err
-    if image.width == 0 or image.height == 0:
-        raise ValueError(f"image:zero size ({image.width}x{image.height})")
-    try:
-        if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):  # 16-bit grayscale: scale to 8 bits
-            pixels = np.asarray(image, dtype=np.float64) / 257.0
-            image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
-        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-            image.mode == "P" and "transparency" in image.info
-        ):
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, rgba).convert("RGB")
-        return image.convert("RGB")
-    except Exception as err:
-        raise ValueError(f"image:undecodable ({type(err).__name__}: {err})") from err
-
-
-def normalize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """L2-normalise the rows of ``x`` (n, d); returns the normalised rows and a mask of usable rows
-    (finite and non-zero)."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1)
-    ok = np.isfinite(x).all(axis=1) & (norms > 0) & np.isfinite(norms)
-    out = np.zeros_like(x)
-    out[ok] = x[ok] / norms[ok, None]
-    return out, ok
 
 
 @dataclass
@@ -243,9 +170,9 @@ class EmbedWorker:
         if self.fmt != "embeddings":
             keep = [i for i in range(n) if reasons[i] is None]
             if prepared.images is not None:
-                sides["image"] = self._encode_images([prepared.images[i] for i in keep], len(keep))
+                sides["image"] = self.model.encode_images([prepared.images[i] for i in keep])
             if prepared.texts is not None:
-                sides["text"] = self._encode_texts([str(prepared.texts[i]) for i in keep])
+                sides["text"] = self.model.encode_texts([str(prepared.texts[i]) for i in keep])
             sides = {s: _scatter(v, keep, n) for s, v in sides.items()}
         mask = np.array([r is None for r in reasons], dtype=bool)
         columns = {"key": pa.array([k for k, ok in zip(batch.keys, mask, strict=True) if ok], pa.string())}
@@ -256,36 +183,6 @@ class EmbedWorker:
             columns[name] = column.filter(pa.array(mask))
         rejected = [(batch.keys[i], r) for i, r in enumerate(reasons) if r is not None]
         return pa.table(columns), rejected
-
-    def _encode_images(self, tensors: list, n: int) -> np.ndarray:
-        import torch
-
-        if n == 0:
-            return np.zeros((0, self.model.dim), dtype=np.float32)
-        pixels = torch.stack(tensors)
-        if self.model.device.type == "cuda":  # page-locked, so the copy overlaps the host's next batch
-            pixels = pixels.pin_memory().to(self.model.device, non_blocking=True)
-        with torch.no_grad(), self._autocast():
-            out = self.model.model.encode_image(pixels.to(self.model.device))
-        return normalize_rows(out.float().cpu().numpy())[0]
-
-    def _encode_texts(self, texts: list[str]) -> np.ndarray:
-        import torch
-
-        if not texts:
-            return np.zeros((0, self.model.dim), dtype=np.float32)
-        with torch.no_grad(), self._autocast():
-            out = self.model.model.encode_text(self.model.tokenizer(texts).to(self.model.device))
-        return normalize_rows(out.float().cpu().numpy())[0]
-
-    def _autocast(self):
-        import contextlib
-
-        import torch
-
-        if self.model.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
 
 def _caption(text: str | bytes | None) -> tuple[str | None, str | None]:
