@@ -1,4 +1,9 @@
-"""Shared fixtures: one built-in demo run (through the CLI, as a user runs it) reused by many tests."""
+"""Shared fixtures: one built-in demo run (through the CLI, as a user runs it) reused by many tests.
+
+Every test that needs the demo run or a local Ray (fixtures ``demo_run``, ``demo_copy``, ``ray_local``, or
+the ``ray`` marker) is marked ``slow`` here, so ``pytest -m "not slow"`` is the fast inner loop; other slow
+tests carry ``@pytest.mark.slow`` themselves.
+"""
 
 import os
 import shutil
@@ -9,6 +14,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+SLOW_FIXTURES = frozenset({"demo_run", "demo_copy", "ray_local"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("ray"):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

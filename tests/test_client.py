@@ -175,6 +175,7 @@ def test_remote_submit_needs_an_absolute_out_and_an_http_address(ray_head, demo_
         client.submit(_job_spec(demo_run), "relative/out")
 
 
+@pytest.mark.slow
 def test_entrypoints(ray_head):
     client = Client(ray_head["address"], token=ray_head["token"])
     assert (
@@ -236,6 +237,7 @@ def test_in_process_client_on_a_finished_run(demo_copy):
         client.stop(job)
 
 
+@pytest.mark.slow
 def test_in_process_client_reports_a_failed_run(tmp_path):
     client = Client()
     with pytest.raises(SpecError, match="data.path"):  # an invalid spec fails at once

@@ -335,6 +335,7 @@ def zero_shot():
     return build_classifier("zero-shot")
 
 
+@pytest.mark.slow
 def test_zero_shot_classifier_on_real_images(zero_shot):
     x, y = rendered(5, seed=3)
     pred = zero_shot.predict(x)
@@ -345,6 +346,7 @@ def test_zero_shot_classifier_on_real_images(zero_shot):
     assert (zero_shot.predict(x[:4], min_confidence=0.999999) == -1).any()
 
 
+@pytest.mark.slow
 def test_shipped_generator_inherits_the_long_tail(zero_shot):
     g = load_generator(SHIPPED_GENERATOR)
     labels = latent_classifier(g, zero_shot)(

@@ -446,6 +446,7 @@ def test_run_directory_checks_and_temporaries_on_s3(bucket):
 # ------------------------------------------------------------------------------------------ errors
 
 
+@pytest.mark.slow
 def test_unsupported_scheme_missing_bucket_and_unreachable_endpoint_are_clear_errors(bucket, tmp_path):
     spec = _tiny_spec(str(tmp_path))
     with pytest.raises(fs.StorageError, match=r"unsupported storage URI ftp://host/"):
@@ -490,6 +491,7 @@ def test_credentials_in_an_endpoint_override_are_refused_without_echoing_them():
     assert fs.as_path("s3://bucket/run?endpoint_override=127.0.0.1:9&scheme=http").key == "run"
 
 
+@pytest.mark.slow
 def test_cli_reports_a_missing_bucket_without_a_traceback(bucket, tmp_path):
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(_tiny_spec(str(tmp_path))))
@@ -499,6 +501,7 @@ def test_cli_reports_a_missing_bucket_without_a_traceback(bucket, tmp_path):
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_store_failure_while_reading_fails_instead_of_marking_the_shard_unreadable(bucket):
     port = free_port()  # nothing listens there
     path = f"s3://{bucket.name}/data/00000.parquet?endpoint_override=127.0.0.1:{port}&scheme=http&region={REGION}"
