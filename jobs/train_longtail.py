@@ -63,7 +63,11 @@ class Classifier(nn.Module):
 
 
 def make_head(loss: str, dim: int, num_classes: int) -> nn.Module:
-    return CosineHead(dim, num_classes) if loss == "ldam" else nn.Linear(dim, num_classes)
+    """A cosine head for the losses that expect cosine logits (``rebalance.losses.COSINE_LOSSES``), else a
+    linear one."""
+    from rebalance.losses import COSINE_LOSSES
+
+    return CosineHead(dim, num_classes) if loss in COSINE_LOSSES else nn.Linear(dim, num_classes)
 
 
 def train_loop(config: dict) -> None:

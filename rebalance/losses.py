@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "COSINE_LOSSES",
     "DRW_LOSSES",
     "LONGTAIL_LOSSES",
     "GeometricHarmonizationLoss",
@@ -398,6 +399,8 @@ def focal_loss(logits: Tensor, target: Tensor, gamma: float = 2.0, weight: Tenso
 LONGTAIL_LOSSES = ("ce", "logit_adjusted", "balanced_softmax", "ldam", "vs", "focal", "cb")
 #: The losses whose ``weight`` (per-class weights) deferred re-weighting sets (``--drw-epoch``).
 DRW_LOSSES = ("ldam", "vs")
+#: The losses that expect cosine logits in [-1, 1] (a cosine classifier head) rather than raw logits.
+COSINE_LOSSES = ("ldam",)
 
 
 class _ClassWeighted:
@@ -423,7 +426,7 @@ def make_longtail_loss(
     s: float = 30.0,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """A ``loss(logits, target)`` by name: ``ce``, ``logit_adjusted`` (tau), ``balanced_softmax``,
-    ``ldam`` (cosine logits expected; max_margin, s), ``vs`` (gamma default 0.3, tau), ``focal``
+    ``ldam`` (cosine logits expected: :data:`COSINE_LOSSES`; max_margin, s), ``vs`` (gamma default 0.3, tau), ``focal``
     (gamma default 2), ``cb`` (class-balanced weighted CE with beta). The losses of :data:`DRW_LOSSES`
     have a settable ``weight`` attribute (per-class weights, None at first) for deferred re-weighting
     (:func:`drw_weights`)."""

@@ -306,4 +306,4 @@ def test_make_longtail_loss_passes_options_and_takes_drw_weights():
     for loss in (ldam, direct):
         loss.weight = w
     assert ldam(cos, TARGET).item() == pytest.approx(direct(cos, TARGET).item(), rel=1e-12)
-    assert set(L.DRW_LOSSES) <= set(L.LONGTAIL_LOSSES)
+    assert set(L.DRW_LOSSES) | set(L.COSINE_LOSSES) <= set(L.LONGTAIL_LOSSES)
