@@ -11,7 +11,7 @@ as a contrast, the same model with random weights. Counts are balanced, as in th
 
 Per seed: ``--spectra + --train + --test`` fresh renders of each of the 24 built-in concepts
 (``render_image``, not JPEG-coded), embedded and L2-normalised as the embed stage does
-(``normalize_rows``). Per-concept statistics from the first ``--spectra`` rows of each concept
+(``LoadedModel.encode_images``). Per-concept statistics from the first ``--spectra`` rows of each concept
 (``GroupMoments`` unbiased -> ``group_spectra`` -> ``spectral_scores``, q = 0.5): SQS, trace, effective
 rank, top-eigenvalue share. A multinomial logistic regression (scikit-learn, features standardised on the
 train split) fitted on ``--train`` rows per concept; per-concept error and mean log loss on ``--test``
@@ -37,22 +37,18 @@ from sklearn.preprocessing import StandardScaler
 from rebalance.data.synthetic import CONCEPTS, render_image
 from rebalance.kernels.spectra import GroupMoments, group_spectra, spectral_scores
 from rebalance.models import TINY_MODEL, TINY_TAG, load_model
-from rebalance.stages.embed import normalize_rows
 
 STATS = ("sqs", "trace", "effective_rank", "top_share", "nearest_mean")
 MODELS = {"shipped": TINY_TAG, "random": None}
 
 
-@torch.no_grad()
 def embed(loaded, images: list[np.ndarray], batch_size: int = 512) -> np.ndarray:
     """L2-normalised image features, (n, d)."""
     out = []
     for i in range(0, len(images), batch_size):
-        batch = torch.stack(
-            [loaded.preprocess(Image.fromarray(a, mode="RGB")) for a in images[i : i + batch_size]]
-        )
-        out.append(loaded.model.encode_image(batch.to(loaded.device)).float().cpu().numpy())
-    return normalize_rows(np.concatenate(out))[0]
+        batch = [loaded.preprocess(Image.fromarray(a, mode="RGB")) for a in images[i : i + batch_size]]
+        out.append(loaded.encode_images(batch))
+    return np.concatenate(out)
 
 
 def run_seed(loaded, seed: int, args: argparse.Namespace) -> dict:
