@@ -353,10 +353,14 @@ class ReportSpec:
     spectra_by: tuple[str, ...] = ("image_cluster",)
     top_eigenvalues: int = 64
     html: bool = True
+    thumbnails: int = 8  # thumbnails per concept card (0: none; the input shards are then not read)
+    truth: str | None = None  # a carried ground-truth column: concept cards show their purity against it
 
     def __post_init__(self) -> None:
         if self.top_eigenvalues < 1:
             raise SpecError("report.top_eigenvalues", "must be >= 1", self.top_eigenvalues)
+        if not 0 <= self.thumbnails <= 64:
+            raise SpecError("report.thumbnails", "must be in [0, 64]", self.thumbnails)
 
 
 RAY_LISTEN = ("loopback", "all")
@@ -422,6 +426,10 @@ class Spec:
         for name in self.report.spectra_by:
             if not known(name):
                 raise SpecError("report.spectra_by", f"{name!r} is not a cluster or carried column", name)
+        if self.report.truth is not None and self.report.truth not in self.data.carry:
+            raise SpecError(
+                "report.truth", f"must be a column of data.carry {list(self.data.carry)}", self.report.truth
+            )
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Spec:

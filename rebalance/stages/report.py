@@ -9,6 +9,8 @@
    (:class:`~rebalance.kernels.spectra.GroupSample`) is kept instead and the report says so.
 3. Joint diagnostics: the singular values of the normalised joint counts of every pair of marginals and
    the variance they predict for balanced estimates (computed by the balance stage).
+4. Concept cards (:mod:`rebalance.stages.concepts`): per concept its sizes, weights, central and random
+   rows read back from the input as thumbnails and captions, and a 2-D map of a bounded sample.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from rebalance.kernels.stats import imbalance_stats
 from rebalance.runtime.manifest import RunDir
 from rebalance.runtime.pool import ActorPool, ShardWorker
 from rebalance.spec import Spec, cluster_marginal
+from rebalance.stages.concepts import compute_concepts
 from rebalance.stages.context import StageContext
 
 __all__ = ["build_report", "run_report", "spectra_part", "REPORT_SCHEMA_VERSION", "SPECTRA_BUDGET_BYTES"]
@@ -230,11 +233,14 @@ def build_report(run: RunDir, spec: Spec, spectra: dict[str, Any] | None = None)
 def run_report(ctx: StageContext) -> dict[str, Any]:
     """Write ``report/report.json`` and, when ``report.html`` is set, ``report/report.html`` and PNGs."""
     report = build_report(ctx.run, ctx.spec, compute_spectra(ctx))
+    concepts, media = compute_concepts(ctx)
+    report["concepts"] = _jsonable(concepts)
     out = ctx.run.path("report")
     if ctx.spec.report.html:
         from rebalance.report.html import write_html
 
-        report["files"] = write_html(report, json.loads(ctx.run.path("balance.json").read_text()), out)
+        balance = json.loads(ctx.run.path("balance.json").read_text())
+        report["files"] = write_html(report, balance, out, media)
     atomic_write_json(report, out / "report.json")
     return {
         "ess": report["balance"]["ess"],

@@ -1,0 +1,420 @@
+"""Concept cards of the report: who is in each concept, and how balancing reweighted it.
+
+A *concept* is one value of a concept column: a cluster of each side (``image_cluster``, ``text_cluster``)
+and of each coarser level (``image_cluster_L``), and each value of a carried column with at most
+:data:`MAX_CARRIED_VALUES` distinct values. Two streamed passes over the run directory (parts in a pool):
+
+1. per part and concept: rows, summed weight, summed embedding, the rows of smallest key priority (a
+   seeded random sample, :func:`~rebalance.kernels.sampling.key_priorities`), the rows nearest the
+   centroid for level-0 clusters (``assignments`` distances), the contingency against ``report.truth``;
+   and over all rows a bounded random sample for the embedding map and weight percentiles, and the rows
+   of the largest weights;
+2. for the other concepts (levels, carried values): the rows nearest the concept's mean embedding.
+
+The chosen rows are then read back from the input shards by key (:mod:`rebalance.data.thumbnails`):
+``report.thumbnails`` thumbnails per shown concept and up to :data:`CAPTIONS_PER_CONCEPT` captions for its
+words. Everything the page holds is bounded: :data:`CARDS_PER_COLUMN` cards per column, :data:`MAP_POINTS`
+map points, :data:`LARGEST_WEIGHTS` heaviest rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rebalance.data import fs
+from rebalance.data.fs import join, read_table
+from rebalance.data.parts import list_parts, read_part
+from rebalance.data.readers import list_shards, resolve_format
+from rebalance.data.thumbnails import THUMBNAIL_PIXELS, read_rows_by_key
+from rebalance.kernels.sampling import key_priorities
+from rebalance.report.cards import (
+    caption_words,
+    group_sums,
+    pca_2d,
+    purity,
+    smallest_per_group,
+    weight_percentiles,
+)
+from rebalance.runtime.pool import ActorPool, ShardWorker
+from rebalance.spec import SpecError
+from rebalance.stages.context import StageContext
+
+__all__ = [
+    "CAPTIONS_PER_CONCEPT",
+    "CARDS_PER_COLUMN",
+    "LARGEST_WEIGHTS",
+    "MAP_POINTS",
+    "MAX_CARRIED_VALUES",
+    "WEIGHT_SAMPLE",
+    "compute_concepts",
+]
+
+log = logging.getLogger(__name__)
+
+CARDS_PER_COLUMN = 48  # cards with thumbnails per concept column (the most up- and down-weighted beyond)
+CAPTIONS_PER_CONCEPT = 24  # random captions per concept whose words are counted
+MAP_POINTS = 1000  # rows of the embedding map (a seeded random sample)
+LARGEST_WEIGHTS = 12  # heaviest rows shown as images
+WEIGHT_SAMPLE = 100_000  # rows of the weight percentiles (exact below this many rows)
+MAX_CARRIED_VALUES = 1000  # a carried column with more distinct values (a caption, a URL) is no concept
+
+
+def _carried_vocab(run_root: str, column: str) -> list[str] | None:
+    """Sorted distinct values (as strings, null as ``<missing>``) of a carried column in the embeddings
+    parts, or None when it has more than MAX_CARRIED_VALUES or is not a scalar column."""
+    values: set[str] = set()
+    for path in list_parts(join(run_root, "embeddings")):
+        column_values = read_table(path, columns=[column]).column(column)
+        if pa.types.is_nested(column_values.type) or pa.types.is_binary(column_values.type):
+            return None
+        values.update(pc.unique(pc.fill_null(pc.cast(column_values, pa.string()), "<missing>")).to_pylist())
+        if len(values) > MAX_CARRIED_VALUES:
+            return None
+    return sorted(values)
+
+
+def _plan(ctx: StageContext) -> tuple[list[dict[str, Any]], list[str] | None, list[str]]:
+    """(concept columns, the truth column's vocabulary or None, carried columns left out)."""
+    clusters = json.loads(ctx.run.path("clusters", "clusters.json").read_text())
+    plan: list[dict[str, Any]] = []
+    for side in ctx.sides:
+        info = clusters[side]
+        plan.append({"column": f"{side}_cluster", "side": side, "level": 0, "groups": info["k"], "vocab": None})
+        for level in info.get("levels", []):
+            column = f"{side}_cluster_{level['level']}"
+            plan.append({"column": column, "side": side, "level": level["level"], "groups": level["k"],
+                         "vocab": None})  # fmt: skip
+    skipped = []
+    root = str(ctx.run.root)
+    vocabs = {c: _carried_vocab(root, c) for c in ctx.spec.data.carry}
+    for column, vocab in vocabs.items():
+        if vocab is None:
+            skipped.append(column)
+        else:
+            plan.append({"column": column, "side": ctx.sides[0], "level": None, "groups": len(vocab),
+                         "vocab": vocab})  # fmt: skip
+    truth = ctx.spec.report.truth
+    return plan, (vocabs.get(truth) if truth else None), skipped
+
+
+def _codes(table: pa.Table, column: str, vocab: list[str]) -> np.ndarray:
+    values = pc.fill_null(pc.cast(table.column(column), pa.string()), "<missing>")
+    codes = pc.index_in(values, value_set=pa.array(vocab)).to_numpy(zero_copy_only=False)
+    return np.where(np.isnan(codes.astype(float)), -1, codes).astype(np.int64)
+
+
+def _matrix(table: pa.Table, side: str) -> np.ndarray:
+    vectors = table.column(side).combine_chunks()
+    if len(vectors) == 0:
+        return np.zeros((0, vectors.type.list_size), np.float32)
+    return vectors.flatten().to_numpy().reshape(len(vectors), vectors.type.list_size)
+
+
+def _read(run_root: str, index: int, plan: list[dict], truth: str | None, truth_vocab: list[str] | None):
+    emb = read_part(join(run_root, "embeddings"), index)
+    assignments = read_part(join(run_root, "assignments"), index)
+    weights = read_part(join(run_root, "weights"), index, columns=["weight"]).column("weight").to_numpy()
+    codes = {}
+    for item in plan:
+        column = item["column"]
+        if item["vocab"] is None:
+            codes[column] = assignments.column(column).to_numpy().astype(np.int64)
+        else:
+            codes[column] = _codes(emb, column, item["vocab"])
+    truth_codes = _codes(emb, truth, truth_vocab) if truth_vocab is not None else None
+    vectors = {side: _matrix(emb, side) for side in {item["side"] for item in plan}}
+    return emb, assignments, weights, codes, truth_codes, vectors
+
+
+def _picks(score: np.ndarray, groups: np.ndarray, n_groups: int, k: int, keys: list[str], part: int) -> dict:
+    idx = smallest_per_group(score, groups, n_groups, k)
+    return {"score": score[idx], "group": groups[idx], "key": [keys[i] for i in idx],
+            "part": np.full(idx.size, part, np.int64)}  # fmt: skip
+
+
+def _concat_picks(picks: list[dict], n_groups: int, k: int) -> dict:
+    score = np.concatenate([p["score"] for p in picks])
+    group = np.concatenate([p["group"] for p in picks])
+    keys = [k_ for p in picks for k_ in p["key"]]
+    part = np.concatenate([p["part"] for p in picks])
+    idx = smallest_per_group(score, group, n_groups, k)
+    return {"score": score[idx], "group": group[idx], "key": [keys[i] for i in idx], "part": part[idx]}
+
+
+def concepts_part(run_root: str, index: int, plan: list[dict], truth: str | None,
+                  truth_vocab: list[str] | None, seed: int, k: int) -> dict:  # fmt: skip
+    """Pass 1 over part ``index``: per concept column its per-group sums and sampled / central rows;
+    over all rows the map sample, the weight sample and the heaviest rows."""
+    emb, assignments, weights, codes, truth_codes, vectors = _read(run_root, index, plan, truth, truth_vocab)
+    keys = emb.column("key").to_pylist()
+    priority = key_priorities(keys, seed)
+    out: dict[str, Any] = {"columns": {}}
+    for item in plan:
+        column, groups, n = item["column"], codes[item["column"]], item["groups"]
+        ok = groups >= 0
+        entry = {
+            "rows": np.bincount(groups[ok], minlength=n),
+            "weight": np.bincount(groups[ok], weights=weights[ok], minlength=n),
+            "sum": group_sums(vectors[item["side"]][ok], groups[ok], n),
+            "random": _picks(priority, groups, n, max(k, CAPTIONS_PER_CONCEPT), keys, index),
+        }
+        if item["level"] == 0:
+            distance = assignments.column(f"{item['side']}_distance").to_numpy().astype(np.float64)
+            entry["central"] = _picks(distance, groups, n, k, keys, index)
+        if truth_codes is not None:
+            both = ok & (truth_codes >= 0)
+            flat = groups[both] * len(truth_vocab) + truth_codes[both]
+            entry["truth"] = np.bincount(flat, minlength=n * len(truth_vocab)).reshape(n, len(truth_vocab))
+        out["columns"][column] = entry
+    zeros = np.zeros(len(keys), np.int64)
+    sample = smallest_per_group(priority, zeros, 1, MAP_POINTS)
+    side = plan[0]["side"]
+    out["map"] = {"priority": priority[sample], "key": [keys[i] for i in sample], "weight": weights[sample],
+                  "x": vectors[side][sample], "codes": {c: g[sample] for c, g in codes.items()},
+                  "part": np.full(sample.size, index, np.int64)}  # fmt: skip
+    wsample = smallest_per_group(priority, zeros, 1, WEIGHT_SAMPLE)
+    out["weights"] = {"priority": priority[wsample], "weight": weights[wsample]}
+    heavy = smallest_per_group(-weights, zeros, 1, LARGEST_WEIGHTS)
+    out["largest"] = {"score": -weights[heavy], "key": [keys[i] for i in heavy], "weight": weights[heavy],
+                      "codes": {c: g[heavy] for c, g in codes.items()},
+                      "part": np.full(heavy.size, index, np.int64)}  # fmt: skip
+    return out
+
+
+def central_part(run_root: str, index: int, plan: list[dict], means: dict[str, np.ndarray], k: int) -> dict:
+    """Pass 2 over part ``index``: for each column of ``means``, the ``k`` rows of each group nearest the
+    group's mean embedding (squared L2)."""
+    emb, _, _, codes, _, vectors = _read(run_root, index, plan, None, None)
+    keys = emb.column("key").to_pylist()
+    out = {}
+    for item in plan:
+        column = item["column"]
+        if column not in means:
+            continue
+        groups = codes[column]
+        x = vectors[item["side"]]
+        safe = np.where(groups >= 0, groups, 0)
+        distance = ((x - means[column][safe]) ** 2).sum(axis=1)
+        out[column] = _picks(np.where(groups >= 0, distance, np.nan), groups, item["groups"], k, keys, index)
+    return out
+
+
+def _bottom(rows: list[dict], n: int, score: str) -> dict:
+    """The ``n`` entries of smallest ``score`` over the concatenated per-part dicts ``rows``."""
+    cat: dict[str, Any] = {}
+    for name, first in rows[0].items():
+        if name == "codes":
+            cat[name] = {c: np.concatenate([r[name][c] for r in rows]) for c in first}
+        elif isinstance(first, list):
+            cat[name] = [v for r in rows for v in r[name]]
+        else:
+            cat[name] = np.concatenate([r[name] for r in rows])
+    idx = smallest_per_group(cat[score], np.zeros(len(cat[score]), np.int64), 1, n)
+    out = {}
+    for name, value in cat.items():
+        if name == "codes":
+            out[name] = {c: v[idx] for c, v in value.items()}
+        elif isinstance(value, list):
+            out[name] = [value[i] for i in idx]
+        else:
+            out[name] = value[idx]
+    return out
+
+
+def _project(x: np.ndarray, seed: int) -> tuple[np.ndarray, str, list[float] | None]:
+    """2-D coordinates of the map: UMAP when the optional ``umap-learn`` package is installed (and the
+    sample is large enough for its neighbour graph), else PCA."""
+    try:
+        import umap  # optional
+    except ImportError:
+        umap = None
+    if umap is not None and len(x) > 16:
+        coords = umap.UMAP(n_components=2, n_neighbors=15, random_state=seed).fit_transform(x)
+        return np.asarray(coords, np.float64), "umap", None
+    coords, explained = pca_2d(x)
+    return coords, "pca", explained.tolist()
+
+
+def _input_shards(ctx: StageContext):
+    """(shards, format, image column, text column) of the input; listed again from the spec when the
+    context has none (a report rebuilt from the run directory alone)."""
+    if all(s.path for s in ctx.shards):
+        return ctx.shards, ctx.fmt, ctx.image_column, ctx.text_column
+    shards = list_shards(ctx.spec.data)
+    if len(shards) != len(ctx.shards):
+        raise SpecError("data.path", f"holds {len(shards)} shards, the run had {len(ctx.shards)}")
+    return (shards, *resolve_format(ctx.spec.data, shards))
+
+
+def _shown(rows: np.ndarray, mean_weight: np.ndarray) -> np.ndarray:
+    """Groups that get a card with thumbnails: every non-empty one, or, beyond CARDS_PER_COLUMN, the most
+    down- and up-weighted halves of that many."""
+    present = np.flatnonzero(rows > 0)
+    if present.size <= CARDS_PER_COLUMN:
+        return present
+    order = present[np.argsort(mean_weight[present], kind="stable")]
+    half = CARDS_PER_COLUMN // 2
+    return np.sort(np.concatenate([order[:half], order[-half:]]))
+
+
+def _label(item: dict, group: int) -> str:
+    return str(group) if item["vocab"] is None else item["vocab"][group]
+
+
+def _fetch_media(ctx: StageContext, pool: ActorPool, wanted: dict[int, tuple[set, set]]) -> tuple[dict, str | None]:
+    """Captions and thumbnails of the wanted rows ({part: (caption keys, thumbnail keys)}), read back from
+    the input shards; (media, None) or ({}, why none could be read)."""
+    try:
+        shards, fmt, image_column, text_column = _input_shards(ctx)
+        jobs = [(read_rows_by_key, shards[i], ctx.spec.data, fmt, image_column, text_column, keys | thumbs, thumbs)
+                for i, (keys, thumbs) in sorted(wanted.items())]  # fmt: skip
+        found = pool.map("call", jobs, "thumbnails") if jobs else []
+    except (SpecError, OSError, fs.StorageError) as err:
+        log.warning("report: no thumbnails or captions, the input cannot be read: %s", err)
+        return {}, f"the input shards could not be read ({type(err).__name__}: {err})"
+    media = {key: row for rows in found for key, row in rows.items()}
+    note = None if image_column is not None and fmt != "embeddings" else "the dataset has no encoded images"
+    return media, note
+
+
+def compute_concepts(ctx: StageContext) -> tuple[dict[str, Any], dict[str, dict]]:
+    """(the ``concepts`` section of report.json, media) where media maps a row key to its ``thumbnail``
+    (WebP bytes or None) and ``caption``, for the rows the page shows."""
+    plan, truth_vocab, skipped = _plan(ctx)
+    truth = ctx.spec.report.truth
+    n_thumbs = ctx.spec.report.thumbnails
+    n_random = n_thumbs // 4
+    n_central = n_thumbs - n_random
+    seed = ctx.spec.cluster.seed
+    root = str(ctx.run.root)
+    k = max(n_central, 1)
+    balance = json.loads(ctx.run.path("balance.json").read_text())
+    one = functools.partial(concepts_part, root, plan=plan, truth=truth, truth_vocab=truth_vocab, seed=seed, k=k)
+    with ActorPool(ShardWorker, ctx.workers(len(ctx.shards))) as pool:
+        parts = pool.map("call", [(one, s.index) for s in ctx.shards], "concepts")
+        means, merged = {}, {}
+        for item in plan:
+            column, n = item["column"], item["groups"]
+            entries = [p["columns"][column] for p in parts]
+            m = {name: sum(e[name] for e in entries) for name in ("rows", "weight", "sum")}
+            m["random"] = _concat_picks([e["random"] for e in entries], n, max(k, CAPTIONS_PER_CONCEPT))
+            if "central" in entries[0]:
+                m["central"] = _concat_picks([e["central"] for e in entries], n, k)
+            else:
+                means[column] = m["sum"] / np.maximum(m["rows"], 1)[:, None]
+            if truth_vocab is not None:
+                m["truth"] = sum(e["truth"] for e in entries)
+            merged[column] = m
+        if means:
+            two = functools.partial(central_part, root, plan=plan, means=means, k=k)
+            centres = pool.map("call", [(two, s.index) for s in ctx.shards], "concept centres")
+            for item in plan:
+                if item["column"] in means:
+                    merged[item["column"]]["central"] = _concat_picks(
+                        [c[item["column"]] for c in centres], item["groups"], k
+                    )
+        sample = _bottom([p["map"] for p in parts], MAP_POINTS, "priority")
+        weight_sample = _bottom([p["weights"] for p in parts], WEIGHT_SAMPLE, "priority")["weight"]
+        largest = _bottom([p["largest"] for p in parts], LARGEST_WEIGHTS, "score")
+
+        columns: dict[str, Any] = {}
+        wanted: dict[int, tuple[set, set]] = {}
+
+        def want(keys: list[str], parts_: np.ndarray, thumbnail: bool) -> None:
+            for key, part in zip(keys, parts_.tolist(), strict=True):
+                captions, thumbs = wanted.setdefault(part, (set(), set()))
+                (thumbs if thumbnail and n_thumbs else captions).add(key)
+
+        for item in plan:
+            column, m = item["column"], merged[item["column"]]
+            rows = m["rows"].astype(np.int64)
+            mean_weight = np.where(rows > 0, m["weight"] / np.maximum(rows, 1), np.nan)
+            shown = set(_shown(rows, mean_weight).tolist())
+            dist = balance["marginal_distributions"].get(column)
+            targets = dict(zip(dist["values"], dist["target"], strict=True)) if dist else {}
+            if truth_vocab is not None:
+                majority, pure = purity(m["truth"])
+            records = []
+            for g in np.flatnonzero(rows > 0).tolist():
+                pick = {name: np.flatnonzero(m[name]["group"] == g) for name in ("central", "random")}
+                central = [m["central"]["key"][i] for i in pick["central"][:n_central]]
+                randoms = [key for key in (m["random"]["key"][i] for i in pick["random"]) if key not in central]
+                record = {
+                    "value": _label(item, g),
+                    "rows": int(rows[g]),
+                    "weighted_rows": float(m["weight"][g]),
+                    "mean_weight": float(mean_weight[g]),
+                    "target": targets.get(_label(item, g)),
+                    "central_keys": central,
+                    "random_keys": randoms[:n_random],
+                    "card": g in shown,
+                }
+                if truth_vocab is not None:
+                    record["truth_value"] = truth_vocab[int(majority[g])]
+                    record["purity"] = float(pure[g])
+                records.append(record)
+                if g in shown:
+                    want(central, m["central"]["part"][pick["central"][: len(central)]], True)
+                    chosen = pick["random"][: CAPTIONS_PER_CONCEPT]
+                    random_keys = [m["random"]["key"][i] for i in chosen]
+                    parts_of = m["random"]["part"][chosen]
+                    thumb = np.isin(random_keys, record["random_keys"])
+                    want([kk for kk, t in zip(random_keys, thumb, strict=True) if t], parts_of[thumb], True)
+                    want([kk for kk, t in zip(random_keys, thumb, strict=True) if not t], parts_of[~thumb], False)
+                    record["caption_keys"] = random_keys
+            columns[column] = {
+                "side": item["side"],
+                "level": item["level"],
+                "balanced": column in balance["marginals"],
+                "concepts": records,
+            }
+        want(sample["key"], sample["part"], True)
+        want(largest["key"], largest["part"], True)
+        media, note = _fetch_media(ctx, pool, wanted)
+    for entry in columns.values():
+        for record in entry["concepts"]:
+            keys = record.pop("caption_keys", [])
+            captions = [media[key]["caption"] for key in [*record["central_keys"], *keys] if key in media]
+            record["words"] = [[w, c] for w, c in caption_words(captions)]
+            record["captions_read"] = len(captions)
+    coords, method, explained = _project(sample["x"], seed)
+    colour = next((c for c in balance["marginals"] if c in columns), plan[0]["column"])
+    item = next(i for i in plan if i["column"] == colour)
+    codes = sample["codes"][colour]
+    summary = {
+        "thumbnails": n_thumbs,
+        "thumbnail_pixels": THUMBNAIL_PIXELS,
+        "truth": truth,
+        "note": note,
+        "skipped_columns": skipped,
+        "columns": columns,
+        "weights": {
+            "sample_rows": int(len(weight_sample)),
+            "percentiles": weight_percentiles(weight_sample),
+            "largest": [
+                {"key": key, "weight": float(w), "concepts": {c: _label(i, int(largest["codes"][c][j]))
+                                                              for c, i in ((p["column"], p) for p in plan)
+                                                              if largest["codes"][c][j] >= 0}}
+                for j, (key, w) in enumerate(zip(largest["key"], largest["weight"], strict=True))
+            ],  # fmt: skip
+        },
+        "map": {
+            "method": method,
+            "explained_variance": explained,
+            "side": plan[0]["side"],
+            "colour": colour,
+            "points": [
+                {"key": key, "x": float(x), "y": float(y), "weight": float(w),
+                 "concept": _label(item, int(g)) if g >= 0 else None}
+                for key, (x, y), w, g in zip(sample["key"], coords, sample["weight"], codes, strict=True)
+            ],  # fmt: skip
+        },
+    }
+    return summary, media
