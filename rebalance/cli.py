@@ -28,7 +28,7 @@ def demo_spec(dataset: str) -> dict:
         "embed": {"model": "rebalance-tiny", "pretrained": "synthetic", "batch_size": 256},
         "cluster": {"image": {"k": 16}, "text": {"k": 16}, "niter": 20, "seed": 0},
         "balance": {"marginals": ["image_cluster"], "target": "uniform", "tol": 1.0e-6},
-        "report": {"spectra_by": ["image_cluster"], "html": True},
+        "report": {"spectra_by": ["image_cluster", "label"], "html": True, "truth": "label"},
         "ray": {"address": "local"},
     }
 

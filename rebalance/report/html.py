@@ -1,10 +1,18 @@
-"""A self-contained HTML report (plots embedded as base64 PNG, also written beside it as files)."""
+"""The self-contained HTML report a curator reads (docs/report.md, "report.html").
+
+One page, no network: plots are PNG data URIs (also written beside it as files), thumbnails are WebP data
+URIs, and the embedding map is a Plotly figure with Plotly's JavaScript bundled inline. Sections: the
+headline and the statistics with their definitions; what balancing moved (the most up- and down-weighted
+concepts, the weight distribution, the heaviest rows); the embedding map; a card per concept; convergence;
+covariance spectra.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +21,41 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from rebalance.data.atomic import atomic_write_bytes  # noqa: E402
 from rebalance.data.fs import StoragePath, as_path  # noqa: E402
 
-__all__ = ["write_html"]
+__all__ = ["write_html", "MOVED_CONCEPTS", "SIZE_TICKS"]
+
+MOVED_CONCEPTS = 6  # concepts listed as most up- and as most down-weighted, per balanced column
+SIZE_TICKS = 64  # the sizes plot names every value up to this many values
+RANK_TOLERANCE = 1e-10  # eigenvalues below this fraction of the largest are round-off of exact zeros
+_DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def _doc(page: str, anchor: str, text: str = "docs") -> str:
+    """A link to a section of the project's docs (a file: link to the checkout when it has them)."""
+    base = (_DOCS / page).as_uri() if (_DOCS / page).is_file() else f"docs/{page}"
+    return f"<a class='doc' href='{base}#{anchor}'>{html.escape(text)}</a>"
+
+
+DEFINITIONS = {
+    "imbalance": "Imbalance ratio: rows of the largest value divided by rows of the smallest non-empty value "
+    "(1 = all equal). " + _doc("report.md", "imbalance-ratio"),
+    "gini": "Gini coefficient of the sizes: 0 when every value has the same number of rows, near 1 when one "
+    "value holds nearly all. " + _doc("report.md", "gini-coefficient"),
+    "entropy": "Normalized entropy: the entropy of the value distribution divided by its maximum log K; 1 "
+    "means uniform. " + _doc("report.md", "normalized-entropy"),
+    "ess": "Effective sample size (sum w)^2 / sum w^2: how many equally-weighted rows the weighted data is "
+    "worth; uneven weights lower it. " + _doc("report.md", "effective-sample-size-ess"),
+    "error": "Marginal error: total-variation distance 0.5 sum_v |q(v) - t(v)| between the weighted share q "
+    "and the target share t of each value; 0 means the target is met exactly. "
+    + _doc("report.md", "marginal-error"),
+    "sqs": "Spectral quantile score (SQS): the median eigenvalue of a group's embedding covariance divided by "
+    "the median of that over all groups; above 1 the group is more spread (more varied) than the typical "
+    "group, below 1 more collapsed. " + _doc("spectra.md", "spectra-and-scores"),
+}
 
 
 def _png(fig) -> bytes:
@@ -27,54 +65,77 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
+def _uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
 def _sizes_plot(name: str, dist: dict[str, Any]) -> bytes:
+    """Rows per value before (bars), weighted rows after and the target, values ordered by size before and
+    named on the x axis (by id / value, up to SIZE_TICKS values)."""
     counts = np.array(dist["counts"], float)
-    order = np.argsort(-counts)
+    order = np.argsort(-counts, kind="stable")
     fig, ax = plt.subplots(figsize=(7, 3.2))
     x = np.arange(counts.size)
     ax.bar(x, counts[order], color="#bbbbbb", label="before (rows)")
     ax.plot(x, np.array(dist["balanced"])[order], "o-", ms=3, color="#1f77b4", label="after (weighted rows)")
     ax.plot(x, np.array(dist["target"])[order], "--", color="#d62728", lw=1, label="target")
     ax.set_yscale("log")
-    ax.set_xlabel(f"{name} values, by size before balancing")
+    if counts.size <= SIZE_TICKS:
+        ax.set_xticks(
+            x, [dist["values"][i] for i in order], rotation=90 if counts.size > 16 else 0, fontsize=7
+        )
+        ax.set_xlabel(f"{name} (ordered by rows before balancing)")
+    else:
+        ax.set_xticks([])
+        ax.set_xlabel(f"{counts.size} {name} values, ordered by rows before balancing")
     ax.set_ylabel("rows")
     ax.legend(fontsize=8)
     return _png(fig)
 
 
-def _weights_plot(hist: dict[str, Any]) -> bytes:
+def _weights_plot(hist: dict[str, Any], percentiles: dict[str, float] | None) -> bytes:
     edges = np.array(hist["log10_edges"])
     fig, ax = plt.subplots(figsize=(7, 3))
     ax.bar(10 ** edges[:-1], hist["rows"], width=np.diff(10**edges), align="edge", color="#1f77b4")
+    ax.axvline(1, color="#444444", lw=1, ls=":", label="weight 1 (unchanged)")
+    if percentiles:
+        for q, style in (("p5", "--"), ("p50", "-"), ("p95", "--")):
+            ax.axvline(percentiles[q], color="#d62728", lw=1, ls=style, label=f"{q[1:]}th percentile")
     ax.set_xscale("log")
     ax.set_xlabel("weight")
     ax.set_ylabel("rows")
+    ax.legend(fontsize=7)
     return _png(fig)
 
 
 def _error_plot(errors: list[float]) -> bytes:
+    """Largest marginal error per pass: integer passes, a symmetric-log y axis so that an exact 0 is
+    drawn at 0 (not at a floating-point floor)."""
+    errors = np.array(errors, float)
     fig, ax = plt.subplots(figsize=(7, 3))
-    ax.semilogy(np.arange(len(errors)), np.maximum(errors, 1e-17), "o-", ms=3)
-    ax.set_xlabel("iteration")
+    positive = errors[errors > 0]
+    ax.plot(np.arange(errors.size), errors, "o-", ms=3)
+    ax.set_yscale("symlog", linthresh=float(positive.min()) / 2 if positive.size else 1e-12)
+    ax.set_ylim(bottom=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("pass (0 = before balancing)")
     ax.set_ylabel("largest marginal error (TV)")
     return _png(fig)
 
 
 def _spectra_plot(title: str, entry: dict[str, Any]) -> bytes:
-    """Eigen-spectra (log-log) of the largest and the smallest valid group, before balancing."""
+    """Eigen-spectra (log-log) of the largest and the smallest valid group, before balancing. A group of n
+    rows has a covariance of rank at most n - 1, so its spectrum is drawn up to that index, and eigenvalues
+    below RANK_TOLERANCE times the largest (round-off of exact zeros) are not drawn."""
     before = entry["before"]
     rows = np.array(before["rows"], float)
     valid = np.flatnonzero(before["valid"])
     fig, ax = plt.subplots(figsize=(7, 3.2))
     for g, style in ((valid[np.argmax(rows[valid])], "-"), (valid[np.argmin(rows[valid])], "--")):
-        eigs = np.array(before["top_eigenvalues"][g])
-        eigs = eigs[eigs > 0]
-        ax.loglog(
-            np.arange(1, eigs.size + 1),
-            eigs,
-            style,
-            label=f"group {entry['labels'][g]} ({int(rows[g])} rows)",
-        )
+        eigs = np.array(before["top_eigenvalues"][g], float)[: max(int(rows[g]) - 1, 1)]
+        eigs = eigs[eigs > RANK_TOLERANCE * eigs.max(initial=0)]
+        ax.loglog(np.arange(1, eigs.size + 1), eigs, style,
+                  label=f"{entry['column']} {entry['labels'][g]} ({int(rows[g])} rows)")  # fmt: skip
     ax.set_xlabel("eigenvalue index")
     ax.set_ylabel("eigenvalue")
     ax.set_title(title, fontsize=9)
@@ -83,48 +144,302 @@ def _spectra_plot(title: str, entry: dict[str, Any]) -> bytes:
 
 
 def _scores_plot(title: str, entry: dict[str, Any]) -> bytes:
-    """Spectral quantile score per group, before and after balancing, groups by size."""
+    """Spectral quantile score per group, before and after balancing, groups by size and named."""
     rows = np.array(entry["before"]["rows"], float)
-    order = np.argsort(-rows)
+    order = np.argsort(-rows, kind="stable")
     fig, ax = plt.subplots(figsize=(7, 3))
     x = np.arange(order.size)
-    ax.bar(x - 0.2, np.array(entry["before"]["sqs"])[order], width=0.4, color="#bbbbbb", label="before")
-    ax.bar(x + 0.2, np.array(entry["after"]["sqs"])[order], width=0.4, color="#1f77b4", label="after")
-    ax.axhline(1, color="#d62728", lw=1)
-    ax.set_xlabel("groups, by size")
+    before = np.array(entry["before"]["sqs"], dtype=float)[order]
+    after = np.array(entry["after"]["sqs"], dtype=float)[order]
+    ax.bar(x - 0.2, before, width=0.4, color="#bbbbbb", label="before")
+    ax.bar(x + 0.2, after, width=0.4, color="#1f77b4", label="after")
+    ax.axhline(1, color="#d62728", lw=1, label="SQS = 1: the median group")
+    if order.size <= SIZE_TICKS:
+        labels = [str(entry["labels"][i]) for i in order]
+        ax.set_xticks(x, labels, rotation=90 if order.size > 12 else 0, fontsize=7)
+    ax.set_xlabel(f"{entry['column']} (ordered by rows)")
     ax.set_ylabel(f"SQS (q = {entry['q']})")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     return _png(fig)
 
 
-def write_html(
-    report: dict[str, Any], balance: dict[str, Any], out_dir: str | Path | StoragePath
-) -> list[str]:
-    """Render the plots and ``report.html`` into ``out_dir`` (a local directory or a URI); returns the file
-    names written."""
-    out_dir = as_path(out_dir)
-    plots: dict[str, tuple[str, bytes]] = {}
-    for name, dist in balance["marginal_distributions"].items():
-        plots[f"sizes_{name}.png"] = (f"Sizes per {name} value, before and after", _sizes_plot(name, dist))
-    plots["weights.png"] = ("Weight histogram", _weights_plot(balance["weight_histogram"]))
-    plots["marginal_error.png"] = (
-        "Largest marginal error per iteration",
-        _error_plot(report["balance"]["marginal_error_per_iteration"]),
+def _figure(title: str, data: bytes, note: str = "") -> str:
+    note = f"<p class='note'>{note}</p>" if note else ""
+    return (f"<figure><img alt='{html.escape(title)}' src='{_uri(data, 'image/png')}'>"
+            f"<figcaption>{html.escape(title)}</figcaption>{note}</figure>")  # fmt: skip
+
+
+class _Media:
+    """Thumbnails and captions of row keys, rendered as <img> elements."""
+
+    def __init__(self, media: dict[str, dict]):
+        self.media = media
+
+    def caption(self, key: str) -> str:
+        return (self.media.get(key) or {}).get("caption") or ""
+
+    def img(self, key: str, extra: str = "") -> str:
+        thumb = (self.media.get(key) or {}).get("thumbnail")
+        if not thumb:
+            return ""
+        title = html.escape(f"{self.caption(key)} [{key}]{extra}", quote=True)
+        return f"<img class='thumb' loading='eager' src='{_uri(thumb, 'image/webp')}' alt='{title}' title='{title}'>"
+
+
+def _card(column: str, rec: dict[str, Any], media: _Media) -> str:
+    mean = rec["mean_weight"]
+    arrow = "up" if mean > 1.0001 else "down" if mean < 0.9999 else "same"
+    verb = {"up": "up-weighted", "down": "down-weighted", "same": "unchanged"}[arrow]
+    target = "" if rec["target"] is None else f", target {rec['target']:,.1f}"
+    truth = ""
+    if "truth_value" in rec:
+        truth = (f"<p class='truth'>mostly <b>{html.escape(rec['truth_value'])}</b>: purity "
+                 f"{100 * rec['purity']:.0f}%</p>")  # fmt: skip
+    images = "".join(media.img(k) for k in rec["central_keys"])
+    randoms = "".join(media.img(k, " (random row)") for k in rec["random_keys"])
+    if randoms:
+        images += f"<span class='sep' title='random rows'>|</span>{randoms}"
+    words = " · ".join(html.escape(w) for w, _ in rec.get("words", [])) or "<i>no captions</i>"
+    return f"""<div class="card" id="{html.escape(f"c-{column}-{rec['value']}", quote=True)}">
+<h4>{html.escape(column)} <b>{html.escape(str(rec["value"]))}</b>
+<span class="w {arrow}">{verb} ×{mean:.2f}</span></h4>{truth}
+<div class="thumbs">{images}</div>
+<p class="nums">{rec["rows"]:,} rows → {rec["weighted_rows"]:,.1f} weighted{target}</p>
+<p class="words">{words}</p></div>"""
+
+
+def _moved(report: dict[str, Any], media: _Media) -> str:
+    concepts = report.get("concepts", {})
+    parts = []
+    for column, entry in concepts.get("columns", {}).items():
+        if not entry["balanced"]:
+            continue
+        cards = [r for r in entry["concepts"] if r["card"]]
+        ranked = sorted(cards, key=lambda r: r["mean_weight"])
+        up = ranked[::-1][:MOVED_CONCEPTS]
+        down = ranked[:MOVED_CONCEPTS]
+        parts.append(
+            f"<h3>{html.escape(column)}: most up-weighted (rare concepts brought up)</h3>"
+            f"<div class='cards'>{''.join(_card(column, r, media) for r in up)}</div>"
+            f"<h3>{html.escape(column)}: most down-weighted (common concepts brought down)</h3>"
+            f"<div class='cards'>{''.join(_card(column, r, media) for r in down)}</div>"
+        )
+    return "".join(parts)
+
+
+def _weights_section(report: dict[str, Any], balance: dict[str, Any], media: _Media) -> str:
+    b = report["balance"]
+    weights = report.get("concepts", {}).get("weights", {})
+    pct = weights.get("percentiles")
+    fig = _figure(
+        "Weight distribution (rows per weight, log scale)", _weights_plot(balance["weight_histogram"], pct)
     )
+    table = ""
+    if pct:
+        head = "".join(f"<th>{html.escape(q[1:])}%</th>" for q in pct)
+        cells = "".join(f"<td>{v:.3g}</td>" for v in pct.values())
+        exact = (
+            "all rows"
+            if weights["sample_rows"] >= report["rows"]
+            else f"a random sample of {weights['sample_rows']:,} rows"
+        )
+        table = (f"<table><tr><th>percentile</th>{head}</tr><tr><th>weight</th>{cells}</tr></table>"
+                 f"<p class='note'>Percentiles over {exact}.</p>")  # fmt: skip
+    heavy = weights.get("largest", [])
+    grid = "".join(
+        f"<div class='heavy'>{media.img(r['key'])}<span>w = {r['weight']:.3g}<br>"
+        f"{html.escape(', '.join(f'{c} {v}' for c, v in r['concepts'].items()))}</span></div>"
+        for r in heavy
+    )
+    return f"""<p>ESS {b["ess"]:,.1f}, {100 * b["ess_fraction"]:.1f}% of the {report["rows"]:,} rows. {DEFINITIONS["ess"]}
+Weights range from {b["min_weight"]:.3g} to {b["max_weight"]:.3g}; a row of weight 2 counts twice, one of
+weight 0.5 half.</p>{fig}{table}
+<h3>The heaviest rows (check these first: a mislabeled or junk row with a large weight is amplified)</h3>
+<div class="heavies">{grid}</div>"""
+
+
+def _map_section(report: dict[str, Any], media: _Media) -> str:
+    emap = report.get("concepts", {}).get("map")
+    if not emap or not emap["points"]:
+        return "<p>No embedding map (no rows).</p>"
+    import plotly.graph_objects as go
+
+    points = emap["points"]
+    concepts = sorted({p["concept"] for p in points if p["concept"] is not None}, key=_natural)
+    fig = go.Figure()
+    palette = [
+        "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+        "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354",
+        "#756bb1", "#636363",
+    ]  # fmt: skip
+    for i, concept in enumerate(concepts):
+        chosen = [p for p in points if p["concept"] == concept]
+        fig.add_trace(
+            go.Scattergl(
+                x=[p["x"] for p in chosen],
+                y=[p["y"] for p in chosen],
+                mode="markers",
+                name=f"{emap['colour']} {concept}",
+                marker={
+                    "size": [float(np.clip(5 * np.sqrt(p["weight"]), 3, 24)) for p in chosen],
+                    "color": palette[i % len(palette)],
+                    "opacity": 0.75,
+                    "line": {"width": 0},
+                },  # fmt: skip
+                customdata=[[p["key"], media.caption(p["key"]), p["weight"]] for p in chosen],
+                hovertemplate=f"{html.escape(emap['colour'])} {html.escape(str(concept))}<br>"
+                "%{customdata[1]}<br>weight %{customdata[2]:.3f}<extra>%{customdata[0]}</extra>",
+            )
+        )
+    axis = "PC" if emap["method"] == "pca" else "UMAP "
+    explained = emap.get("explained_variance") or [None, None]
+    titles = [
+        f"{axis}{i + 1}" + (f" ({100 * e:.0f}% of variance)" if e is not None else "")
+        for i, e in enumerate(explained)
+    ]
+    fig.update_layout(
+        height=560, margin={"l": 40, "r": 10, "t": 10, "b": 40}, legend={"font": {"size": 10}},
+        xaxis_title=titles[0], yaxis_title=titles[1], hoverlabel={"namelength": -1},
+    )  # fmt: skip
+    thumbs = {p["key"]: media.img(p["key"]) for p in points if media.img(p["key"])}
+    thumbs_json = json.dumps(thumbs).replace("</", "<\\/")
+    div = fig.to_html(full_html=False, include_plotlyjs=True, div_id="map", config={"displaylogo": False})
+    method = "PCA" if emap["method"] == "pca" else "UMAP"
+    return f"""<p>{len(points):,} rows (a seeded random sample) of the {html.escape(emap["side"])} embeddings projected to 2-D
+with {method}, coloured by {html.escape(emap["colour"])} and sized by weight (area grows with the weight).
+Hover a point for its caption and thumbnail; click a legend entry to hide a concept, double-click to show
+only it. Clusters far apart in the map hold different images; an up-weighted concept shows as large dots.</p>
+<div class="maprow">{div}<div id="hover"><p class="note">hover a point</p></div></div>
+<script type="application/json" id="thumbs">{thumbs_json}</script>
+<script>
+(function () {{
+  var thumbs = JSON.parse(document.getElementById('thumbs').textContent);
+  var box = document.getElementById('hover');
+  document.getElementById('map').on('plotly_hover', function (ev) {{
+    var d = ev.points[0].customdata;
+    box.innerHTML = (thumbs[d[0]] || '') + '<p></p>';
+    box.lastChild.textContent = d[1] + ' (weight ' + d[2].toFixed(3) + ')';
+  }});
+}})();
+</script>"""
+
+
+def _natural(value: str) -> tuple:
+    return (0, int(value), "") if value.lstrip("-").isdigit() else (1, 0, value)
+
+
+def _cards_section(report: dict[str, Any], balance: dict[str, Any], media: _Media) -> tuple[str, dict]:
+    concepts = report.get("concepts", {})
+    out, plots = [], {}
+    for column, entry in concepts.get("columns", {}).items():
+        records = entry["concepts"]
+        shown = [r for r in records if r["card"]]
+        dist = balance["marginal_distributions"].get(column)
+        fig = ""
+        if dist:
+            title = f"Sizes per {column} value, before and after"
+            plots[f"sizes_{column}.png"] = (title, _sizes_plot(column, dist))
+            fig = _figure(title, plots[f"sizes_{column}.png"][1])
+        kind = (
+            "balanced marginal"
+            if entry["balanced"]
+            else "not balanced directly (weights come from the balanced marginals)"
+        )
+        more = "" if len(shown) == len(records) else (
+            f" Cards for the {len(shown)} most down- and up-weighted of its {len(records)} concepts.")  # fmt: skip
+        cards = "".join(
+            _card(column, r, media) for r in sorted(shown, key=lambda r: _natural(str(r["value"])))
+        )
+        out.append(f"""<details{" open" if entry["balanced"] else ""}><summary><b>{html.escape(column)}</b>:
+{len(records)} concepts, {kind}.</summary>{fig}<p class="note">{more}</p><div class="cards">{cards}</div></details>""")
+    return "".join(out), plots
+
+
+def _spectra_section(report: dict[str, Any], plots: dict) -> str:
+    out = []
+    balanced = set(report["balance"]["marginals"])
     for column, sides in report.get("spectra", {}).items():
         for side, entry in sides.items():
             if not any(entry["before"]["valid"]):
                 continue
+            entry = {**entry, "column": column}
             label = f"{side} embeddings by {column}"
-            plots[f"spectra_{column}_{side}.png"] = (f"Eigen-spectra, {label}", _spectra_plot(label, entry))
-            plots[f"sqs_{column}_{side}.png"] = (
-                f"Spectral quantile scores, {label}",
-                _scores_plot(label, entry),
+            rows = np.array(entry["before"]["rows"])
+            small = [
+                str(entry["labels"][g])
+                for g in np.flatnonzero(entry["before"]["valid"])
+                if rows[g] <= entry["d"]
+            ]
+            same = ""
+            if column in balanced:
+                same = (
+                    f"Before and after coincide here: every row of one {column} value gets the same weight "
+                    "(the weight depends only on the balanced labels), and a constant weight inside a group "
+                    "leaves its covariance unchanged. Balancing changes how much each group counts, not its "
+                    "spread; spectra grouped by a column that is not balanced (a carried column or a coarser "
+                    "level named in report.spectra_by) can move."
+                )
+            rank = (
+                "Spectra are drawn down to 1e-10 of the largest eigenvalue: smaller ones are round-off of "
+                "exact zeros (embeddings confined to fewer dimensions than d, e.g. a few caption templates)."
             )
-    for file_name, (_, data) in plots.items():
-        atomic_write_bytes(data, out_dir / file_name)
+            if small:
+                rank += (
+                    f" {len(small)} group(s) have no more rows than dimensions (d = {entry['d']}): a group of n "
+                    "rows has a covariance of rank at most n - 1, so its spectrum ends at index n - 1 "
+                    "(the eigenvalues beyond are exactly 0, stored as round-off near 1e-17 in report.json) "
+                    "and its SQS reads 0 when n - 1 is below the quantile's index."
+                )
+            for name, title, data, note in (
+                (f"spectra_{column}_{side}.png", f"Eigen-spectra, {label}", _spectra_plot(label, entry), rank),
+                (f"sqs_{column}_{side}.png", f"Spectral quantile scores, {label}", _scores_plot(label, entry),
+                 same),
+            ):  # fmt: skip
+                plots[name] = (title, data)
+                out.append(_figure(title, data, note))
+    return "".join(out)
+
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;color:#222}
+table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;padding:.25rem .5rem;text-align:right}
+figure{margin:1.5rem 0}figure img{max-width:100%}.note{color:#555;font-size:.9rem}a.doc{font-size:.85rem}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(20rem,1fr));gap:.75rem}
+.card{border:1px solid #ddd;border-radius:6px;padding:.5rem .75rem}.card h4{margin:.2rem 0}
+.card p{margin:.25rem 0;font-size:.9rem}.words{color:#333;font-style:italic}.truth{color:#555}
+.thumbs{display:flex;flex-wrap:wrap;gap:2px;align-items:center}
+img.thumb{width:40px;height:40px;object-fit:cover;image-rendering:auto;border-radius:2px}
+.sep{color:#aaa;padding:0 3px}.w{font-size:.8rem;padding:0 .4rem;border-radius:3px;float:right}
+.w.up{background:#d8ecd8}.w.down{background:#f4dada}.w.same{background:#eee}
+.heavies{display:flex;flex-wrap:wrap;gap:.5rem}.heavy{display:flex;gap:.3rem;font-size:.8rem;align-items:center}
+.maprow{display:flex;gap:1rem;align-items:flex-start}#map{flex:1}#hover{width:10rem}
+#hover img.thumb{width:128px;height:128px}details{margin:1rem 0}summary{cursor:pointer}
+dt{font-weight:bold}dd{margin:0 0 .5rem 1rem}"""
+
+
+def write_html(
+    report: dict[str, Any],
+    balance: dict[str, Any],
+    out_dir: str | Path | StoragePath,
+    media: dict[str, dict] | None = None,
+) -> list[str]:
+    """Render ``report.html`` (and its plots as PNG files) into ``out_dir`` (a local directory or a URI)
+    from the report dict, balance.json and ``media`` ({row key: {"thumbnail": WebP bytes or None,
+    "caption": str or None}}); returns the file names written."""
+    out_dir = as_path(out_dir)
+    images = _Media(media or {})
     b = report["balance"]
+    concepts = report.get("concepts", {})
+    cards, plots = _cards_section(report, balance, images)
+    errors = report["balance"]["marginal_error_per_iteration"]
+    plots["marginal_error.png"] = ("Largest marginal error per pass", _error_plot(errors))
+    moved = _moved(report, images)
+    weights = _weights_section(report, balance, images)
+    plots["weights.png"] = (
+        "Weight distribution",
+        _weights_plot(balance["weight_histogram"], concepts.get("weights", {}).get("percentiles")),
+    )
+    spectra = _spectra_section(report, plots)
     rows = "".join(
         f"<tr><td>{html.escape(name)}</td><td>{m['before']['values']}</td>"
         f"<td>{m['before']['imbalance_ratio']:.1f}</td><td>{m['after']['imbalance_ratio']:.2f}</td>"
@@ -133,25 +448,52 @@ def write_html(
         f"<td>{m['final_marginal_error']:.2e}</td></tr>"
         for name, m in report["marginals"].items()
     )
-    figures = "".join(
-        f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,{base64.b64encode(data).decode()}'>"
-        f"<figcaption>{html.escape(title)}</figcaption></figure>"
-        for title, data in plots.values()
+    note = concepts.get("note")
+    note = f"<p class='note'>No thumbnails: {html.escape(note)}.</p>" if note else ""
+    truth = concepts.get("truth")
+    truth = (f" Each card names the most common value of the ground-truth column <b>{html.escape(truth)}</b> "
+             "among its rows and its purity (the share of rows with that value).") if truth else ""  # fmt: skip
+    converged = "converged" if b["converged"] else "NOT converged"
+    error_figure = _figure(
+        plots["marginal_error.png"][0], plots["marginal_error.png"][1], DEFINITIONS["error"]
     )
     page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>rebalance report</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.25rem .5rem;text-align:right}}
-figure{{margin:1.5rem 0}}img{{max-width:100%}}</style></head><body>
+<html lang="en"><head><meta charset="utf-8"><title>rebalance report</title><style>{STYLE}</style></head><body>
 <h1>rebalance report</h1>
 <p>{report["rows"]} rows ({report["rejected_rows"]} rejected), {b["cells"]} cells over {", ".join(b["marginals"])};
-{"converged" if b["converged"] else "NOT converged"} after {b["passes"]} iterations, largest marginal error
+{converged} after {b["passes"]} pass{"" if b["passes"] == 1 else "es"}, largest marginal error
 {b["final_marginal_error"]:.2e}. ESS {b["ess"]:.1f} ({100 * b["ess_fraction"]:.1f}% of rows), largest weight
 {b["max_weight"]:.3f}.</p>
+<p>Balancing gives every row a weight (mean 1) so that the weighted rows of each value of the balanced
+columns ({html.escape(", ".join(b["marginals"]))}) meet the target. A <i>concept</i> below is one value of a
+column: an image or text cluster (k-means on the embeddings), a coarser cluster level, or a value of a
+carried column. {_doc("report.md", "reportjson", "What every number means")}.</p>
+<h2>Imbalance before and after</h2>
 <table><tr><th>marginal</th><th>values</th><th>imbalance before</th><th>after</th><th>Gini before</th>
 <th>after</th><th>entropy before</th><th>after</th><th>marginal error</th></tr>{rows}</table>
-{figures}
+<dl><dt>imbalance</dt><dd>{DEFINITIONS["imbalance"]}</dd><dt>Gini</dt><dd>{DEFINITIONS["gini"]}</dd>
+<dt>entropy</dt><dd>{DEFINITIONS["entropy"]}</dd><dt>marginal error</dt><dd>{DEFINITIONS["error"]}</dd></dl>
+<h2>What moved</h2>
+<p>Mean weight ×2 means the concept now counts twice its rows, ×0.5 half. Thumbnails: the rows nearest
+the concept's centre first, then (after |) random rows; hover one for its caption. Words: the most frequent
+caption words of its rows.{truth}</p>{note}
+{moved}
+<h2>Weights</h2>
+{weights}
+<h2>Embedding map</h2>
+{_map_section(report, images)}
+<h2>Every concept</h2>
+{cards}
+<h2>Convergence</h2>
+{error_figure}
+<h2>Covariance spectra</h2>
+<p>{DEFINITIONS["sqs"]} The red line SQS = 1 marks the median group; a group far below it is collapsed
+(near-duplicates, one template), far above it mixed. The spectra plot shows the eigenvalues of the
+covariance of the largest and the smallest group, largest first.</p>
+{spectra}
 </body></html>
 """
+    for file_name, (_, data) in plots.items():
+        atomic_write_bytes(data, out_dir / file_name)
     atomic_write_bytes(page.encode(), out_dir / "report.html")
     return ["report.html", *plots]

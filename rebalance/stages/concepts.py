@@ -86,7 +86,9 @@ def _plan(ctx: StageContext) -> tuple[list[dict[str, Any]], list[str] | None, li
     plan: list[dict[str, Any]] = []
     for side in ctx.sides:
         info = clusters[side]
-        plan.append({"column": f"{side}_cluster", "side": side, "level": 0, "groups": info["k"], "vocab": None})
+        plan.append(
+            {"column": f"{side}_cluster", "side": side, "level": 0, "groups": info["k"], "vocab": None}
+        )
         for level in info.get("levels", []):
             column = f"{side}_cluster_{level['level']}"
             plan.append({"column": column, "side": side, "level": level["level"], "groups": level["k"],
@@ -268,7 +270,9 @@ def _label(item: dict, group: int) -> str:
     return str(group) if item["vocab"] is None else item["vocab"][group]
 
 
-def _fetch_media(ctx: StageContext, pool: ActorPool, wanted: dict[int, tuple[set, set]]) -> tuple[dict, str | None]:
+def _fetch_media(
+    ctx: StageContext, pool: ActorPool, wanted: dict[int, tuple[set, set]]
+) -> tuple[dict, str | None]:
     """Captions and thumbnails of the wanted rows ({part: (caption keys, thumbnail keys)}), read back from
     the input shards; (media, None) or ({}, why none could be read)."""
     try:
@@ -296,7 +300,9 @@ def compute_concepts(ctx: StageContext) -> tuple[dict[str, Any], dict[str, dict]
     root = str(ctx.run.root)
     k = max(n_central, 1)
     balance = json.loads(ctx.run.path("balance.json").read_text())
-    one = functools.partial(concepts_part, root, plan=plan, truth=truth, truth_vocab=truth_vocab, seed=seed, k=k)
+    one = functools.partial(
+        concepts_part, root, plan=plan, truth=truth, truth_vocab=truth_vocab, seed=seed, k=k
+    )
     with ActorPool(ShardWorker, ctx.workers(len(ctx.shards))) as pool:
         parts = pool.map("call", [(one, s.index) for s in ctx.shards], "concepts")
         means, merged = {}, {}
@@ -345,7 +351,9 @@ def compute_concepts(ctx: StageContext) -> tuple[dict[str, Any], dict[str, dict]
             for g in np.flatnonzero(rows > 0).tolist():
                 pick = {name: np.flatnonzero(m[name]["group"] == g) for name in ("central", "random")}
                 central = [m["central"]["key"][i] for i in pick["central"][:n_central]]
-                randoms = [key for key in (m["random"]["key"][i] for i in pick["random"]) if key not in central]
+                randoms = [
+                    key for key in (m["random"]["key"][i] for i in pick["random"]) if key not in central
+                ]
                 record = {
                     "value": _label(item, g),
                     "rows": int(rows[g]),
@@ -362,12 +370,16 @@ def compute_concepts(ctx: StageContext) -> tuple[dict[str, Any], dict[str, dict]
                 records.append(record)
                 if g in shown:
                     want(central, m["central"]["part"][pick["central"][: len(central)]], True)
-                    chosen = pick["random"][: CAPTIONS_PER_CONCEPT]
+                    chosen = pick["random"][:CAPTIONS_PER_CONCEPT]
                     random_keys = [m["random"]["key"][i] for i in chosen]
                     parts_of = m["random"]["part"][chosen]
                     thumb = np.isin(random_keys, record["random_keys"])
                     want([kk for kk, t in zip(random_keys, thumb, strict=True) if t], parts_of[thumb], True)
-                    want([kk for kk, t in zip(random_keys, thumb, strict=True) if not t], parts_of[~thumb], False)
+                    want(
+                        [kk for kk, t in zip(random_keys, thumb, strict=True) if not t],
+                        parts_of[~thumb],
+                        False,
+                    )
                     record["caption_keys"] = random_keys
             columns[column] = {
                 "side": item["side"],
@@ -399,9 +411,15 @@ def compute_concepts(ctx: StageContext) -> tuple[dict[str, Any], dict[str, dict]
             "sample_rows": int(len(weight_sample)),
             "percentiles": weight_percentiles(weight_sample),
             "largest": [
-                {"key": key, "weight": float(w), "concepts": {c: _label(i, int(largest["codes"][c][j]))
-                                                              for c, i in ((p["column"], p) for p in plan)
-                                                              if largest["codes"][c][j] >= 0}}
+                {
+                    "key": key,
+                    "weight": float(w),
+                    "concepts": {
+                        c: _label(i, int(largest["codes"][c][j]))
+                        for c, i in ((p["column"], p) for p in plan)
+                        if largest["codes"][c][j] >= 0
+                    },
+                }
                 for j, (key, w) in enumerate(zip(largest["key"], largest["weight"], strict=True))
             ],  # fmt: skip
         },
@@ -411,8 +429,13 @@ def compute_concepts(ctx: StageContext) -> tuple[dict[str, Any], dict[str, dict]
             "side": plan[0]["side"],
             "colour": colour,
             "points": [
-                {"key": key, "x": float(x), "y": float(y), "weight": float(w),
-                 "concept": _label(item, int(g)) if g >= 0 else None}
+                {
+                    "key": key,
+                    "x": float(x),
+                    "y": float(y),
+                    "weight": float(w),
+                    "concept": _label(item, int(g)) if g >= 0 else None,
+                }
                 for key, (x, y), w, g in zip(sample["key"], coords, sample["weight"], codes, strict=True)
             ],  # fmt: skip
         },
