@@ -276,7 +276,7 @@ def _map_section(report: dict[str, Any], media: _Media) -> str:
     for i, concept in enumerate(concepts):
         chosen = [p for p in points if p["concept"] == concept]
         fig.add_trace(
-            go.Scattergl(
+            go.Scatter(
                 x=[p["x"] for p in chosen],
                 y=[p["y"] for p in chosen],
                 mode="markers",

@@ -1,0 +1,93 @@
+"""Concept-card building blocks against hand-computed cases and direct computations; thumbnails and captions
+read back from a generated dataset by key."""
+
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from rebalance.data.readers import list_shards, resolve_format
+from rebalance.data.synthetic import generate_dataset
+from rebalance.data.thumbnails import make_thumbnail, read_rows_by_key
+from rebalance.report.cards import caption_words, group_sums, pca_2d, purity, smallest_per_group
+from rebalance.spec import DataSpec
+
+
+def test_smallest_per_group_matches_sorting_each_group():
+    rng = np.random.default_rng(0)
+    score = rng.integers(0, 20, 500).astype(float)  # ties broken by index
+    score[::37] = np.nan
+    group = rng.integers(-1, 7, 500)
+    idx = smallest_per_group(score, group, 6, 4)  # group 6 and -1 are out of range
+    expected = []
+    for g in range(6):
+        rows = [i for i in range(500) if group[i] == g and not np.isnan(score[i])]
+        expected += sorted(rows, key=lambda i: (score[i], i))[:4]
+    assert idx.tolist() == expected
+
+
+def test_group_sums_and_purity_by_hand():
+    x = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    np.testing.assert_array_equal(group_sums(x, np.array([1, 0, 1]), 3), [[3, 4], [6, 8], [0, 0]])
+    majority, pure = purity(np.array([[3, 1, 0], [0, 0, 0], [1, 1, 2]]))
+    assert majority[[0, 2]].tolist() == [0, 2]
+    np.testing.assert_allclose(pure[[0, 2]], [0.75, 0.5])
+    assert np.isnan(pure[1])
+
+
+def test_caption_words_counts_each_word_once_per_caption():
+    words = caption_words(["A red circle, red!", "a photo of a red square", None, "blue square 42"], top=3)
+    assert words == [("red", 2), ("square", 2), ("blue", 1)]
+
+
+def test_pca_2d_projects_on_the_top_principal_axes():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 5)) * np.array([5.0, 3.0, 1.0, 0.5, 0.1])
+    coords, explained = pca_2d(x)
+    cov = np.cov(x, rowvar=False, bias=True)
+    eigs, vecs = np.linalg.eigh(cov)
+    np.testing.assert_allclose(coords.var(axis=0), eigs[::-1][:2], rtol=1e-9)
+    np.testing.assert_allclose(explained, eigs[::-1][:2] / eigs.sum(), rtol=1e-9)
+    for axis in range(2):  # the same axis as the covariance's eigenvector, up to sign
+        direct = (x - x.mean(0)) @ vecs[:, -1 - axis]
+        np.testing.assert_allclose(np.abs(coords[:, axis]), np.abs(direct), atol=1e-9)
+
+
+def test_thumbnail_is_bounded_and_keeps_the_aspect():
+    image = Image.new("RGBA", (200, 100), (0, 0, 0, 0))
+    image.paste((255, 0, 0, 255), (0, 0, 100, 100))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    thumb = Image.open(io.BytesIO(make_thumbnail(buffer.getvalue(), 64)))
+    assert thumb.format == "WEBP" and thumb.size == (64, 32)
+    rgb = np.asarray(thumb.convert("RGB"), int)
+    assert (abs(rgb[16, 8] - [255, 0, 0]) < 40).all() and (rgb[16, 56] > 215).all()  # alpha onto white
+    small = io.BytesIO()
+    Image.new("RGB", (20, 10), "blue").save(small, format="JPEG")
+    assert Image.open(io.BytesIO(make_thumbnail(small.getvalue(), 64))).size == (20, 10)  # never enlarged
+    assert make_thumbnail(b"not an image") is None
+
+
+def test_rows_are_read_back_by_key(tmp_path):
+    generate_dataset(tmp_path / "data", n_rows=60, n_shards=2, seed=3)
+    data = DataSpec(path=str(tmp_path / "data"), carry=("label",))
+    shards = list_shards(data)
+    fmt, image_column, text_column = resolve_format(data, shards)
+    table = pq.read_table(shards[1].path)
+    keys, captions = table.column("key").to_pylist(), table.column("txt").to_pylist()
+    found = read_rows_by_key(shards[1], data, fmt, image_column, text_column, [keys[3], keys[7], "nope"],
+                             thumbnail_keys=[keys[7]], batch_size=4)  # fmt: skip
+    assert set(found) == {keys[3], keys[7]}
+    assert found[keys[3]] == {"thumbnail": None, "caption": captions[3]}
+    assert found[keys[7]]["caption"] == captions[7]
+    assert Image.open(io.BytesIO(found[keys[7]]["thumbnail"])).size == (32, 32)
+
+
+@pytest.mark.parametrize("bad", [-1, 65])
+def test_thumbnails_spec_field_is_bounded(bad):
+    from rebalance.spec import ReportSpec, SpecError
+
+    with pytest.raises(SpecError, match="report.thumbnails"):
+        ReportSpec(thumbnails=bad)
