@@ -77,6 +77,16 @@ def test_report_rebuilds_without_the_dataset(demo_copy, ray_local):
     result = rebalance.api.rebuild_report(demo_copy)
     after = result.report
     assert after["balance"] == before["balance"] and after["spectra"] == before["spectra"]
+    # Without the input there are no thumbnails or captions; the numbers and chosen rows stay.
+    assert "could not be read" in after["concepts"]["note"]
+    for column, entry in after["concepts"]["columns"].items():
+        for rec, old in zip(
+            entry["concepts"], before["concepts"]["columns"][column]["concepts"], strict=True
+        ):
+            assert (
+                rec["words"] == []
+                and {**rec, "words": old["words"], "captions_read": old["captions_read"]} == old
+            )
     assert (demo_copy / "report" / "report.html").is_file()
     assert result.manifest["stages"]["report"]["status"] == "complete"
 
@@ -95,3 +105,58 @@ def test_spectra_by_a_carried_column_that_is_not_a_marginal(demo_copy, ray_local
         cov = np.cov(x[sources == value], rowvar=False, bias=True)
         assert entry["text"]["before"]["trace"][g] == pytest.approx(np.trace(cov), rel=1e-9)
         assert entry["text"]["before"]["rows"][g] == (sources == value).sum()
+
+
+def test_concept_cards_match_the_run_directory(demo_run):
+    """Per-concept records against direct computations on the gathered parts: sizes and weights, the rows
+    nearest the centroid (assignments distances) or the value's mean embedding, purity against the truth
+    column, weight percentiles and heaviest rows, and the map's PCA."""
+    concepts = json.loads((demo_run / "report" / "report.json").read_text())["concepts"]
+    balance = json.loads((demo_run / "balance.json").read_text())
+    emb, assignments = read_parts(demo_run / "embeddings"), read_parts(demo_run / "assignments")
+    weights = read_parts(demo_run / "weights").column("weight").to_numpy()
+    keys = np.array(emb.column("key").to_pylist())
+    labels = np.array(emb.column("label").to_pylist())
+    x, _, _ = _gathered(demo_run)
+    assert concepts["truth"] == "label" and concepts["thumbnails"] == 8
+    assert set(concepts["columns"]) == {"image_cluster", "text_cluster", "label", "source"}
+    dist = balance["marginal_distributions"]["image_cluster"]
+    groups = assignments.column("image_cluster").to_numpy()
+    distance = assignments.column("image_distance").to_numpy()
+    for rec in concepts["columns"]["image_cluster"]["concepts"]:
+        rows = groups == int(rec["value"])
+        assert rec["rows"] == rows.sum() and rec["card"]
+        assert rec["weighted_rows"] == pytest.approx(weights[rows].sum(), rel=1e-12)
+        assert rec["mean_weight"] == pytest.approx(weights[rows].mean(), rel=1e-12)
+        assert rec["target"] == dist["target"][dist["values"].index(rec["value"])]
+        nearest = np.lexsort((np.arange(rows.sum()), distance[rows]))[:6]
+        assert rec["central_keys"] == keys[rows][nearest].tolist()
+        assert len(rec["random_keys"]) == 2 and set(rec["random_keys"]) <= set(keys[rows]) - set(
+            rec["central_keys"]
+        )
+        values, counts = np.unique(labels[rows], return_counts=True)
+        assert rec["truth_value"] == values[np.argmax(counts)]
+        assert rec["purity"] == pytest.approx(counts.max() / rows.sum())
+        assert rec["words"] and min(rows.sum(), 24) <= rec["captions_read"] <= 30
+    for rec in concepts["columns"]["label"]["concepts"]:  # a carried value: nearest its mean embedding
+        rows = labels == rec["value"]
+        d2 = ((x[rows] - x[rows].mean(axis=0)) ** 2).sum(axis=1)
+        assert rec["central_keys"] == keys[rows][np.argsort(d2, kind="stable")[:6]].tolist()
+        assert rec["purity"] == 1.0 and rec["truth_value"] == rec["value"]
+        colour, shape = rec["value"].split()
+        assert {w for w, _ in rec["words"][:2]} == {colour, shape}  # every caption names both
+    pct = concepts["weights"]["percentiles"]
+    assert concepts["weights"]["sample_rows"] == len(weights)
+    for q in (0, 5, 50, 95, 100):
+        assert pct[f"p{q}"] == pytest.approx(np.percentile(weights, q))
+    heaviest = [r["weight"] for r in concepts["weights"]["largest"]]
+    np.testing.assert_allclose(heaviest, np.sort(weights)[::-1][:12])
+    points = concepts["map"]["points"]
+    assert concepts["map"]["method"] == "pca" and len(points) == 1000
+    chosen = np.array([np.flatnonzero(keys == p["key"])[0] for p in points])
+    centred = x[chosen] - x[chosen].mean(axis=0)
+    eigs, vecs = np.linalg.eigh(np.cov(centred, rowvar=False, bias=True))
+    xy = np.array([[p["x"], p["y"]] for p in points])
+    np.testing.assert_allclose(np.abs(xy), np.abs(centred @ vecs[:, [-1, -2]]), atol=1e-6)
+    np.testing.assert_allclose([p["weight"] for p in points], weights[chosen])
+    assert [p["concept"] for p in points] == [str(g) for g in groups[chosen]]

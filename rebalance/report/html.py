@@ -134,8 +134,12 @@ def _spectra_plot(title: str, entry: dict[str, Any]) -> bytes:
     for g, style in ((valid[np.argmax(rows[valid])], "-"), (valid[np.argmin(rows[valid])], "--")):
         eigs = np.array(before["top_eigenvalues"][g], float)[: max(int(rows[g]) - 1, 1)]
         eigs = eigs[eigs > RANK_TOLERANCE * eigs.max(initial=0)]
-        ax.loglog(np.arange(1, eigs.size + 1), eigs, style,
-                  label=f"{entry['column']} {entry['labels'][g]} ({int(rows[g])} rows)")  # fmt: skip
+        ax.loglog(
+            np.arange(1, eigs.size + 1),
+            eigs,
+            style,
+            label=f"{entry['column']} {entry['labels'][g]} ({int(rows[g])} rows)",
+        )
     ax.set_xlabel("eigenvalue index")
     ax.set_ylabel("eigenvalue")
     ax.set_title(title, fontsize=9)
@@ -166,8 +170,10 @@ def _scores_plot(title: str, entry: dict[str, Any]) -> bytes:
 
 def _figure(title: str, data: bytes, note: str = "") -> str:
     note = f"<p class='note'>{note}</p>" if note else ""
-    return (f"<figure><img alt='{html.escape(title)}' src='{_uri(data, 'image/png')}'>"
-            f"<figcaption>{html.escape(title)}</figcaption>{note}</figure>")  # fmt: skip
+    return (
+        f"<figure><img alt='{html.escape(title)}' src='{_uri(data, 'image/png')}'>"
+        f"<figcaption>{html.escape(title)}</figcaption>{note}</figure>"
+    )
 
 
 class _Media:
@@ -194,8 +200,10 @@ def _card(column: str, rec: dict[str, Any], media: _Media) -> str:
     target = "" if rec["target"] is None else f", target {rec['target']:,.1f}"
     truth = ""
     if "truth_value" in rec:
-        truth = (f"<p class='truth'>mostly <b>{html.escape(rec['truth_value'])}</b>: purity "
-                 f"{100 * rec['purity']:.0f}%</p>")  # fmt: skip
+        truth = (
+            f"<p class='truth'>mostly <b>{html.escape(rec['truth_value'])}</b>: purity "
+            f"{100 * rec['purity']:.0f}%</p>"
+        )
     images = "".join(media.img(k) for k in rec["central_keys"])
     randoms = "".join(media.img(k, " (random row)") for k in rec["random_keys"])
     if randoms:
@@ -244,8 +252,10 @@ def _weights_section(report: dict[str, Any], balance: dict[str, Any], media: _Me
             if weights["sample_rows"] >= report["rows"]
             else f"a random sample of {weights['sample_rows']:,} rows"
         )
-        table = (f"<table><tr><th>percentile</th>{head}</tr><tr><th>weight</th>{cells}</tr></table>"
-                 f"<p class='note'>Percentiles over {exact}.</p>")  # fmt: skip
+        table = (
+            f"<table><tr><th>percentile</th>{head}</tr><tr><th>weight</th>{cells}</tr></table>"
+            f"<p class='note'>Percentiles over {exact}.</p>"
+        )
     heavy = weights.get("largest", [])
     grid = "".join(
         f"<div class='heavy'>{media.img(r['key'])}<span>w = {r['weight']:.3g}<br>"
@@ -269,10 +279,27 @@ def _map_section(report: dict[str, Any], media: _Media) -> str:
     concepts = sorted({p["concept"] for p in points if p["concept"] is not None}, key=_natural)
     fig = go.Figure()
     palette = [
-        "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-        "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354",
-        "#756bb1", "#636363",
-    ]  # fmt: skip
+        "#1f77b4",
+        "#ff7f0e",
+        "#2ca02c",
+        "#d62728",
+        "#9467bd",
+        "#8c564b",
+        "#e377c2",
+        "#7f7f7f",
+        "#bcbd22",
+        "#17becf",
+        "#393b79",
+        "#637939",
+        "#8c6d31",
+        "#843c39",
+        "#7b4173",
+        "#3182bd",
+        "#e6550d",
+        "#31a354",
+        "#756bb1",
+        "#636363",
+    ]
     for i, concept in enumerate(concepts):
         chosen = [p for p in points if p["concept"] == concept]
         fig.add_trace(
@@ -286,7 +313,7 @@ def _map_section(report: dict[str, Any], media: _Media) -> str:
                     "color": palette[i % len(palette)],
                     "opacity": 0.75,
                     "line": {"width": 0},
-                },  # fmt: skip
+                },
                 customdata=[[p["key"], media.caption(p["key"]), p["weight"]] for p in chosen],
                 hovertemplate=f"{html.escape(emap['colour'])} {html.escape(str(concept))}<br>"
                 "%{customdata[1]}<br>weight %{customdata[2]:.3f}<extra>%{customdata[0]}</extra>",
@@ -299,9 +326,13 @@ def _map_section(report: dict[str, Any], media: _Media) -> str:
         for i, e in enumerate(explained)
     ]
     fig.update_layout(
-        height=560, margin={"l": 40, "r": 10, "t": 10, "b": 40}, legend={"font": {"size": 10}},
-        xaxis_title=titles[0], yaxis_title=titles[1], hoverlabel={"namelength": -1},
-    )  # fmt: skip
+        height=560,
+        margin={"l": 40, "r": 10, "t": 10, "b": 40},
+        legend={"font": {"size": 10}},
+        xaxis_title=titles[0],
+        yaxis_title=titles[1],
+        hoverlabel={"namelength": -1},
+    )
     thumbs = {p["key"]: media.img(p["key"]) for p in points if media.img(p["key"])}
     thumbs_json = json.dumps(thumbs).replace("</", "<\\/")
     div = fig.to_html(full_html=False, include_plotlyjs=True, div_id="map", config={"displaylogo": False})
@@ -346,8 +377,11 @@ def _cards_section(report: dict[str, Any], balance: dict[str, Any], media: _Medi
             if entry["balanced"]
             else "not balanced directly (weights come from the balanced marginals)"
         )
-        more = "" if len(shown) == len(records) else (
-            f" Cards for the {len(shown)} most down- and up-weighted of its {len(records)} concepts.")  # fmt: skip
+        more = (
+            ""
+            if len(shown) == len(records)
+            else (f" Cards for the {len(shown)} most down- and up-weighted of its {len(records)} concepts.")
+        )
         cards = "".join(
             _card(column, r, media) for r in sorted(shown, key=lambda r: _natural(str(r["value"])))
         )
@@ -392,10 +426,19 @@ def _spectra_section(report: dict[str, Any], plots: dict) -> str:
                     "and its SQS reads 0 when n - 1 is below the quantile's index."
                 )
             for name, title, data, note in (
-                (f"spectra_{column}_{side}.png", f"Eigen-spectra, {label}", _spectra_plot(label, entry), rank),
-                (f"sqs_{column}_{side}.png", f"Spectral quantile scores, {label}", _scores_plot(label, entry),
-                 same),
-            ):  # fmt: skip
+                (
+                    f"spectra_{column}_{side}.png",
+                    f"Eigen-spectra, {label}",
+                    _spectra_plot(label, entry),
+                    rank,
+                ),
+                (
+                    f"sqs_{column}_{side}.png",
+                    f"Spectral quantile scores, {label}",
+                    _scores_plot(label, entry),
+                    same,
+                ),
+            ):
                 plots[name] = (title, data)
                 out.append(_figure(title, data, note))
     return "".join(out)
@@ -451,8 +494,14 @@ def write_html(
     note = concepts.get("note")
     note = f"<p class='note'>No thumbnails: {html.escape(note)}.</p>" if note else ""
     truth = concepts.get("truth")
-    truth = (f" Each card names the most common value of the ground-truth column <b>{html.escape(truth)}</b> "
-             "among its rows and its purity (the share of rows with that value).") if truth else ""  # fmt: skip
+    truth = (
+        (
+            f" Each card names the most common value of the ground-truth column <b>{html.escape(truth)}</b> "
+            "among its rows and its purity (the share of rows with that value)."
+        )
+        if truth
+        else ""
+    )
     converged = "converged" if b["converged"] else "NOT converged"
     error_figure = _figure(
         plots["marginal_error.png"][0], plots["marginal_error.png"][1], DEFINITIONS["error"]

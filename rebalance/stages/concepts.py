@@ -91,8 +91,9 @@ def _plan(ctx: StageContext) -> tuple[list[dict[str, Any]], list[str] | None, li
         )
         for level in info.get("levels", []):
             column = f"{side}_cluster_{level['level']}"
-            plan.append({"column": column, "side": side, "level": level["level"], "groups": level["k"],
-                         "vocab": None})  # fmt: skip
+            plan.append(
+                {"column": column, "side": side, "level": level["level"], "groups": level["k"], "vocab": None}
+            )
     skipped = []
     root = str(ctx.run.root)
     vocabs = {c: _carried_vocab(root, c) for c in ctx.spec.data.carry}
@@ -100,8 +101,9 @@ def _plan(ctx: StageContext) -> tuple[list[dict[str, Any]], list[str] | None, li
         if vocab is None:
             skipped.append(column)
         else:
-            plan.append({"column": column, "side": ctx.sides[0], "level": None, "groups": len(vocab),
-                         "vocab": vocab})  # fmt: skip
+            plan.append(
+                {"column": column, "side": ctx.sides[0], "level": None, "groups": len(vocab), "vocab": vocab}
+            )
     truth = ctx.spec.report.truth
     return plan, (vocabs.get(truth) if truth else None), skipped
 
@@ -137,8 +139,12 @@ def _read(run_root: str, index: int, plan: list[dict], truth: str | None, truth_
 
 def _picks(score: np.ndarray, groups: np.ndarray, n_groups: int, k: int, keys: list[str], part: int) -> dict:
     idx = smallest_per_group(score, groups, n_groups, k)
-    return {"score": score[idx], "group": groups[idx], "key": [keys[i] for i in idx],
-            "part": np.full(idx.size, part, np.int64)}  # fmt: skip
+    return {
+        "score": score[idx],
+        "group": groups[idx],
+        "key": [keys[i] for i in idx],
+        "part": np.full(idx.size, part, np.int64),
+    }
 
 
 def _concat_picks(picks: list[dict], n_groups: int, k: int) -> dict:
@@ -150,8 +156,15 @@ def _concat_picks(picks: list[dict], n_groups: int, k: int) -> dict:
     return {"score": score[idx], "group": group[idx], "key": [keys[i] for i in idx], "part": part[idx]}
 
 
-def concepts_part(run_root: str, index: int, plan: list[dict], truth: str | None,
-                  truth_vocab: list[str] | None, seed: int, k: int) -> dict:  # fmt: skip
+def concepts_part(
+    run_root: str,
+    index: int,
+    plan: list[dict],
+    truth: str | None,
+    truth_vocab: list[str] | None,
+    seed: int,
+    k: int,
+) -> dict:
     """Pass 1 over part ``index``: per concept column its per-group sums and sampled / central rows;
     over all rows the map sample, the weight sample and the heaviest rows."""
     emb, assignments, weights, codes, truth_codes, vectors = _read(run_root, index, plan, truth, truth_vocab)
@@ -178,15 +191,24 @@ def concepts_part(run_root: str, index: int, plan: list[dict], truth: str | None
     zeros = np.zeros(len(keys), np.int64)
     sample = smallest_per_group(priority, zeros, 1, MAP_POINTS)
     side = plan[0]["side"]
-    out["map"] = {"priority": priority[sample], "key": [keys[i] for i in sample], "weight": weights[sample],
-                  "x": vectors[side][sample], "codes": {c: g[sample] for c, g in codes.items()},
-                  "part": np.full(sample.size, index, np.int64)}  # fmt: skip
+    out["map"] = {
+        "priority": priority[sample],
+        "key": [keys[i] for i in sample],
+        "weight": weights[sample],
+        "x": vectors[side][sample],
+        "codes": {c: g[sample] for c, g in codes.items()},
+        "part": np.full(sample.size, index, np.int64),
+    }
     wsample = smallest_per_group(priority, zeros, 1, WEIGHT_SAMPLE)
     out["weights"] = {"priority": priority[wsample], "weight": weights[wsample]}
     heavy = smallest_per_group(-weights, zeros, 1, LARGEST_WEIGHTS)
-    out["largest"] = {"score": -weights[heavy], "key": [keys[i] for i in heavy], "weight": weights[heavy],
-                      "codes": {c: g[heavy] for c, g in codes.items()},
-                      "part": np.full(heavy.size, index, np.int64)}  # fmt: skip
+    out["largest"] = {
+        "score": -weights[heavy],
+        "key": [keys[i] for i in heavy],
+        "weight": weights[heavy],
+        "codes": {c: g[heavy] for c, g in codes.items()},
+        "part": np.full(heavy.size, index, np.int64),
+    }
     return out
 
 
@@ -277,8 +299,19 @@ def _fetch_media(
     the input shards; (media, None) or ({}, why none could be read)."""
     try:
         shards, fmt, image_column, text_column = _input_shards(ctx)
-        jobs = [(read_rows_by_key, shards[i], ctx.spec.data, fmt, image_column, text_column, keys | thumbs, thumbs)
-                for i, (keys, thumbs) in sorted(wanted.items())]  # fmt: skip
+        jobs = [
+            (
+                read_rows_by_key,
+                shards[i],
+                ctx.spec.data,
+                fmt,
+                image_column,
+                text_column,
+                keys | thumbs,
+                thumbs,
+            )
+            for i, (keys, thumbs) in sorted(wanted.items())
+        ]
         found = pool.map("call", jobs, "thumbnails") if jobs else []
     except (SpecError, OSError, fs.StorageError) as err:
         log.warning("report: no thumbnails or captions, the input cannot be read: %s", err)
@@ -393,7 +426,8 @@ def compute_concepts(ctx: StageContext) -> tuple[dict[str, Any], dict[str, dict]
     for entry in columns.values():
         for record in entry["concepts"]:
             keys = record.pop("caption_keys", [])
-            captions = [media[key]["caption"] for key in [*record["central_keys"], *keys] if key in media]
+            chosen = dict.fromkeys([*record["central_keys"], *keys])  # each row once
+            captions = [media[key]["caption"] for key in chosen if key in media]
             record["words"] = [[w, c] for w, c in caption_words(captions)]
             record["captions_read"] = len(captions)
     coords, method, explained = _project(sample["x"], seed)
@@ -421,7 +455,7 @@ def compute_concepts(ctx: StageContext) -> tuple[dict[str, Any], dict[str, dict]
                     },
                 }
                 for j, (key, w) in enumerate(zip(largest["key"], largest["weight"], strict=True))
-            ],  # fmt: skip
+            ],
         },
         "map": {
             "method": method,
@@ -437,7 +471,7 @@ def compute_concepts(ctx: StageContext) -> tuple[dict[str, Any], dict[str, dict]
                     "concept": _label(item, int(g)) if g >= 0 else None,
                 }
                 for key, (x, y), w, g in zip(sample["key"], coords, sample["weight"], codes, strict=True)
-            ],  # fmt: skip
+            ],
         },
     }
     return summary, media
