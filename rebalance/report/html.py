@@ -516,7 +516,7 @@ def write_html(
 <p>Balancing gives every row a weight (mean 1) so that the weighted rows of each value of the balanced
 columns ({html.escape(", ".join(b["marginals"]))}) meet the target. A <i>concept</i> below is one value of a
 column: an image or text cluster (k-means on the embeddings), a coarser cluster level, or a value of a
-carried column. {_doc("report.md", "reportjson", "What every number means")}.</p>
+carried column. {_doc("report.md", "reportreportjson", "What every number means")}.</p>
 <h2>Imbalance before and after</h2>
 <table><tr><th>marginal</th><th>values</th><th>imbalance before</th><th>after</th><th>Gini before</th>
 <th>after</th><th>entropy before</th><th>after</th><th>marginal error</th></tr>{rows}</table>
