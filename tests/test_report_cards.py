@@ -91,3 +91,12 @@ def test_thumbnails_spec_field_is_bounded(bad):
 
     with pytest.raises(SpecError, match="report.thumbnails"):
         ReportSpec(thumbnails=bad)
+
+
+def test_truth_must_be_a_carried_column():
+    from rebalance.spec import Spec, SpecError
+
+    raw = {"data": {"path": ".", "carry": ["label"]}, "report": {"truth": "label"}}
+    assert Spec.from_dict(raw).report.truth == "label"
+    with pytest.raises(SpecError, match="report.truth"):
+        Spec.from_dict({**raw, "report": {"truth": "source"}})

@@ -387,6 +387,11 @@ def _cards_section(report: dict[str, Any], balance: dict[str, Any], media: _Medi
         )
         out.append(f"""<details{" open" if entry["balanced"] else ""}><summary><b>{html.escape(column)}</b>:
 {len(records)} concepts, {kind}.</summary>{fig}<p class="note">{more}</p><div class="cards">{cards}</div></details>""")
+    for column, dist in balance["marginal_distributions"].items():  # balanced columns without concept cards
+        if f"sizes_{column}.png" not in plots:
+            title = f"Sizes per {column} value, before and after"
+            plots[f"sizes_{column}.png"] = (title, _sizes_plot(column, dist))
+            out.append(_figure(title, plots[f"sizes_{column}.png"][1]))
     return "".join(out), plots
 
 
