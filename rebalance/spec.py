@@ -353,7 +353,7 @@ class ReportSpec:
     spectra_by: tuple[str, ...] = ("image_cluster",)
     top_eigenvalues: int = 64
     html: bool = True
-    thumbnails: int = 8  # thumbnails per concept card (0: none; the input shards are then not read)
+    thumbnails: int = 8  # thumbnails per concept card (0: none; captions are still read back)
     truth: str | None = None  # a carried ground-truth column: concept cards show their purity against it
 
     def __post_init__(self) -> None:
