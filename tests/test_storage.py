@@ -329,6 +329,12 @@ def test_pipeline_on_s3_matches_local_run(runs):
     reference = _weights_by_key(read_parts(local / "weights"))
     assert len(remote) == runs["rows"] and remote.keys() == reference.keys()
     np.testing.assert_allclose([remote[k] for k in reference], list(reference.values()), rtol=1e-9)
+    # Concept cards: thumbnails and captions were read back from the shards on S3, the same as locally.
+    remote_concepts = json.loads(bucket.read("run/report/report.json"))["concepts"]
+    local_concepts = json.loads((local / "report" / "report.json").read_text())["concepts"]
+    assert remote_concepts["note"] is None and remote_concepts["columns"] == local_concepts["columns"]
+    assert all(r["words"] for c in remote_concepts["columns"].values() for r in c["concepts"])
+    assert bucket.read("run/report/report.html").count(b"data:image/webp") >= 4 * 4 * 8
     remote_emb = read_parts(bucket.uri("run/embeddings"))
     assert remote_emb.column("key").to_pylist() == read_parts(local / "embeddings").column("key").to_pylist()
 
