@@ -225,8 +225,8 @@ def _moved(report: dict[str, Any], media: _Media) -> str:
             continue
         cards = [r for r in entry["concepts"] if r["card"]]
         ranked = sorted(cards, key=lambda r: r["mean_weight"])
-        up = ranked[::-1][:MOVED_CONCEPTS]
-        down = ranked[:MOVED_CONCEPTS]
+        up = [r for r in ranked[::-1] if r["mean_weight"] > 1][:MOVED_CONCEPTS]
+        down = [r for r in ranked if r["mean_weight"] < 1][:MOVED_CONCEPTS]
         parts.append(
             f"<h3>{html.escape(column)}: most up-weighted (rare concepts brought up)</h3>"
             f"<div class='cards'>{''.join(_card(column, r, media) for r in up)}</div>"

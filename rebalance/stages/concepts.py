@@ -1,8 +1,8 @@
 """Concept cards of the report: who is in each concept, and how balancing reweighted it.
 
-A *concept* is one value of a concept column: a cluster of each side (``image_cluster``, ``text_cluster``)
-and of each coarser level (``image_cluster_L``), and each value of a carried column with at most
-:data:`MAX_CARRIED_VALUES` distinct values. Two streamed passes over the run directory (parts in a pool):
+A *concept* is one value of a concept column: a cluster of each side (``image_cluster``, ``text_cluster``,
+``joint_cluster`` with ``cluster.joint``) and of each coarser level (``image_cluster_L``), and each value
+of a carried column with at most :data:`MAX_CARRIED_VALUES` distinct values. Two streamed passes over the run directory (parts in a pool):
 
 1. per part and concept: rows, summed weight, summed embedding, the rows of smallest key priority (a
    seeded random sample, :func:`~rebalance.kernels.sampling.key_priorities`), the rows nearest the
@@ -33,6 +33,7 @@ from rebalance.data.fs import join, read_table
 from rebalance.data.parts import list_parts, read_part
 from rebalance.data.readers import list_shards, resolve_format
 from rebalance.data.thumbnails import THUMBNAIL_PIXELS, read_rows_by_key
+from rebalance.kernels.kmeans import joint_vectors
 from rebalance.kernels.sampling import key_priorities
 from rebalance.report.cards import (
     caption_words,
@@ -84,7 +85,7 @@ def _plan(ctx: StageContext) -> tuple[list[dict[str, Any]], list[str] | None, li
     """(concept columns, the truth column's vocabulary or None, carried columns left out)."""
     clusters = json.loads(ctx.run.path("clusters", "clusters.json").read_text())
     plan: list[dict[str, Any]] = []
-    for side in ctx.sides:
+    for side in [*ctx.sides, *(["joint"] if "joint" in clusters else [])]:
         info = clusters[side]
         plan.append(
             {"column": f"{side}_cluster", "side": side, "level": 0, "groups": info["k"], "vocab": None}
@@ -133,7 +134,10 @@ def _read(run_root: str, index: int, plan: list[dict], truth: str | None, truth_
         else:
             codes[column] = _codes(emb, column, item["vocab"])
     truth_codes = _codes(emb, truth, truth_vocab) if truth_vocab is not None else None
-    vectors = {side: _matrix(emb, side) for side in {item["side"] for item in plan}}
+    sides = {item["side"] for item in plan}
+    vectors = {side: _matrix(emb, side) for side in sides - {"joint"}}
+    if "joint" in sides:  # joint_cluster: k-means on [image, text] / sqrt(2)
+        vectors["joint"] = joint_vectors(_matrix(emb, "image"), _matrix(emb, "text"))
     return emb, assignments, weights, codes, truth_codes, vectors
 
 
@@ -427,7 +431,7 @@ def compute_concepts(ctx: StageContext) -> tuple[dict[str, Any], dict[str, dict]
         for record in entry["concepts"]:
             keys = record.pop("caption_keys", [])
             chosen = dict.fromkeys([*record["central_keys"], *keys])  # each row once
-            captions = [media[key]["caption"] for key in chosen if key in media]
+            captions = [media[key]["caption"] for key in chosen if key in media and media[key]["caption"]]
             record["words"] = [[w, c] for w, c in caption_words(captions)]
             record["captions_read"] = len(captions)
     coords, method, explained = _project(sample["x"], seed)
