@@ -70,6 +70,7 @@ def test_thumbnail_is_bounded_and_keeps_the_aspect():
     assert make_thumbnail(b"not an image") is None
 
 
+@pytest.mark.slow
 def test_rows_are_read_back_by_key(tmp_path):
     generate_dataset(tmp_path / "data", n_rows=60, n_shards=2, seed=3)
     data = DataSpec(path=str(tmp_path / "data"), carry=("label",))

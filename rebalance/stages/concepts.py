@@ -111,7 +111,7 @@ def _plan(ctx: StageContext) -> tuple[list[dict[str, Any]], list[str] | None, li
 
 def _codes(table: pa.Table, column: str, vocab: list[str]) -> np.ndarray:
     values = pc.fill_null(pc.cast(table.column(column), pa.string()), "<missing>")
-    codes = pc.index_in(values, value_set=pa.array(vocab)).to_numpy(zero_copy_only=False)
+    codes = pc.index_in(values, value_set=pa.array(vocab, pa.string())).to_numpy(zero_copy_only=False)
     return np.where(np.isnan(codes.astype(float)), -1, codes).astype(np.int64)
 
 
