@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import shutil
 import tempfile
 import time
@@ -34,12 +35,14 @@ __all__ = [
     "epoch_metrics",
     "fit",
     "load_checkpoint",
+    "read_train_state",
     "report_epoch",
     "resume",
     "save_safetensors",
     "set_threads",
     "unwrap",
     "worker_device",
+    "write_train_state",
 ]
 
 #: settings that may change between a run and its resumption without changing what is trained
@@ -61,6 +64,43 @@ def save_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike, fp
         for k, v in state.items()
     }
     atomic_write_bytes(save(tensors), path)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with numpy scalars and arrays turned into Python numbers / CPU tensors, containers walked,
+    so that :func:`read_train_state` can load it with ``weights_only=True``."""
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    return value
+
+
+def write_train_state(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write a checkpoint's train state (numbers, strings, tensors, optimizer state dicts) as a torch file
+    that loads with ``weights_only=True``: no object of another type is pickled."""
+    torch.save(_plain(state), path)
+
+
+def read_train_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a train state written by :func:`write_train_state` with ``torch.load(weights_only=True)``: a
+    file that pickles anything but tensors, numbers, strings and containers (e.g. an object whose
+    ``__reduce__`` runs code) is refused with RuntimeError before any of its code runs."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise RuntimeError(
+            f"refusing checkpoint {path}: it holds objects other than tensors, numbers and containers "
+            f"(loaded with weights_only=True): {str(err).splitlines()[0]}"
+        ) from err
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -108,7 +148,7 @@ def load_checkpoint(
         unwrap(model).load_state_dict(load_file(os.path.join(d, "model.safetensors")))
         for name, module in (modules or {}).items():
             unwrap(module).load_state_dict(load_file(os.path.join(d, name)))
-        state = torch.load(os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=False)
+        state = read_train_state(os.path.join(d, "train_state.pt"))
     for name, obj in (extra or {}).items():
         obj.load_state_dict(state["objects"][name])
     return state
@@ -141,7 +181,7 @@ def report_epoch(
             save_safetensors(unwrap(module).state_dict(), os.path.join(d, name))
         objects = {name: obj.state_dict() for name, obj in (extra or {}).items()}
         payload = {**state, "objects": objects, "metrics": metrics, "files": sorted(modules or {})}
-        torch.save(payload, os.path.join(d, "train_state.pt"))
+        write_train_state(payload, os.path.join(d, "train_state.pt"))
         train.report(metrics, checkpoint=train.Checkpoint.from_directory(d))
 
 
@@ -210,7 +250,7 @@ def fit(
     if result.checkpoint is None:
         raise RuntimeError(f"{job}: training produced no checkpoint")
     with result.checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=False)
+        state = read_train_state(os.path.join(d, "train_state.pt"))
         shutil.copyfile(os.path.join(d, "model.safetensors"), out / ".model.safetensors.tmp")
         os.replace(out / ".model.safetensors.tmp", out / "model.safetensors")
         for name in state.get("files", []):

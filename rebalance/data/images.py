@@ -8,9 +8,22 @@ import warnings
 
 import numpy as np
 
-__all__ = ["MAX_IMAGE_PIXELS", "decode_image"]
+__all__ = ["IMAGE_FORMATS", "MAX_DECODED_BYTES", "MAX_IMAGE_PIXELS", "decode_image", "open_header"]
 
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")  # Pillow formats tried; any other content is refused unopened
 MAX_IMAGE_PIXELS = 64_000_000  # larger images are rejected as decompression bombs
+MAX_DECODED_BYTES = 256 * 1024 * 1024  # width x height x bytes per pixel x frames, checked before decoding
+_ROWS_PER_CHUNK = 1024  # 16-bit to 8-bit conversion in row blocks: a bounded working copy
+
+
+def _bytes_per_pixel(mode: str) -> int:
+    """Bytes a pixel of ``mode`` takes in Pillow's memory: 1 for 1, L and P, 2 for I;16*, else 4 (Pillow
+    keeps multi-band images in 4 bytes per pixel; I and F are 32-bit)."""
+    from PIL import Image
+
+    if mode.startswith("I;16"):
+        return 2
+    return 1 if mode in ("1", "L", "P") or (Image.getmodebands(mode) == 1 and mode not in ("I", "F")) else 4
 
 
 def _declared_size(data: bytes) -> tuple[int, int] | None:
@@ -22,14 +35,58 @@ def _declared_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def open_header(data: bytes):
+    """Open ``data`` lazily with Pillow, trying only :data:`IMAGE_FORMATS` (nothing is decoded: the image's
+    ``size``, ``mode`` and ``n_frames`` come from its header). Raises ValueError ``image:unsupported format``
+    when the content is none of them: another format's plugin (EPS, PDF, ...) never sees the bytes."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except UnidentifiedImageError as err:
+        raise ValueError("image:unsupported format (content is not a readable JPEG, PNG or WebP)") from err
+
+
+def _check_size(image) -> None:
+    """Refuse (ValueError) an opened image whose decoded size would exceed the limits, from its header."""
+    width, height = image.size
+    if width == 0 or height == 0:
+        raise ValueError(f"image:zero size ({width}x{height})")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"image:decompression bomb ({width}x{height} pixels > {MAX_IMAGE_PIXELS})")
+    frames = int(getattr(image, "n_frames", 1))
+    decoded = width * height * _bytes_per_pixel(image.mode) * frames
+    if decoded > MAX_DECODED_BYTES:
+        raise ValueError(
+            f"image:decompression bomb ({width}x{height} {image.mode} x {frames} frames = {decoded} bytes "
+            f"decoded > {MAX_DECODED_BYTES})"
+        )
+
+
+def _to_8bit(image):
+    """A 32-bit (I) or 16-bit (I;16*) grayscale image as L: round(v / 257) clipped to 0..255, computed in
+    blocks of rows so the working copy stays small."""
+    from PIL import Image
+
+    pixels = np.asarray(image)
+    out = np.empty(pixels.shape, np.uint8)
+    for r in range(0, pixels.shape[0], _ROWS_PER_CHUNK):
+        block = pixels[r : r + _ROWS_PER_CHUNK].astype(np.int64)
+        out[r : r + _ROWS_PER_CHUNK] = np.clip((block + 128) // 257, 0, 255)
+    return Image.fromarray(out, mode="L")
+
+
 def decode_image(data: bytes | None):
     """Decode encoded image bytes to an RGB PIL image; raise ValueError with a short reason otherwise.
 
-    Reasons: ``image:missing`` (None), ``image:zero size`` (0 bytes, or a declared width or height of 0),
-    ``image:decompression bomb (...)`` (more than MAX_IMAGE_PIXELS pixels declared; the pixels are never
-    decoded), ``image:undecodable (...)`` (corrupt, truncated or not an image). Grayscale (L, I, I;16),
-    bilevel, palette and CMYK images are converted to RGB; transparency (RGBA, LA, PA, palette with a
-    transparent colour) is composited onto white.
+    Only JPEG, PNG and WebP content is opened (:data:`IMAGE_FORMATS`, whatever the file's name), and the
+    decoded size is bounded from the header before any pixel is decoded. Reasons: ``image:missing`` (None),
+    ``image:zero size`` (0 bytes, or a declared width or height of 0), ``image:unsupported format`` (content
+    of another format: EPS, PDF, TIFF, GIF, ...), ``image:decompression bomb (...)`` (more than
+    MAX_IMAGE_PIXELS pixels, or more than MAX_DECODED_BYTES = width x height x bytes per pixel of its mode x
+    frames), ``image:undecodable (...)`` (corrupt or truncated). The first frame of a multi-frame image is
+    used. Grayscale (L, I, I;16), bilevel, palette and CMYK images are converted to RGB; transparency (RGBA,
+    LA, PA, palette with a transparent colour) is composited onto white.
     """
     from PIL import Image
 
@@ -43,11 +100,8 @@ def decode_image(data: bytes | None):
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data))
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise ValueError(
-                    f"image:decompression bomb ({image.width}x{image.height} pixels > {MAX_IMAGE_PIXELS})"
-                )
+            image = open_header(data)
+            _check_size(image)
             image.load()
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
             raise ValueError(f"image:decompression bomb ({err})") from err
@@ -57,12 +111,9 @@ def decode_image(data: bytes | None):
             raise ValueError(f"image:undecodable ({type(err).__name__}: {err})") from err
         except Exception as err:
             raise ValueError(f"image:undecodable ({type(err).__name__}: {err})") from err
-    if image.width == 0 or image.height == 0:
-        raise ValueError(f"image:zero size ({image.width}x{image.height})")
     try:
-        if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):  # 16-bit grayscale: scale to 8 bits
-            pixels = np.asarray(image, dtype=np.float64) / 257.0
-            image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
+        if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):  # 16/32-bit grayscale: scale to 8 bits
+            image = _to_8bit(image)
         if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
             image.mode == "P" and "transparency" in image.info
         ):
