@@ -148,7 +148,8 @@ class DataSpec:
     name Parquet columns only; for webdataset, folder and the LAION layout they must stay unset (the sides
     are found from the files). ``key_column`` is read from Parquet shards and LAION metadata; WebDataset
     keys are member names without extension, folder keys relative paths without suffix. ``carry`` names
-    Parquet / LAION metadata columns or WebDataset json fields.
+    Parquet / LAION metadata columns or WebDataset json fields. ``max_image_bytes``: a Parquet image cell
+    larger than this is rejected (``image:too large``) without being decoded.
     """
 
     path: str
@@ -157,8 +158,11 @@ class DataSpec:
     text_column: str | None = None  # Parquet only; default: "txt", or "text" for format: embeddings
     key_column: str = "key"
     carry: tuple[str, ...] = ()
+    max_image_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
+        if self.max_image_bytes < 1:
+            raise SpecError("data.max_image_bytes", "must be >= 1", self.max_image_bytes)
         if not self.path:
             raise SpecError("data.path", "is required", self.path)
         if not _is_remote(self.path) and not Path(self.path).exists():
