@@ -274,12 +274,14 @@ def export_webdataset_buckets(
     factor of its bucket: the factor is the bucket's mean weight, and every bucket's total share equals its
     share of the total weight. Returns (and writes to ``out_dir/buckets.json``) ``train_data``
     (``"b0/{000000..000003}.tar::b1/..."``), ``upsampling_factors`` (``"1.2::0.4::..."``), per-bucket rows,
-    factor and weight range, and ``total_variation``: the distance between the exact per-row sampling
-    distribution and the bucketed one (0 = exact).
+    factor and weight range, ``total_variation``: the distance between the exact per-row sampling
+    distribution and the bucketed one (0 = exact), and ``unsafe_keys`` (``count``, up to 5 ``examples``):
+    rows left out because their key cannot name a tar member safely (``../``, an absolute path, NUL, ...:
+    :func:`rebalance.data.webdataset_writer.unsafe_key`).
     """
     import pyarrow.parquet as pq
 
-    from rebalance.data.webdataset_writer import write_webdataset_tar
+    from rebalance.data.webdataset_writer import unsafe_key, write_webdataset_tar
 
     if n_buckets < 1 or shard_size < 1:
         raise ValueError("n_buckets and shard_size must be >= 1")
@@ -304,6 +306,7 @@ def export_webdataset_buckets(
     wmin: dict[int, float] = {}
     wmax: dict[int, float] = {}
     exact_weights: dict[str, tuple[int, float]] = {}
+    unsafe: list[str] = []
 
     def flush(b: int) -> None:
         (out / f"bucket-{b:02d}").mkdir(exist_ok=True)
@@ -321,6 +324,9 @@ def export_webdataset_buckets(
         ):
             w = lookup.get(key)
             if w is None or w <= 0 or img is None:
+                continue
+            if unsafe_key(key):
+                unsafe.append(key)
                 continue
             b = bucket_of(w)
             rows[b] += 1
@@ -361,6 +367,7 @@ def export_webdataset_buckets(
         ],
         "rows": sum(rows[b] for b in used),
         "total_variation": tv,
+        "unsafe_keys": {"count": len(unsafe), "examples": unsafe[:5]},
     }
     from rebalance.data.atomic import atomic_write_json
 
