@@ -389,13 +389,12 @@ class Weigher:
 
 
 def _pixels(data: bytes) -> int:
-    """Width x height from the image header (nothing is decoded); 0 when unreadable (decode_image says why)."""
-    import io
-
-    from PIL import Image
+    """Width x height from the image header (nothing is decoded; only JPEG, PNG and WebP are opened); 0 when
+    unreadable (decode_image says why)."""
+    from rebalance.data.images import open_header
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_header(data) as image:
             return int(image.width) * int(image.height)
     except Exception:  # noqa: BLE001 - decode_image reports the reason
         return 0
