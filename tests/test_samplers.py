@@ -254,3 +254,18 @@ def test_open_clip_train_reads_the_exported_buckets(tmp_path):
     log = (tmp_path / "logs" / "tiny" / "out.log").read_text()
     steps = [line for line in log.splitlines() if "Train Epoch: 0" in line and "Loss:" in line]
     assert len(steps) >= 4, log[-3000:]  # 64 samples / batch 16
+
+
+def test_export_leaves_out_keys_that_would_escape_the_tar(tmp_path):
+    (tmp_path / "data").mkdir()
+    keys = ["ok-0", "../../evil", "/etc/cron.d/x", "a\0b", "dir/ok-1"]
+    table = pa.table({"key": keys, "jpg": [b"img"] * 5, "txt": ["caption"] * 5})
+    pq.write_table(table, tmp_path / "data" / "s.parquet")
+    run = make_run(tmp_path, keys, [1.0] * 5)
+    out = export_webdataset_buckets(run, tmp_path / "data", tmp_path / "wds", n_buckets=1)
+    assert out["unsafe_keys"] == {"count": 3, "examples": keys[1:4]}
+    assert out["buckets"][0]["rows"] == 2
+    with tarfile.open(tmp_path / "wds" / "bucket-00" / "000000.tar") as tar:
+        assert sorted(tar.getnames()) == sorted(
+            f"{k}.{e}" for k in ("ok-0", "dir/ok-1") for e in ("jpg", "txt", "json")
+        )

@@ -272,6 +272,14 @@ def _png(size=(8, 8)) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def _eps() -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, format="EPS")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 def _png_header(width: int, height: int) -> str:
     """A tiny PNG that declares a huge image (a decompression-bomb shape): signature, IHDR, IEND."""
     import struct
@@ -308,7 +316,13 @@ MALFORMED = [
         "not an image",
         {"samples": [_sample(image_embedding=_DROP, image="aGVsbG8=")]},
         422,
-        "image:undecodable",
+        "image:unsupported format",
+    ),
+    (
+        "EPS sent as an image",
+        {"samples": [_sample(image_embedding=_DROP, image=_eps())]},
+        422,
+        "image:unsupported format",
     ),
     ("empty caption", {"samples": [_sample(text_embedding=_DROP, caption="  ")]}, 422, "empty caption"),
     ("missing side", {"samples": [_sample(text_embedding=_DROP)]}, 422, "need a caption or text_embedding"),
