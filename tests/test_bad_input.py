@@ -76,7 +76,7 @@ JPEG = good_image(0)
         (png_header_only(0, 5), "image:zero size"),
         (b"this is not an image at all", "image:unsupported format"),
         (JPEG[: len(JPEG) // 2], "image:undecodable"),  # truncated
-        (JPEG[:2] + bytes(200) + JPEG[202:], "image:unsupported format"),  # corrupt header
+        (JPEG[:2] + bytes(200) + JPEG[202:], "image:undecodable"),  # corrupt header
         (png_header_only(20_000, 20_000), "image:decompression bomb"),  # beyond Pillow's own limit
         (png_header_only(9_000, 9_000), "image:decompression bomb"),  # beyond ours, within Pillow's
     ],

@@ -35,16 +35,31 @@ def _declared_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _looks_allowed(data: bytes) -> str | None:
+    """The allowed format whose signature ``data`` starts with (JPEG's SOI marker, PNG's signature, a RIFF
+    WEBP header), or None."""
+    if data[:2] == b"\xff\xd8":
+        return "JPEG"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return None
+
+
 def open_header(data: bytes):
     """Open ``data`` lazily with Pillow, trying only :data:`IMAGE_FORMATS` (nothing is decoded: the image's
     ``size``, ``mode`` and ``n_frames`` come from its header). Raises ValueError ``image:unsupported format``
-    when the content is none of them: another format's plugin (EPS, PDF, ...) never sees the bytes."""
+    when the content is none of them (another format's plugin, EPS, PDF, ..., never sees the bytes), or
+    ``image:undecodable`` when it has one's signature but its header cannot be read."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except UnidentifiedImageError as err:
-        raise ValueError("image:unsupported format (content is not a readable JPEG, PNG or WebP)") from err
+        if _looks_allowed(data):
+            raise ValueError(f"image:undecodable (corrupt {_looks_allowed(data)} header)") from err
+        raise ValueError("image:unsupported format (content is not JPEG, PNG or WebP)") from err
 
 
 def _check_size(image) -> None:
@@ -82,9 +97,10 @@ def decode_image(data: bytes | None):
     Only JPEG, PNG and WebP content is opened (:data:`IMAGE_FORMATS`, whatever the file's name), and the
     decoded size is bounded from the header before any pixel is decoded. Reasons: ``image:missing`` (None),
     ``image:zero size`` (0 bytes, or a declared width or height of 0), ``image:unsupported format`` (content
-    of another format: EPS, PDF, TIFF, GIF, ...), ``image:decompression bomb (...)`` (more than
+    without a JPEG, PNG or WebP signature: EPS, PDF, TIFF, GIF, text, ...), ``image:decompression bomb (...)`` (more than
     MAX_IMAGE_PIXELS pixels, or more than MAX_DECODED_BYTES = width x height x bytes per pixel of its mode x
-    frames), ``image:undecodable (...)`` (corrupt or truncated). The first frame of a multi-frame image is
+    frames), ``image:undecodable (...)`` (a JPEG, PNG or WebP
+    signature, but corrupt or truncated). The first frame of a multi-frame image is
     used. Grayscale (L, I, I;16), bilevel, palette and CMYK images are converted to RGB; transparency (RGBA,
     LA, PA, palette with a transparent colour) is composited onto white.
     """
