@@ -171,7 +171,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _exit_code(err: BaseException) -> int:
     """2 for a spec or input error (the same command cannot succeed until the input changes), else 1."""
-    from rebalance.data.laion import LaionLayoutError
+    from rebalance.data.input_format import LayoutError
     from rebalance.data.readers import DuplicateKeyError
     from rebalance.preflight import UsageError
 
@@ -179,7 +179,7 @@ def _exit_code(err: BaseException) -> int:
         SpecError,
         UsageError,
         DuplicateKeyError,
-        LaionLayoutError,
+        LayoutError,
         FileNotFoundError,
         NotADirectoryError,
     )
