@@ -149,7 +149,9 @@ def test_gpu_actor_decodes_on_a_pool_of_cpus_per_gpu_threads(monkeypatch, tmp_pa
     images = [_png(i) for i in range(12)] + [b"not an image"]
     prepared = worker._prepare(RowBatch(keys=[str(i) for i in range(13)], images=images))
     assert all(name.startswith("decode") for name in threads)
-    assert prepared.reasons[:12] == [None] * 12 and prepared.reasons[12].startswith("image:unsupported format")
+    assert prepared.reasons[:12] == [None] * 12 and prepared.reasons[12].startswith(
+        "image:unsupported format"
+    )
     for data, tensor in zip(images[:12], prepared.images[:12], strict=True):  # in order, as one thread would
         assert torch.equal(tensor, worker.model.preprocess(Image.open(io.BytesIO(data)).convert("RGB")))
 
