@@ -88,13 +88,17 @@ PART_LAYOUT = 2
 
 
 def stage_fingerprints(spec: Spec, inputs: list[dict]) -> dict[str, str]:
-    """Chained fingerprints: each stage hashes its own spec section and the previous stage's fingerprint.
+    """Chained fingerprints: each stage hashes its own spec section and the previous stage's fingerprint
+    (the cluster stage also ``dedup``, when set).
     ``embed.workers``, ``embed.prefetch``, ``embed.cpus_per_gpu`` and the ``ray`` section change where and
     when work runs, not its result, and are left out."""
     s = spec.to_dict()
     embed = {k: v for k, v in s["embed"].items() if k not in ("workers", "prefetch", "cpus_per_gpu")}
     fps = {"embed": fingerprint("embed", s["data"], embed, inputs, PART_LAYOUT)}
-    fps["cluster"] = fingerprint("cluster", fps["embed"], s["cluster"])
+    # the dedup section (near-duplicate groups, written with the assignments) joins the cluster stage's
+    # fingerprint only when set, so runs without it keep their fingerprints
+    cluster = (s["cluster"],) if spec.dedup is None else (s["cluster"], {"dedup": s["dedup"]})
+    fps["cluster"] = fingerprint("cluster", fps["embed"], *cluster)
     fps["balance"] = fingerprint("balance", fps["cluster"], s["balance"])
     fps["report"] = fingerprint("report", fps["balance"], s["report"])
     return fps

@@ -25,6 +25,7 @@ __all__ = [
     "EmbedSpec",
     "KMeansSpec",
     "ClusterSpec",
+    "DedupSpec",
     "BalanceSpec",
     "SoftSpec",
     "ReportSpec",
@@ -251,7 +252,26 @@ class ClusterSpec:
             raise SpecError("cluster.resampling_steps", "must be >= 0", self.resampling_steps)
 
 
+@dataclass(frozen=True)
+class DedupSpec:
+    """Near-duplicate groups (SemDeDup): inside each ``<side>_cluster`` of the cluster stage, rows whose
+    ``side`` embeddings have cosine similarity >= ``threshold`` are linked, and each connected component is
+    a group (``dup_group``: the group's smallest key; ``dup_size``: its rows). ``block``: rows per tile of
+    a cluster's pairwise similarity matrix (memory O(block^2) per actor)."""
+
+    side: Literal["image", "text", "joint"] = "image"
+    threshold: float = 0.95
+    block: int = 4096
+
+    def __post_init__(self) -> None:
+        if not -1 < self.threshold <= 1:
+            raise SpecError("dedup.threshold", "must be a cosine similarity in (-1, 1]", self.threshold)
+        if self.block < 1:
+            raise SpecError("dedup.block", "must be >= 1", self.block)
+
+
 MARGINAL_CLUSTERS = ("image_cluster", "text_cluster")
+DUP_GROUP = "dup_group"  # the near-duplicate marginal (dedup section): one unit of mass per group
 CLUSTER_SIDES = ("image", "text", "joint")  # joint: k-means on both sides of a row together (cluster.joint)
 
 
@@ -397,7 +417,7 @@ class RaySpec:
 
 @dataclass(frozen=True)
 class Spec:
-    """A whole run: data, embed, cluster, balance, report and ray sections."""
+    """A whole run: data, embed, cluster, balance, report and ray sections, and the optional dedup."""
 
     data: DataSpec
     embed: EmbedSpec = field(default_factory=EmbedSpec)
@@ -405,11 +425,25 @@ class Spec:
     balance: BalanceSpec = field(default_factory=BalanceSpec)
     report: ReportSpec = field(default_factory=ReportSpec)
     ray: RaySpec = field(default_factory=RaySpec)
+    dedup: DedupSpec | None = None
 
     def __post_init__(self) -> None:
         levels = len(self.cluster.levels)
+        if self.dedup is not None and self.dedup.side == "joint" and self.cluster.joint is None:
+            raise SpecError("dedup.side", "joint needs cluster.joint (the joint clusters)", self.dedup.side)
+        if DUP_GROUP in self.balance.marginals:
+            if self.dedup is None:
+                raise SpecError("balance.marginals", f"{DUP_GROUP!r} needs a dedup section", DUP_GROUP)
+            if self.balance.target_for(DUP_GROUP).kind == "weights":
+                raise SpecError(
+                    f"balance.targets.{DUP_GROUP}",
+                    "takes uniform (one unit of mass per group), {power: a} or {cap: t} of the group size",
+                    self.balance.target_for(DUP_GROUP).to_dict(),
+                )
 
         def known(name: str) -> bool:
+            if name == DUP_GROUP:
+                return self.dedup is not None
             cluster = cluster_marginal(name)
             if cluster is None:
                 return name in self.data.carry
@@ -428,7 +462,7 @@ class Spec:
                     list(self.balance.marginals),
                 )
         for name in self.report.spectra_by:
-            if not known(name):
+            if name == DUP_GROUP or not known(name):
                 raise SpecError("report.spectra_by", f"{name!r} is not a cluster or carried column", name)
         if self.report.truth is not None and self.report.truth not in self.data.carry:
             raise SpecError(

@@ -12,6 +12,8 @@ Every k-means run starts from k-means++ seeds (``cluster.init``). With ``cluster
 ``joint``, clusters each row's joint vector (:func:`rebalance.kernels.kmeans.joint_vectors` of its image
 and text vectors), trained on the same sample and assigned like the others.
 Coarser levels (``cluster.levels``): :func:`rebalance.kernels.kmeans.hierarchical_kmeans` on the centroids.
+With a ``dedup`` section, near-duplicate groups follow the assignment (:mod:`rebalance.stages.dedup`):
+``dup_group`` and ``dup_size`` join the assignments parts and ``clusters/dedup.json`` counts the groups.
 Outputs: ``clusters/{side}_centroids.npy``, ``clusters/clusters.json`` and ``assignments/part-NNNNN.parquet``
 with ``key``, ``{side}_cluster`` (int32) and ``{side}_distance`` (float32, squared L2 to the centroid).
 """
@@ -46,6 +48,7 @@ from rebalance.runtime.pool import ActorPool, ShardWorker
 from rebalance.runtime.session import ClusterResources
 from rebalance.spec import ClusterSpec
 from rebalance.stages.context import StageContext
+from rebalance.stages.dedup import in_process, on_pool, run_dedup
 
 __all__ = ["run_cluster", "sample_part", "assign_part", "ClusterError"]
 
@@ -380,6 +383,11 @@ def run_cluster(ctx: StageContext) -> dict[str, Any]:
             raise ClusterError(
                 f"cluster.{side}.k = {k} exceeds the {n_rows} embedded rows: set cluster.{side}.k <= {n_rows}"
             )
+    dedup = ctx.spec.dedup
+    if dedup is not None and dedup.side not in ks:
+        raise ClusterError(f"dedup.side is {dedup.side!r} but the dataset has no such side ({sorted(ks)})")
+    root = str(ctx.run.root)
+    indices = [i for i, _ in items]
     placement = kmeans_placement(ctx.resources, gpu_available())
     # faiss results depend on its thread count, and Ray job drivers run with OMP_NUM_THREADS=1: use every
     # core of the machine, whatever the environment says, so a job and a local run agree. (Assignment runs
@@ -397,6 +405,9 @@ def run_cluster(ctx: StageContext) -> dict[str, Any]:
         seconds["train"], clock = time.perf_counter() - clock, time.perf_counter()
         summaries = _assign_in_driver(items, str(out_dir), keys, positions, sample, centroids, parents)
         del sample
+        if dedup is not None:
+            seconds["assign"], clock = time.perf_counter() - clock, time.perf_counter()
+            dedup_info = run_dedup(root, indices, n_rows, ks[dedup.side], dedup, in_process())
     else:
         with ActorPool(ShardWorker, ctx.workers(len(items))) as pool:
             # 1. Uniform bounded sample: a key-only pass finds the m-th lowest priority over all parts, then
@@ -421,7 +432,10 @@ def run_cluster(ctx: StageContext) -> dict[str, Any]:
             summaries = pool.map(
                 "call", [(_assign, p, str(out_dir), i, model_ref) for i, p in items], "assign"
             )
-    seconds["assign"] = time.perf_counter() - clock
+            if dedup is not None:
+                seconds["assign"], clock = time.perf_counter() - clock, time.perf_counter()
+                dedup_info = run_dedup(root, indices, n_rows, ks[dedup.side], dedup, on_pool(pool))
+    seconds["dedup" if dedup is not None else "assign"] = time.perf_counter() - clock
     for side in ks:
         sizes = np.sum([s["sizes"][side] for s in summaries], axis=0)
         info[side]["sizes"] = sizes.astype(int).tolist()
@@ -432,5 +446,8 @@ def run_cluster(ctx: StageContext) -> dict[str, Any]:
             level["sizes"] = below.astype(int).tolist()
     atomic_write_json(info, clusters_dir / "clusters.json")
     device = ",".join(sorted({info[side]["device"] for side in ks}))
-    return {"rows": n_rows, "k": ks, "device": device, "placement": placement,
-            "seconds": {k: round(v, 3) for k, v in seconds.items()}}  # fmt: skip
+    summary = {"rows": n_rows, "k": ks, "device": device, "placement": placement,
+               "seconds": {k: round(v, 3) for k, v in seconds.items()}}  # fmt: skip
+    if dedup is not None:
+        summary["dup_groups"] = dedup_info["groups"]
+    return summary

@@ -1,0 +1,185 @@
+"""Near-duplicate groups (``dedup`` section), run by the cluster stage after it has assigned every row.
+
+SemDeDup (Abbas et al. 2023): near-duplicates lie in the same k-means cluster, so pairs are only compared
+inside each ``<side>_cluster``. Three passes over the parts, each spread over the actors:
+
+1. shuffle: every part sends each row's key, cluster and ``dedup.side`` vector to one of B batches of
+   clusters (cluster mod B), as ``clusters/dedup-shuffle/bNNNNN/part-NNNNN.parquet``; B is chosen so a
+   batch holds about :data:`BATCH_ROWS` rows;
+2. group: one task per batch orders each cluster's rows by key and finds its groups with
+   :func:`rebalance.kernels.dedup.duplicate_roots` (cosine >= ``dedup.threshold``, tiles of
+   ``dedup.block`` rows); it returns only the rows of groups of two or more (key, group, size);
+3. label: every assignments part gains ``dup_group`` (string: the smallest key of the row's group, the
+   row's own key when it has no near-duplicate) and ``dup_size`` (int32: rows in the group).
+
+``clusters/dedup.json`` records the threshold, the number of groups, the rows in groups of two or more and
+the number of groups of each size. The driver holds only the rows that have a near-duplicate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from rebalance.data.atomic import atomic_write_json, atomic_write_table
+from rebalance.data.fs import as_path, read_table, remove
+from rebalance.data.parts import part_summary, read_part, write_part
+from rebalance.data.readers import vector_matrix
+from rebalance.kernels.dedup import duplicate_roots
+from rebalance.kernels.kmeans import joint_vectors
+from rebalance.runtime.pool import ActorPool
+from rebalance.spec import DedupSpec
+
+__all__ = [
+    "run_dedup",
+    "shuffle_part",
+    "group_batch",
+    "label_part",
+    "Runner",
+    "in_process",
+    "on_pool",
+    "BATCH_ROWS",
+]
+
+BATCH_ROWS = 262_144  # rows per batch of clusters (a batch's vectors are held by one task)
+SHUFFLE = "dedup-shuffle"
+
+
+@dataclass(frozen=True)
+class Runner:
+    """How the passes run: ``map(fn, [args, ...], what)`` calls fn on every args tuple (on the actors, or
+    in this process); ``share(obj)`` makes a large argument shared by every call (``ray.put`` for actors)."""
+
+    map: Callable[[Callable, list[tuple], str], list[Any]]
+    share: Callable[[Any], Any] = lambda obj: obj
+
+
+def in_process() -> Runner:
+    """Every call in this process, one after the other."""
+    return Runner(lambda fn, args, what: [fn(*a) for a in args])
+
+
+def on_pool(pool: ActorPool) -> Runner:
+    """Every call on ``pool``'s actors."""
+    return Runner(lambda fn, args, what: pool.map("call", [(fn, *a) for a in args], what), ray.put)
+
+
+def _side_matrix(table: pa.Table, side: str) -> np.ndarray:
+    if side == "joint":
+        image, text = (vector_matrix(table.column(s).combine_chunks()) for s in ("image", "text"))
+        return joint_vectors(image, text)
+    return vector_matrix(table.column(side).combine_chunks())
+
+
+def shuffle_part(run_root: str, index: int, side: str, n_batches: int) -> int:
+    """Send part ``index``'s rows (key, cluster, ``side`` vector) to their batch files; returns its rows."""
+    root = as_path(run_root)
+    labels = read_part(root / "assignments", index, columns=["key", f"{side}_cluster"])
+    if labels.num_rows == 0:
+        return 0
+    inputs = ["image", "text"] if side == "joint" else [side]
+    x = _side_matrix(read_part(root / "embeddings", index, columns=inputs), side)
+    cluster = labels.column(f"{side}_cluster").to_numpy()
+    batch = cluster % n_batches
+    keys = labels.column("key")
+    for b in np.unique(batch):
+        rows = np.flatnonzero(batch == b)
+        table = pa.table({
+            "key": keys.take(pa.array(rows)),
+            "cluster": pa.array(cluster[rows], pa.int32()),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(x[rows].ravel()), x.shape[1]),
+        })  # fmt: skip
+        directory = root / "clusters" / SHUFFLE / f"b{b:05d}"
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_table(table, directory / f"part-{index:05d}.parquet")
+    return labels.num_rows
+
+
+def group_batch(run_root: str, batch: int, threshold: float, block: int) -> pa.Table:
+    """The near-duplicate groups of every cluster of one batch: a table of the rows in groups of two or
+    more, ``key``, ``dup_group`` (the group's smallest key) and ``dup_size``."""
+    directory = as_path(run_root) / "clusters" / SHUFFLE / f"b{batch:05d}"
+    files = sorted(directory.glob("part-*.parquet"))
+    empty = pa.table({"key": pa.array([], pa.string()), "dup_group": pa.array([], pa.string()),
+                      "dup_size": pa.array([], pa.int32())})  # fmt: skip
+    if not files:
+        return empty
+    table = pa.concat_tables([read_table(f) for f in files])
+    table = table.take(pc.sort_indices(table, [("cluster", "ascending"), ("key", "ascending")]))
+    cluster = table.column("cluster").to_numpy()
+    x = vector_matrix(table.column("vector").combine_chunks())
+    starts = np.flatnonzero(np.r_[True, cluster[1:] != cluster[:-1]])
+    ends = np.r_[starts[1:], cluster.size]
+    roots = np.empty(cluster.size, dtype=np.int64)
+    for a, b in zip(starts, ends, strict=True):
+        roots[a:b] = a + duplicate_roots(x[a:b], threshold, block)
+    sizes = np.bincount(roots, minlength=roots.size)[roots]
+    dup = np.flatnonzero(sizes > 1)
+    if dup.size == 0:
+        return empty
+    keys = table.column("key").combine_chunks()
+    return pa.table({"key": keys.take(pa.array(dup)), "dup_group": keys.take(pa.array(roots[dup])),
+                     "dup_size": pa.array(sizes[dup], pa.int32())})  # fmt: skip
+
+
+def label_part(run_root: str, index: int, groups: pa.Table) -> dict[str, Any]:
+    """Add ``dup_group`` and ``dup_size`` to assignments part ``index`` from ``groups`` (the rows that have
+    a near-duplicate); rows not in it are their own group of one. Idempotent."""
+    out = as_path(run_root) / "assignments"
+    summary = part_summary(out, index)
+    if summary.get("dedup"):
+        return summary
+    table = read_part(out, index)
+    table = table.drop_columns([c for c in ("dup_group", "dup_size") if c in table.column_names])
+    keys = table.column("key")
+    at = pc.index_in(keys, value_set=groups.column("key"))
+    found = at.is_valid()
+    group = pc.if_else(found, groups.column("dup_group").take(pc.fill_null(at, 0)), keys)
+    size = pc.if_else(found, groups.column("dup_size").take(pc.fill_null(at, 0)), pa.scalar(1, pa.int32()))
+    table = table.append_column("dup_group", group).append_column("dup_size", size.cast(pa.int32()))
+    write_part(out, index, table, {k: v for k, v in summary.items() if k != "rows"} | {"dedup": True})
+    return summary | {"dedup": True}
+
+
+def run_dedup(
+    run_root: str, indices: list[int], n_rows: int, k: int, spec: DedupSpec, runner: Runner
+) -> dict:
+    """The three passes over parts ``indices`` (``n_rows`` rows, ``k`` clusters on ``spec.side``), run by
+    ``runner``; writes ``clusters/dedup.json`` and returns it."""
+    root = as_path(run_root)
+    shuffle = root / "clusters" / SHUFFLE
+    remove(shuffle)  # a crashed attempt's files
+    n_batches = max(1, min(k, math.ceil(n_rows / BATCH_ROWS)))
+    runner.map(shuffle_part, [(run_root, i, spec.side, n_batches) for i in indices], "dedup shuffle")
+    tables = runner.map(
+        group_batch, [(run_root, b, spec.threshold, spec.block) for b in range(n_batches)], "dedup groups"
+    )
+    groups = pa.concat_tables(tables).combine_chunks()
+    shared = runner.share(groups)
+    runner.map(label_part, [(run_root, i, shared) for i in indices], "dedup labels")
+    remove(shuffle)
+    sizes = np.asarray(groups.column("dup_size").to_numpy(), dtype=np.int64)
+    per_size = np.bincount(sizes) // np.maximum(np.arange(sizes.max() + 1 if sizes.size else 1), 1)
+    multi = {int(s): int(c) for s, c in enumerate(per_size) if s >= 2 and c > 0}
+    rows_in_multi = int(sizes.size)
+    info = {
+        "side": spec.side,
+        "threshold": spec.threshold,
+        "block": spec.block,
+        "batches": n_batches,
+        "rows": n_rows,
+        "groups": n_rows - rows_in_multi + sum(multi.values()),
+        "duplicated_rows": rows_in_multi,
+        "groups_with_duplicates": sum(multi.values()),
+        "largest_group": max(multi, default=1),
+        "groups_by_size": {"1": n_rows - rows_in_multi, **{str(s): c for s, c in multi.items()}},
+    }
+    atomic_write_json(info, root / "clusters" / "dedup.json")
+    return info
