@@ -28,7 +28,7 @@ import numpy as np
 from rebalance.data import fs
 from rebalance.kernels.kmeans import level_labels
 from rebalance.kernels.scaling import Scaling
-from rebalance.spec import cluster_marginal
+from rebalance.spec import DUP_GROUP, cluster_marginal
 
 __all__ = ["RequestError", "Sample", "Weigher", "MISSING_LABEL", "SIDES"]
 
@@ -126,6 +126,11 @@ class Weigher:
         self.cluster_marginals: dict[str, tuple[str, int]] = {}
         self.carried_marginals: list[str] = []
         for m in self.marginals:
+            if m == DUP_GROUP:
+                raise RuntimeError(
+                    f"marginal {m!r}: serving runs balanced on near-duplicate groups is not supported "
+                    "(a new row's group is unknown)"
+                )
             c = cluster_marginal(m)
             if c is None:
                 self.carried_marginals.append(m)

@@ -215,7 +215,7 @@ def build_report(run: RunDir, spec: Spec, spectra: dict[str, Any] | None = None)
             "converged": balance["converged"],
             "final_marginal_error": max(balance["final_marginal_error"].values()),
             "marginal_error_per_iteration": [
-                max(e.values()) for e in balance["marginal_error_per_iteration"]
+                max(e.values(), default=0.0) for e in balance["marginal_error_per_iteration"]
             ],
             "ess": balance["ess"],
             "ess_fraction": balance["ess_fraction"],
@@ -227,6 +227,9 @@ def build_report(run: RunDir, spec: Spec, spectra: dict[str, Any] | None = None)
         "joint": balance.get("joint", []),
         "spectra": spectra or {},
     }
+    dedup = run.path("clusters", "dedup.json")
+    if dedup.is_file():  # near-duplicate groups (dedup section): counts and sizes
+        report["duplicates"] = json.loads(dedup.read_text())
     return _jsonable(report)
 
 

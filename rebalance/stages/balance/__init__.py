@@ -20,6 +20,8 @@ One module per step, each returning what the next needs and its part of ``balanc
 5. :mod:`~rebalance.stages.balance.soft`: optional soft labels (``balance.soft``), a distributed
    log-domain Sinkhorn on every row's scores against its side's centroids.
 
+``dup_group`` (near-duplicate groups, ``dedup``) is held last and not fitted: a fixed factor per row gives
+each group its mass before IPF fits the other marginals (:mod:`~rebalance.stages.balance.fit`).
 ``balance.json`` records targets, the marginal error per iteration, convergence, ESS and the largest
 weight, and is written before a failure is raised, so a failed run still explains itself.
 """
@@ -29,9 +31,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
+
 from rebalance.data.atomic import atomic_write_json
 from rebalance.kernels.scaling import Scaling
-from rebalance.spec import cluster_marginal
+from rebalance.spec import DUP_GROUP, cluster_marginal
 from rebalance.stages.balance.diagnostics import diagnose
 from rebalance.stages.balance.fit import CellParts, Labelled, RowParts, fit, fit_record
 from rebalance.stages.balance.soft import soft_labels
@@ -39,8 +43,10 @@ from rebalance.stages.balance.survey import (
     BalanceError,
     CellTable,
     count_cells,
+    dup_base,
     encode_labels,
     load_labels,
+    marginal_order,
     survey,
     survey_part,
     targets_for,
@@ -66,7 +72,7 @@ log = logging.getLogger(__name__)
 def run_balance(ctx: StageContext) -> dict[str, Any]:
     """Balance the joint measure and write per-row weights; returns the stage summary."""
     spec = ctx.spec.balance
-    marginals = list(spec.marginals)
+    marginals = marginal_order(spec)
     for name in marginals:
         cluster = cluster_marginal(name)
         if cluster is not None and cluster[0] not in ctx.cluster_sides:
@@ -98,7 +104,9 @@ def run_balance(ctx: StageContext) -> dict[str, Any]:
             record["cells"] = int(len(cells.counts))
             parts: CellParts | RowParts = CellParts(Labelled(cells.codes, cells.counts))
         else:
-            parts = RowParts([(root, i, marginals, values, n_rows) for i in indices], workers)
+            base = dup_base(spec, values, marginals)  # dup_group: each row starts at exp(base) / their sum
+            total = n_rows if base is None else float(np.exp(base) @ counts[-1])
+            parts = RowParts([(root, i, marginals, values, total, base) for i in indices], workers)
         with parts:
             result = fit(parts, spec, values, counts, targets)
             scaling = scaling_of(result, parts, spec, n_rows)
@@ -108,6 +116,8 @@ def run_balance(ctx: StageContext) -> dict[str, Any]:
         raise
     labelled = scaling.labelled(marginals, [v.to_pylist() for v in values])
     record.update(fit_record(result, spec, values), scaling=labelled.to_dict(), **diagnostics)
+    if DUP_GROUP in marginals:  # not fitted: its error per group size, from the weights
+        record["final_marginal_error"][DUP_GROUP] = record.pop("dup_group_error")
     if not result.converged and spec.iterations == "auto":
         if not spec.allow_partial:
             atomic_write_json(record, ctx.run.path("balance.json"))

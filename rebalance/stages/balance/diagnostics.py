@@ -17,8 +17,9 @@ import pyarrow as pa
 from rebalance.kernels.scaling import Scaling
 from rebalance.kernels.spectra import balanced_variance_factor, joint_singular_values
 from rebalance.kernels.stats import WeightMoments, weight_moments
-from rebalance.spec import BalanceSpec
+from rebalance.spec import DUP_GROUP, BalanceSpec
 from rebalance.stages.balance.fit import CellParts, Labelled, RowParts
+from rebalance.stages.balance.survey import marginal_order
 
 __all__ = ["diagnose"]
 
@@ -48,8 +49,9 @@ def diagnose(
 ) -> dict[str, Any]:
     """The ``balance.json`` fields that describe the weights of ``scaling`` over ``parts``: ``clipping``
     (with ``max_weight``), ``ess``, ``ess_fraction``, the weight range and histogram,
-    ``marginal_distributions`` and ``joint`` (after ``passes`` IPF passes)."""
-    marginals = list(spec.marginals)
+    ``marginal_distributions`` and ``joint`` (after ``passes`` IPF passes); with ``dup_group``,
+    ``dup_group_error``: the total-variation distance of the weighted rows per group size from its target."""
+    marginals = marginal_order(spec)
     sizes = [len(v) for v in values]
     pairs = [
         (a, b)
@@ -73,6 +75,8 @@ def diagnose(
         }
     out.update(_weight_summary(moments, histogram, edges, marginals, values, targets))
     out["joint"] = _joint_diagnostics(moments, marginals, sizes, passes)
+    if DUP_GROUP in marginals:  # the last marginal: not fitted, so its error is only known from the weights
+        out["dup_group_error"] = float(0.5 * np.abs(moments.balanced[-1] / n_rows - targets[-1]).sum())
     return out
 
 

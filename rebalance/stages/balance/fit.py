@@ -8,10 +8,16 @@
 
 Both parts objects answer the same ``reduce`` (a function of every part's :class:`Labelled` state, the
 results added) and ``ipf``, so the later steps (clipping, diagnostics) do not ask which path ran.
+
+``dup_group`` (near-duplicate groups, ``dedup``; held last, :func:`marginal_order`) is not fitted: its fixed
+factor g(s) / s per row of a group of s rows (:func:`~rebalance.stages.balance.survey.group_mass`) scales
+the starting mass, IPF fits the other marginals, and the normaliser is recomputed so the weights keep
+mean 1.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, NamedTuple
 
@@ -24,11 +30,13 @@ from rebalance.kernels.ipf import (
     apply_ratio_and_sum,
     ipf,
     ipf_driver,
+    label_sums,
     prepare_codes,
 )
+from rebalance.kernels.scaling import Scaling
 from rebalance.runtime.resident import ResidentParts
-from rebalance.spec import BalanceSpec
-from rebalance.stages.balance.survey import BalanceError, encode_labels, load_labels
+from rebalance.spec import DUP_GROUP, BalanceSpec
+from rebalance.stages.balance.survey import BalanceError, dup_base, encode_labels, load_labels, marginal_order
 
 __all__ = ["CellParts", "Labelled", "RowParts", "fit", "fit_record"]
 
@@ -53,9 +61,20 @@ class CellParts:
         """fn(state, *args) of the one part."""
         return fn(self.state, *args)
 
-    def ipf(self, counts: list[np.ndarray], targets: list[np.ndarray], **options: Any) -> IPFResult:
-        """:func:`~rebalance.kernels.ipf.ipf` on the cells (``counts``, the per-label rows, are theirs)."""
-        return ipf(self.state.codes, self.state.counts, targets, **options)
+    def ipf(
+        self,
+        counts: list[np.ndarray],
+        targets: list[np.ndarray],
+        base: np.ndarray | None = None,
+        **options: Any,
+    ) -> IPFResult:
+        """:func:`~rebalance.kernels.ipf.ipf` on the cells (``counts``, the per-label rows, are theirs) of the
+        first len(targets) marginals; with ``base``, a cell's starting mass is its rows times
+        exp(base[l]) of its label l of the last marginal (``dup_group``)."""
+        codes, mass = self.state.codes, self.state.counts
+        if base is not None:
+            mass = mass * np.exp(base[codes[:, -1]])
+        return ipf(codes[:, : len(targets)], mass, targets, **options)
 
     def __enter__(self) -> CellParts:
         return self
@@ -65,10 +84,38 @@ class CellParts:
 
 
 def _load_rows(
-    run_root: str, index: int, marginals: list[str], values: list[pa.Array], n_rows: int
+    run_root: str,
+    index: int,
+    marginals: list[str],
+    values: list[pa.Array],
+    n_rows: float,
+    base: np.ndarray | None = None,
 ) -> Labelled:
+    """A part's rows with mass 1 / n_rows each, or, with ``base`` (the ``dup_group`` log factors of the last
+    marginal), exp(base[l]) / n_rows (``n_rows`` then their sum over all rows)."""
     codes = prepare_codes(encode_labels(load_labels(run_root, index, marginals), marginals, values))
-    return Labelled(codes, None, np.full(codes.shape[0], 1.0 / n_rows))
+    if base is None:
+        return Labelled(codes, None, np.full(codes.shape[0], 1.0 / n_rows))
+    return Labelled(codes, None, np.exp(base[codes[:, -1]]) / n_rows)
+
+
+def _start_sums(state: Labelled, sizes: list[int]) -> list[np.ndarray]:
+    """Per-label sums of the rows' starting masses, one (K_m,) array per fitted marginal."""
+    return [label_sums(state.codes, state.mass, m, k) for m, k in enumerate(sizes)]
+
+
+def _add_lists(a: list[np.ndarray], b: list[np.ndarray]) -> list[np.ndarray]:
+    return [x + y for x, y in zip(a, b, strict=True)]
+
+
+def _log_total(state: Labelled, log_factors: tuple[np.ndarray, ...]) -> float:
+    """log of the sum over rows (cells: times their rows) of exp(sum_m log_factors[m][l_m])."""
+    log_w = np.zeros(state.codes.shape[0])
+    for m, f in enumerate(log_factors):
+        log_w += f[state.codes[:, m]]
+    if state.counts is not None:
+        log_w += np.log(state.counts)
+    return float(np.logaddexp.reduce(log_w)) if log_w.size else -np.inf
 
 
 def _row_step(
@@ -79,19 +126,29 @@ def _row_step(
 
 class RowParts(ResidentParts):
     """Every part's rows (label codes, IPF mass) resident on actors: ``RowParts(items, workers)`` loads
-    part (run_root, index, marginals, values, n_rows) of each item."""
+    part (run_root, index, marginals, values, n_rows[, base]) of each item."""
 
     def __init__(self, items: list[tuple], workers: int):
         super().__init__(_load_rows, items, workers)
 
-    def ipf(self, counts: list[np.ndarray], targets: list[np.ndarray], **options: Any) -> IPFResult:
-        """:func:`~rebalance.kernels.ipf.ipf_driver`, each step one reduction over the actors."""
+    def ipf(
+        self,
+        counts: list[np.ndarray],
+        targets: list[np.ndarray],
+        base: np.ndarray | None = None,
+        **options: Any,
+    ) -> IPFResult:
+        """:func:`~rebalance.kernels.ipf.ipf_driver` on the first len(targets) marginals, each step one
+        reduction over the actors; with ``base`` (loaded with the rows) the starting per-label sums are
+        reduced from the rows' masses."""
         sizes = [t.size for t in targets]
 
         def step(m: int | None, ratio: np.ndarray | None, next_m: int) -> np.ndarray:
             return self.reduce(_row_step, m, ratio, next_m, sizes[next_m])
 
-        return ipf_driver(step, counts, targets, **options)
+        if base is not None:
+            counts = self.reduce(_start_sums, sizes, combine=_add_lists)
+        return ipf_driver(step, counts[: len(targets)], targets, **options)
 
 
 def fit(
@@ -102,12 +159,18 @@ def fit(
     targets: list[np.ndarray],
 ) -> IPFResult:
     """IPF of the parts toward ``targets`` as ``spec`` says; a target positive on a label with no rows is a
-    :class:`BalanceError` naming the labels."""
-    marginals = list(spec.marginals)
+    :class:`BalanceError` naming the labels. With ``dup_group``, its fixed factor joins the scaling."""
+    marginals = marginal_order(spec)
+    fitted = [m for m in marginals if m != DUP_GROUP]
+    base = dup_base(spec, values, marginals)
+    if not fitted:  # dup_group alone: nothing to fit, its factor is the whole scaling
+        result = IPFResult(Scaling((), 0.0), np.zeros((1, 0)), True, 0, spec.tol)
+        return _with_base(result, parts, base, counts)
     try:
         result = parts.ipf(
             counts,
-            targets,
+            targets[: len(fitted)],
+            base,
             iterations=None if spec.iterations == "auto" else spec.iterations,
             tol=spec.tol,
             max_iter=spec.max_iter,
@@ -127,13 +190,25 @@ def fit(
         result.final_error,
         "converged" if result.converged else "not converged",
     )
-    return result
+    return result if base is None else _with_base(result, parts, base, counts)
+
+
+def _with_base(
+    result: IPFResult, parts: CellParts | RowParts, base: np.ndarray, counts: list[np.ndarray]
+) -> IPFResult:
+    """``result`` with the fixed ``dup_group`` factor as its last marginal and the normaliser that gives
+    the rows (sum of counts[0]) mean weight 1."""
+    log_factors = (*result.scaling.log_factors, base)
+    log_total = parts.reduce(_log_total, log_factors, combine=np.logaddexp)
+    scaling = Scaling(log_factors, float(log_total - np.log(counts[0].sum())))
+    return dataclasses.replace(result, scaling=scaling)
 
 
 def fit_record(result: IPFResult, spec: BalanceSpec, values: list[pa.Array]) -> dict[str, Any]:
     """The ``balance.json`` fields of the iteration: passes, convergence, errors and omega per pass and,
-    when ``iterations: auto`` did not converge, ``error`` naming the values farthest from their targets."""
-    marginals = list(spec.marginals)
+    when ``iterations: auto`` did not converge, ``error`` naming the values farthest from their targets.
+    ``dup_group`` is not fitted and has no entry here."""
+    marginals = [m for m in marginal_order(spec) if m != DUP_GROUP]
     record: dict[str, Any] = {
         "passes": result.passes,
         "converged": result.converged,

@@ -20,14 +20,17 @@ from rebalance.data.fs import join
 from rebalance.data.parts import read_part
 from rebalance.kernels.targets import UnknownValuesError, target_marginal
 from rebalance.runtime.pool import ActorPool, ShardWorker
-from rebalance.spec import BalanceSpec, cluster_marginal
+from rebalance.spec import DUP_GROUP, BalanceSpec, Target, cluster_marginal
 
 __all__ = [
     "BalanceError",
     "CellTable",
     "Survey",
     "count_cells",
+    "dup_base",
     "encode_labels",
+    "group_mass",
+    "marginal_order",
     "load_labels",
     "survey",
     "survey_part",
@@ -44,10 +47,14 @@ class BalanceError(RuntimeError):
 
 def load_labels(run_root: str, index: int, marginals: list[str]) -> pa.Table:
     """The marginal columns of part ``index``: cluster labels from ``assignments/``, carried columns (as
-    strings, nulls as ``<missing>``) from ``embeddings/``, plus ``key``."""
+    strings, nulls as ``<missing>``) from ``embeddings/``, plus ``key``. ``dup_group``'s label is the size
+    of the row's near-duplicate group (``dup_size``, as a string): its weight factor depends on that alone."""
     clusters = [m for m in marginals if cluster_marginal(m) is not None]
-    carried = [m for m in marginals if cluster_marginal(m) is None]
+    carried = [m for m in marginals if cluster_marginal(m) is None and m != DUP_GROUP]
     table = read_part(join(run_root, "assignments"), index, columns=["key", *clusters])
+    if DUP_GROUP in marginals:
+        sizes = read_part(join(run_root, "assignments"), index, columns=["dup_size"]).column("dup_size")
+        table = table.append_column(DUP_GROUP, pc.cast(sizes, pa.string()))
     if carried:
         emb = read_part(join(run_root, "embeddings"), index, columns=carried)
         for name in carried:
@@ -116,7 +123,7 @@ class Survey:
 def survey(root: str, indices: list[int], spec: BalanceSpec, workers: int) -> Survey:
     """Survey every part's labels on a pool of ``workers`` actors, choose the path and, on the cell path,
     gather every part's cell table (counting again the parts whose table was too large to return)."""
-    marginals = list(spec.marginals)
+    marginals = marginal_order(spec)
     with ActorPool(ShardWorker, workers) as pool:
         per_part = max(1, spec.max_cells // len(indices))
         surveys = pool.map(
@@ -161,6 +168,11 @@ def targets_for(
     """The target distribution of each marginal, from its observed counts and its target spec."""
     out = []
     for name, v, c in zip(marginals, values, counts, strict=True):
+        if name == DUP_GROUP:
+            out.append(
+                dup_target(np.array([int(x) for x in v.to_pylist()], np.float64), c, spec.target_for(name))
+            )
+            continue
         try:
             out.append(target_marginal(c, spec.target_for(name), values=[str(x) for x in v.to_pylist()]))
         except UnknownValuesError as err:
@@ -169,3 +181,31 @@ def targets_for(
                 f"(missing mass): {err.values[:20]}"
             ) from None
     return out
+
+
+def marginal_order(spec: BalanceSpec) -> list[str]:
+    """The marginals as the stage holds them: ``dup_group`` (a fixed factor, not fitted) last."""
+    return [m for m in spec.marginals if m != DUP_GROUP] + [m for m in spec.marginals if m == DUP_GROUP]
+
+
+def group_mass(sizes: np.ndarray, target: Target) -> np.ndarray:
+    """The mass g(s) a near-duplicate group of s rows gets under ``target``, up to a common factor: the
+    target applied to the group sizes, 1 for uniform (one unit per group), s^a for {power: a} (a = 1
+    ignores the groups), min(s, t) for {cap: t}."""
+    return target_marginal(sizes, target)
+
+
+def dup_target(sizes: np.ndarray, rows: np.ndarray, target: Target) -> np.ndarray:
+    """The share of the mass that goes to the groups of each size: (K,) for group sizes ``sizes`` (K,) with
+    ``rows`` (K,) rows in all, n_s = rows / s groups of g(s) each (:func:`group_mass`), normalised."""
+    mass = rows / sizes * group_mass(sizes, target)
+    return mass / mass.sum()
+
+
+def dup_base(spec: BalanceSpec, values: list[pa.Array], marginals: list[str]) -> np.ndarray | None:
+    """The fixed log factor log(g(s) / s) of every group size s of ``dup_group`` (the last marginal), or
+    None without it: a group's rows then start with g(s) in all (:func:`group_mass`)."""
+    if DUP_GROUP not in marginals:
+        return None
+    group_sizes = np.array([int(x) for x in values[-1].to_pylist()], np.float64)
+    return np.log(group_mass(group_sizes, spec.target_for(DUP_GROUP)) / group_sizes)

@@ -13,11 +13,11 @@ import pyarrow as pa
 import ray
 
 from rebalance.data.fs import join
-from rebalance.data.parts import part_summary, write_part
+from rebalance.data.parts import part_summary, read_part, write_part
 from rebalance.kernels.ipf import IPFResult, clip_scale
 from rebalance.kernels.scaling import Scaling
 from rebalance.runtime.pool import ActorPool, ShardWorker
-from rebalance.spec import BalanceSpec
+from rebalance.spec import DUP_GROUP, BalanceSpec
 from rebalance.stages.balance.fit import CellParts, Labelled, RowParts
 from rebalance.stages.balance.soft import SoftLabels, soft_codes
 from rebalance.stages.balance.survey import encode_labels, load_labels
@@ -64,6 +64,9 @@ def weigh_part(
     table = pa.table({"key": labels.column("key"), "weight": pa.array(weights, pa.float64())})
     for m in marginals:
         table = table.append_column(m, labels.column(m))
+    if DUP_GROUP in marginals:  # the row's group (its label in the scaling is the group's size)
+        group = read_part(join(run_root, "assignments"), index, columns=["dup_group"]).column("dup_group")
+        table = table.set_column(table.schema.get_field_index(DUP_GROUP), DUP_GROUP, group)
     if soft is not None:
         idx, probs = soft_codes(run_root, index, soft)
         k = soft.top_k
