@@ -1,9 +1,22 @@
 """Near-duplicate groups: the blocked kernel against a brute-force reference, and the stage end to end."""
 
-import numpy as np
-import pytest
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+import rebalance
+from rebalance.data.parts import read_parts
 from rebalance.kernels.dedup import component_roots, duplicate_roots, similar_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def planted(n_unique=60, copies=(3, 2, 2, 4), d=16, noise=1e-3, seed=0):
@@ -70,3 +83,91 @@ def test_component_roots_on_a_random_graph_against_brute_force():
     for _ in range(n):
         reach = (reach.astype(int) @ adjacency.astype(int)) > 0
     np.testing.assert_array_equal(roots, [np.flatnonzero(reach[r]).min() for r in range(n)])
+
+
+def write_planted(path, n_unique=300, copies=(1, 2, 4, 1, 2), d=32, shards=3, seed=0):
+    """An embeddings-format dataset of random vectors (cosine between any two ~ N(0, 1/d)) with near-copies
+    of the first rows (copies[i] extra rows of row i, noise 1e-2 per coordinate: cosine ~ 0.9999), shuffled
+    over the keys; returns {key: expected dup_group} (the smallest key of the planted group)."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(size=(n_unique, d))
+    source = list(range(n_unique))
+    for s, c in enumerate(copies):
+        image = np.vstack([image, image[s] + 1e-2 * rng.normal(size=(c, d))])
+        source += [s] * c
+    n = len(source)
+    order = rng.permutation(n)  # row order[r] gets key r
+    keys = np.empty(n, dtype=object)
+    keys[order] = [f"r{r:05d}" for r in range(n)]
+    source = np.asarray(source)
+    smallest = {s: min(keys[source == s]) for s in np.unique(source)}
+    text = rng.normal(size=(n, d))
+    path.mkdir(parents=True)
+    for part, rows in enumerate(np.array_split(rng.permutation(n), shards)):
+        table = pa.table({
+            "key": list(keys[rows]),
+            "image": pa.FixedSizeListArray.from_arrays(pa.array(image[rows].astype(np.float32).ravel()), d),
+            "text": pa.FixedSizeListArray.from_arrays(pa.array(text[rows].astype(np.float32).ravel()), d),
+        })  # fmt: skip
+        pq.write_table(table, path / f"part-{part:05d}.parquet")
+    return {k: smallest[s] for k, s in zip(keys, source, strict=True)}
+
+
+def planted_spec(data, **over):
+    spec = {
+        "data": {"path": str(data)},
+        "cluster": {"image": {"k": 4}, "text": {"k": 4}, "sample_per_centroid": 200},
+        "dedup": {"threshold": 0.95},
+        "balance": {"marginals": ["dup_group"]},
+        "report": {"html": False, "spectra_by": []},
+    }
+    for section, values in over.items():
+        spec[section] = {**spec[section], **values}
+    return spec
+
+
+def test_stage_through_the_cli_finds_the_planted_groups_and_gives_each_one_unit(tmp_path):
+    truth = write_planted(tmp_path / "data")
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(planted_spec(tmp_path / "data")))
+    proc = subprocess.run(
+        [sys.executable, "-m", "rebalance.cli", "run", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assignments = read_parts(tmp_path / "o" / "assignments").to_pandas()
+    got = dict(zip(assignments["key"], assignments["dup_group"], strict=True))
+    assert got == truth
+    sizes = assignments.groupby("dup_group")["key"].transform("size")
+    assert (assignments["dup_size"] == sizes).all()
+    weights = read_parts(tmp_path / "o" / "weights").to_pandas()
+    per_group = weights.groupby("dup_group")["weight"].sum()
+    groups = len(set(truth.values()))
+    assert len(per_group) == groups == 300
+    np.testing.assert_allclose(per_group, len(truth) / groups, rtol=1e-9)  # one unit each, mean weight 1
+    report = json.loads((tmp_path / "o" / "report" / "report.json").read_text())
+    dup = report["duplicates"]
+    assert dup["groups"] == 300 and dup["duplicated_rows"] == 15 and dup["largest_group"] == 5
+    assert dup["groups_by_size"] == {"1": 295, "2": 2, "3": 2, "5": 1}
+
+
+@pytest.mark.parametrize("path", ["cell", "rows"])
+def test_groups_combine_with_a_cluster_marginal_on_the_actor_path(tmp_path, ray_local, path):
+    truth = write_planted(tmp_path / "data", seed=1)
+    spec = planted_spec(
+        tmp_path / "data",
+        cluster={"sample_per_centroid": 20},  # 80 < 312 rows: the sample pass, assignment and dedup on actors
+        balance={"marginals": ["dup_group", "image_cluster"], "path": path},
+    )
+    rebalance.run(spec, tmp_path / "o")
+    weights = read_parts(tmp_path / "o" / "weights").to_pandas()
+    assert dict(zip(weights["key"], weights["dup_group"], strict=True)) == truth
+    # image_cluster is balanced exactly; inside a group (which lies in one cluster) every row weighs the same
+    per_cluster = weights.groupby("image_cluster")["weight"].sum()
+    np.testing.assert_allclose(per_cluster, len(weights) / 4, rtol=1e-6)
+    spread = weights.groupby("dup_group")["weight"].agg(["min", "max", "size", "sum"])
+    np.testing.assert_allclose(spread["min"], spread["max"], rtol=1e-12)
+    # and a group weighs what one row of its cluster without a copy weighs: one unit of its cluster's mass
+    weights["unit"] = weights["weight"] * weights.groupby("dup_group")["key"].transform("size")
+    unit = weights.groupby("image_cluster")["unit"].agg(["min", "max"])
+    np.testing.assert_allclose(unit["min"], unit["max"], rtol=1e-9)
+    np.testing.assert_allclose(weights["weight"].mean(), 1.0, rtol=1e-12)
