@@ -13,8 +13,11 @@ import pytest
 import yaml
 
 import rebalance
+from rebalance.api import stage_fingerprints
 from rebalance.data.parts import read_parts
 from rebalance.kernels.dedup import component_roots, duplicate_roots, similar_pairs
+from rebalance.runtime.manifest import fingerprint
+from rebalance.spec import Spec, SpecError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,3 +177,34 @@ def test_groups_combine_with_a_cluster_marginal_on_the_actor_path_and_both_ipf_p
     unit = weights.groupby("image_cluster")["unit"].agg(["min", "max"])
     np.testing.assert_allclose(unit["min"], unit["max"], rtol=1e-9)
     np.testing.assert_allclose(weights["weight"].mean(), 1.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"balance": {"marginals": ["dup_group"]}}, "balance.marginals"),
+        ({"dedup": {"threshold": 1.5}}, "dedup.threshold"),
+        ({"dedup": {"block": 0}}, "dedup.block"),
+        ({"dedup": {"side": "joint"}}, "dedup.side"),
+        (
+            {
+                "dedup": {},
+                "balance": {"marginals": ["dup_group"], "targets": {"dup_group": {"weights": {"a": 1}}}},
+            },
+            "balance.targets.dup_group",
+        ),
+        ({"dedup": {}, "report": {"spectra_by": ["dup_group"]}}, "report.spectra_by"),
+    ],
+)
+def test_bad_dedup_specs_name_the_field(tmp_path, change, field):
+    with pytest.raises(SpecError, match=f"spec field '{field}'"):
+        Spec.from_dict({"data": {"path": str(tmp_path)}, **change})
+
+
+def test_dedup_joins_the_cluster_fingerprint_only_when_set(tmp_path):
+    plain = Spec.from_dict({"data": {"path": str(tmp_path)}})
+    dedup = Spec.from_dict({"data": {"path": str(tmp_path)}, "dedup": {"threshold": 0.9}})
+    assert Spec.from_dict(dedup.to_dict()) == dedup
+    a, b = stage_fingerprints(plain, []), stage_fingerprints(dedup, [])
+    assert a["embed"] == b["embed"] and a["cluster"] != b["cluster"]
+    assert a["cluster"] == fingerprint("cluster", a["embed"], plain.to_dict()["cluster"])  # as before dedup
