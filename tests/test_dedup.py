@@ -129,6 +129,7 @@ def planted_spec(data, **over):
     return spec
 
 
+@pytest.mark.slow
 def test_stage_through_the_cli_finds_the_planted_groups_and_gives_each_one_unit(tmp_path):
     truth = write_planted(tmp_path / "data")
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(planted_spec(tmp_path / "data")))
