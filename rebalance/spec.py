@@ -378,7 +378,9 @@ class ReportSpec:
     top_eigenvalues: int = 64
     html: bool = True
     thumbnails: int = 8  # thumbnails per concept card (0: none; captions are still read back)
-    truth: str | None = None  # a carried ground-truth column: concept cards show their purity against it
+    # a carried ground-truth column: concept cards show their purity against it, and truth_alignment how
+    # every cluster level spreads over it
+    truth: str | None = None
 
     def __post_init__(self) -> None:
         if self.top_eigenvalues < 1:

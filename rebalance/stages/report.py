@@ -7,9 +7,12 @@
    unweighted ("before") and weighted by the balance weights ("after"); the driver merges them and computes
    eigenvalues and scores. When G d^2 float64 values exceed the memory budget, a per-group bottom-r sample
    (:class:`~rebalance.kernels.spectra.GroupSample`) is kept instead and the report says so.
-3. Joint diagnostics: the singular values of the normalised joint counts of every pair of marginals and
+3. Truth alignment (``report.truth``): per side and cluster level, the contingency table of clusters
+   against the carried ground-truth column, reduced over the parts, and its scores
+   (:func:`rebalance.kernels.alignment.alignment_scores`: NMI, purity, the spread of every true label).
+4. Joint diagnostics: the singular values of the normalised joint counts of every pair of marginals and
    the variance they predict for balanced estimates (computed by the balance stage).
-4. Concept cards (:mod:`rebalance.stages.concepts`): per concept its sizes, weights, central and random
+5. Concept cards (:mod:`rebalance.stages.concepts`): per concept its sizes, weights, central and random
    rows read back from the input as thumbnails and captions, and a 2-D map of a bounded sample.
 """
 
@@ -27,6 +30,7 @@ import pyarrow.compute as pc
 from rebalance.data.atomic import atomic_write_json
 from rebalance.data.fs import join, read_table
 from rebalance.data.parts import list_parts, read_part
+from rebalance.kernels.alignment import alignment_scores
 from rebalance.kernels.sampling import key_priorities
 from rebalance.kernels.spectra import GroupMoments, GroupSample, group_spectra, spectral_scores
 from rebalance.kernels.stats import imbalance_stats
@@ -178,7 +182,57 @@ def compute_spectra(ctx: StageContext) -> dict[str, Any]:
     return out
 
 
-def build_report(run: RunDir, spec: Spec, spectra: dict[str, Any] | None = None) -> dict[str, Any]:
+TRUTH = "__truth__"
+
+
+def truth_part(run_root: str, index: int, columns: list[str], truth: str) -> list[pa.Table]:
+    """Rows per (cluster, true label) of one part for every cluster column: tables of the column,
+    ``__truth__`` (the carried ``truth`` as a string, null as ``<missing>``) and ``count_all``."""
+    labels = read_part(join(run_root, "assignments"), index, columns=columns)
+    values = read_part(join(run_root, "embeddings"), index, columns=[truth]).column(truth)
+    labels = labels.append_column(TRUTH, pc.fill_null(pc.cast(values, pa.string()), "<missing>"))
+    return [labels.group_by([c, TRUTH]).aggregate([([], "count_all")]) for c in columns]
+
+
+def compute_truth_alignment(ctx: StageContext) -> dict[str, Any] | None:
+    """How every side's clusters, at every level, spread over the ``report.truth`` column (None without
+    it): ``column``, ``values`` (the sorted true labels) and per side a list of levels (0: the base
+    clusters), each ``level``, ``k`` and :func:`alignment_scores` with true labels as indices of ``values``."""
+    truth = ctx.spec.report.truth
+    if truth is None:
+        return None
+    clusters = json.loads(ctx.run.path("clusters", "clusters.json").read_text())
+    levels = {
+        side: [info["k"], *(level["k"] for level in info.get("levels", []))]
+        for side, info in clusters.items()
+    }
+    columns = [
+        f"{side}_cluster" + (f"_{lv}" if lv else "") for side, ks in levels.items() for lv in range(len(ks))
+    ]
+    root = str(ctx.run.root)
+    with ActorPool(ShardWorker, ctx.workers(len(ctx.shards))) as pool:
+        parts = pool.map("call", [(truth_part, root, s.index, columns, truth) for s in ctx.shards], "truth")
+    merged = [
+        pa.concat_tables([p[i] for p in parts]).group_by([c, TRUTH]).aggregate([("count_all", "sum")])
+        for i, c in enumerate(columns)
+    ]
+    values = sorted(set().union(*(m.column(TRUTH).to_pylist() for m in merged)))
+    out: dict[str, Any] = {"column": truth, "values": values}
+    for side, ks in levels.items():
+        out[side] = []
+        for lv, k in enumerate(ks):
+            table = merged[columns.index(f"{side}_cluster" + (f"_{lv}" if lv else ""))]
+            c = np.zeros((k, len(values)))
+            cols = pc.index_in(table.column(TRUTH), value_set=pa.array(values, pa.string())).to_numpy()
+            rows = table.column(0).to_numpy()
+            np.add.at(c, (rows, cols), table.column("count_all_sum").to_numpy())
+            out[side].append({"level": lv, "k": k, **alignment_scores(c)})
+    return out
+
+
+def build_report(
+    run: RunDir, spec: Spec, spectra: dict[str, Any] | None = None, truth: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The report dict (schema in docs/report.md) of a run whose balance stage is complete."""
     clusters = json.loads(run.path("clusters", "clusters.json").read_text())
     balance = json.loads(run.path("balance.json").read_text())
@@ -227,6 +281,8 @@ def build_report(run: RunDir, spec: Spec, spectra: dict[str, Any] | None = None)
         "joint": balance.get("joint", []),
         "spectra": spectra or {},
     }
+    if truth is not None:
+        report["truth_alignment"] = truth
     dedup = run.path("clusters", "dedup.json")
     if dedup.is_file():  # near-duplicate groups (dedup section): counts and sizes
         report["duplicates"] = json.loads(dedup.read_text())
@@ -235,7 +291,7 @@ def build_report(run: RunDir, spec: Spec, spectra: dict[str, Any] | None = None)
 
 def run_report(ctx: StageContext) -> dict[str, Any]:
     """Write ``report/report.json`` and, when ``report.html`` is set, ``report/report.html`` and PNGs."""
-    report = build_report(ctx.run, ctx.spec, compute_spectra(ctx))
+    report = build_report(ctx.run, ctx.spec, compute_spectra(ctx), compute_truth_alignment(ctx))
     concepts, media = compute_concepts(ctx)
     report["concepts"] = _jsonable(concepts)
     out = ctx.run.path("report")

@@ -1,0 +1,61 @@
+"""Cluster levels against a carried ground truth: the alignment kernel and report.json's truth_alignment."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import normalized_mutual_info_score
+from test_cluster_stage import write_mixture
+
+import rebalance
+from rebalance.data.parts import read_parts
+from rebalance.kernels.alignment import alignment_scores
+from rebalance.spec import Spec, SpecError
+
+
+def test_scores_match_scikit_learn_and_hand_counts():
+    rng = np.random.default_rng(0)
+    truth, clusters = rng.integers(0, 4, 500), rng.integers(0, 6, 500)
+    clusters[truth == 0] = 5  # label 0 lies in one cluster
+    c = pd.crosstab(clusters, truth).to_numpy()
+    got = alignment_scores(c)
+    assert got["nmi"] == pytest.approx(normalized_mutual_info_score(truth, clusters), rel=1e-12)
+    assert got["purity"] == pytest.approx(c.max(axis=1).sum() / 500)
+    assert got["truth_spread"][0] == {
+        "rows": int((truth == 0).sum()),
+        "clusters": 1,
+        "effective_clusters": 1.0,
+    }
+    spread = got["truth_spread"][1]
+    share = c[:, 1] / c[:, 1].sum()
+    assert spread["effective_clusters"] == pytest.approx(
+        np.exp(-(share[share > 0] * np.log(share[share > 0])).sum())
+    )
+    k5 = got["clusters"][list(np.unique(clusters)).index(5)]
+    assert k5["rows"] == int((clusters == 5).sum()) and k5["dominant"] == 0
+    assert alignment_scores(np.array([[3.0]]))["nmi"] == 1.0
+
+
+def test_report_shows_every_level_against_the_truth(tmp_path, ray_local):
+    truth = write_mixture(tmp_path / "data", n=600, d=16, shards=2)
+    spec = {
+        "data": {"path": str(tmp_path / "data"), "carry": ["label"]},
+        "cluster": {"image": {"k": 8}, "text": {"k": 8}, "levels": [3], "sample_per_centroid": 100},
+        "balance": {"marginals": ["image_cluster_1"]},
+        "report": {"html": False, "spectra_by": [], "truth": "label"},
+    }
+    rebalance.run(spec, tmp_path / "o")
+    report = json.loads((tmp_path / "o" / "report" / "report.json").read_text())
+    alignment = report["truth_alignment"]
+    assert alignment["column"] == "label" and alignment["values"] == [f"c{i}" for i in range(8)]
+    table = read_parts(tmp_path / "o" / "assignments").to_pandas()
+    for side in ("image", "text"):
+        assert [lv["k"] for lv in alignment[side]] == [8, 3]
+        for lv, column in ((0, f"{side}_cluster"), (1, f"{side}_cluster_1")):
+            entry = alignment[side][lv]
+            labels = table[column].to_numpy()
+            assert entry["nmi"] == pytest.approx(normalized_mutual_info_score(truth, labels), rel=1e-9)
+            c = pd.crosstab(labels, truth)
+            assert entry["purity"] == pytest.approx(c.max(axis=1).sum() / 600)
+            assert [s["clusters"] for s in entry["truth_spread"]] == (c > 0).sum(axis=0).tolist()
