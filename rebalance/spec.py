@@ -325,9 +325,13 @@ class BalanceSpec:
     ``overrelaxation``: with ``iterations: auto``, each projection multiplies by (target / current)^omega;
     ``auto`` chooses omega from the observed convergence rate (``rebalance.kernels.ipf``), a number in
     [1, 2) fixes it, 1 is plain IPF. Fixed ``iterations`` are always plain passes.
+    ``marginals`` left unset (None) is filled in by :class:`Spec`: ``<side>_cluster_L`` of image and text
+    at ``level`` L (0, the default, is the base clusters: ``image_cluster``, ``text_cluster``; L >= 1 a
+    level of ``cluster.levels``), after ``dup_group`` when the spec has a ``dedup`` section.
     """
 
-    marginals: tuple[str, ...] = MARGINAL_CLUSTERS
+    marginals: tuple[str, ...] | None = None
+    level: int = 0
     target: Target = field(default_factory=Target)
     targets: dict[str, Target] = field(default_factory=dict)
     iterations: int | Literal["auto"] = "auto"
@@ -341,6 +345,10 @@ class BalanceSpec:
     overrelaxation: float | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
+        if self.level < 0:
+            raise SpecError("balance.level", "must be >= 0", self.level)
+        if self.marginals is None:  # the default marginals: Spec fills them in, then checks them here
+            return
         if not self.marginals:
             raise SpecError("balance.marginals", "must name at least one marginal", list(self.marginals))
         if len(set(self.marginals)) != len(self.marginals):
@@ -431,6 +439,14 @@ class Spec:
 
     def __post_init__(self) -> None:
         levels = len(self.cluster.levels)
+        if self.balance.level > levels:
+            raise SpecError(
+                "balance.level", f"must be at most {levels}, the number of cluster.levels", self.balance.level
+            )
+        if self.balance.marginals is None:
+            object.__setattr__(
+                self, "balance", dataclasses.replace(self.balance, marginals=self.default_marginals())
+            )
         if self.dedup is not None and self.dedup.side == "joint" and self.cluster.joint is None:
             raise SpecError("dedup.side", "joint needs cluster.joint (the joint clusters)", self.dedup.side)
         if DUP_GROUP in self.balance.marginals:
@@ -470,6 +486,13 @@ class Spec:
             raise SpecError(
                 "report.truth", f"must be a column of data.carry {list(self.data.carry)}", self.report.truth
             )
+
+    def default_marginals(self) -> tuple[str, ...]:
+        """The marginals of a spec that does not name them: ``dup_group`` with ``dedup``, then
+        ``image_cluster``, ``text_cluster`` at level ``balance.level`` (``image_cluster_L`` for L >= 1)."""
+        suffix = f"_{self.balance.level}" if self.balance.level else ""
+        clusters = tuple(f"{name}{suffix}" for name in MARGINAL_CLUSTERS)
+        return ((DUP_GROUP,) if self.dedup is not None else ()) + clusters
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Spec:

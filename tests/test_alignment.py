@@ -59,3 +59,18 @@ def test_report_shows_every_level_against_the_truth(tmp_path, ray_local):
             c = pd.crosstab(labels, truth)
             assert entry["purity"] == pytest.approx(c.max(axis=1).sum() / 600)
             assert [s["clusters"] for s in entry["truth_spread"]] == (c > 0).sum(axis=0).tolist()
+
+
+def test_a_level_is_the_default_marginal(tmp_path):
+    raw = {
+        "data": {"path": str(tmp_path)},
+        "cluster": {"image": {"k": 8}, "text": {"k": 8}, "levels": [4, 2]},
+    }
+    assert Spec.from_dict(raw).balance.marginals == ("image_cluster", "text_cluster")
+    spec = Spec.from_dict({**raw, "balance": {"level": 2}})
+    assert spec.balance.marginals == ("image_cluster_2", "text_cluster_2")
+    assert Spec.from_dict(spec.to_dict()) == spec
+    named = Spec.from_dict({**raw, "balance": {"level": 2, "marginals": ["image_cluster_1"]}})
+    assert named.balance.marginals == ("image_cluster_1",)  # named marginals win
+    with pytest.raises(SpecError, match="spec field 'balance.level'"):
+        Spec.from_dict({**raw, "balance": {"level": 3}})

@@ -209,3 +209,9 @@ def test_dedup_joins_the_cluster_fingerprint_only_when_set(tmp_path):
     a, b = stage_fingerprints(plain, []), stage_fingerprints(dedup, [])
     assert a["embed"] == b["embed"] and a["cluster"] != b["cluster"]
     assert a["cluster"] == fingerprint("cluster", a["embed"], plain.to_dict()["cluster"])  # as before dedup
+
+
+def test_dedup_balances_groups_by_default(tmp_path):
+    spec = Spec.from_dict({"data": {"path": str(tmp_path)}, "dedup": {}})
+    assert spec.balance.marginals == ("dup_group", "image_cluster", "text_cluster")
+    assert Spec.from_dict(spec.to_dict()) == spec
