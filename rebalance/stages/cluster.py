@@ -434,7 +434,8 @@ def run_cluster(ctx: StageContext) -> dict[str, Any]:
             )
             if dedup is not None:
                 seconds["assign"], clock = time.perf_counter() - clock, time.perf_counter()
-                dedup_info = run_dedup(root, indices, n_rows, ks[dedup.side], dedup, on_pool(pool))
+                tasks = ctx.workers(len(items))
+                dedup_info = run_dedup(root, indices, n_rows, ks[dedup.side], dedup, on_pool(pool), tasks)
     seconds["dedup" if dedup is not None else "assign"] = time.perf_counter() - clock
     for side in ks:
         sizes = np.sum([s["sizes"][side] for s in summaries], axis=0)

@@ -5,7 +5,7 @@ inside each ``<side>_cluster``. Three passes over the parts, each spread over th
 
 1. shuffle: every part sends each row's key, cluster and ``dedup.side`` vector to one of B batches of
    clusters (cluster mod B), as ``clusters/dedup-shuffle/bNNNNN/part-NNNNN.parquet``; B is chosen so a
-   batch holds about :data:`BATCH_ROWS` rows;
+   batch holds about :data:`BATCH_ROWS` rows, and at least one batch per actor (at most one per cluster);
 2. group: one task per batch orders each cluster's rows by key and finds its groups with
    :func:`rebalance.kernels.dedup.duplicate_roots` (cosine >= ``dedup.threshold``, tiles of
    ``dedup.block`` rows); it returns only the rows of groups of two or more (key, group, size);
@@ -149,14 +149,14 @@ def label_part(run_root: str, index: int, groups: pa.Table) -> dict[str, Any]:
 
 
 def run_dedup(
-    run_root: str, indices: list[int], n_rows: int, k: int, spec: DedupSpec, runner: Runner
+    run_root: str, indices: list[int], n_rows: int, k: int, spec: DedupSpec, runner: Runner, tasks: int = 1
 ) -> dict:
     """The three passes over parts ``indices`` (``n_rows`` rows, ``k`` clusters on ``spec.side``), run by
-    ``runner``; writes ``clusters/dedup.json`` and returns it."""
+    ``runner`` with at least ``tasks`` batches (at most k); writes ``clusters/dedup.json`` and returns it."""
     root = as_path(run_root)
     shuffle = root / "clusters" / SHUFFLE
     remove(shuffle)  # a crashed attempt's files
-    n_batches = max(1, min(k, math.ceil(n_rows / BATCH_ROWS)))
+    n_batches = max(1, min(k, max(tasks, math.ceil(n_rows / BATCH_ROWS))))
     runner.map(shuffle_part, [(run_root, i, spec.side, n_batches) for i in indices], "dedup shuffle")
     tables = runner.map(
         group_batch, [(run_root, b, spec.threshold, spec.block) for b in range(n_batches)], "dedup groups"
