@@ -210,6 +210,7 @@ def test_minimal_dataset_and_stale_shards(tmp_path):
         ({"n_shards": -3}, "n_shards"),
         ({"n_rows": 30, "n_shards": 31}, "n_shards"),
         ({"zipf_exponent": -1.0}, "zipf_exponent"),
+        ({"n_rows": 100, "copies": 51}, "copies"),
     ],
 )
 def test_invalid_arguments(tmp_path, kwargs, param):
@@ -217,3 +218,18 @@ def test_invalid_arguments(tmp_path, kwargs, param):
         generate_dataset(tmp_path / "bad", **kwargs)
     assert str(list(kwargs.values())[-1]) in str(info.value)
     assert not (tmp_path / "bad").exists()
+
+
+def test_planted_copies_repeat_their_original(tmp_path):
+    summary = generate_dataset(tmp_path / "d", n_rows=60, n_shards=2, copies=6)
+    table = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "d").glob("part-*.parquet"))])
+    rows = {r["key"]: r for r in table.to_pylist()}
+    assert len(summary["copies"]) == 6 and set(summary["copies"]).isdisjoint(summary["copies"].values())
+    for copy, original in summary["copies"].items():
+        for column in ("jpg", "txt", "label", "source"):
+            assert rows[copy][column] == rows[original][column]
+    # every other row is its own image: only the copies repeat bytes
+    assert len({r["jpg"] for r in rows.values()}) == 60 - 6
+    assert sum(summary["counts"].values()) == 60
+    labels = table.column("label").to_pylist()
+    assert summary["counts"] == {label: labels.count(label) for label in summary["counts"]}

@@ -219,6 +219,7 @@ def generate_dataset(
     n_shards: int = 4,
     seed: int = 0,
     zipf_exponent: float = 1.3,
+    copies: int = 0,
 ) -> dict:
     """Write a long-tailed synthetic dataset of ``n_rows`` rows in ``n_shards`` Parquet shards.
 
@@ -228,9 +229,15 @@ def generate_dataset(
     one extra row). Files are written atomically; stale ``part-NNNNN.parquet`` files with an index
     ``>= n_shards`` from an earlier run are removed.
 
-    Returns ``{"path": str, "rows": int, "shards": int, "concepts": int, "counts": {label: count}}``,
-    also written to ``out_dir/dataset.json``. Raises ValueError for ``n_rows < len(CONCEPTS)``,
-    ``n_shards < 1``, ``n_shards > n_rows`` or more than 10000 rows per shard.
+    ``copies`` > 0 plants exact copies (for near-duplicate detection): that many rows, drawn with their own
+    seeded stream, repeat another row's JPEG bytes, caption, label and source under their own key (so the
+    per-concept counts shift by the copies; ``counts`` gives the actual ones), and ``copies`` in the
+    summary maps each copy's key to its original's. ``copies=0`` writes the same bytes as before.
+
+    Returns ``{"path": str, "rows": int, "shards": int, "concepts": int, "counts": {label: count}}`` (plus
+    ``copies`` when asked), also written to ``out_dir/dataset.json``. Raises ValueError for
+    ``n_rows < len(CONCEPTS)``, ``n_shards < 1``, ``n_shards > n_rows``, more than 10000 rows per shard or
+    ``copies`` outside [0, n_rows / 2].
     """
     n_concepts = len(CONCEPTS)
     if isinstance(n_rows, bool) or not isinstance(n_rows, (int, np.integer)) or n_rows < n_concepts:
@@ -248,6 +255,13 @@ def generate_dataset(
             "(keys have 4 digits for the row); increase n_shards"
         )
 
+    if (
+        isinstance(copies, bool)
+        or not isinstance(copies, (int, np.integer))
+        or not 0 <= copies <= n_rows // 2
+    ):
+        raise ValueError(f"copies must be an integer in [0, n_rows // 2 = {n_rows // 2}], got {copies!r}")
+
     probs = concept_frequencies(n_concepts, zipf_exponent)
     counts = concept_counts(n_rows, probs)
 
@@ -260,19 +274,37 @@ def generate_dataset(
     cdf = np.cumsum(_source_probs(n_concepts), axis=1)[concept_idx]
     u = source_rng.random(n_rows)[:, None]
     source_idx = np.minimum((u >= cdf).sum(axis=1), len(SOURCES) - 1)
+    original = np.arange(n_rows)  # the row whose image and caption each row shows
+    if copies:
+        copy_rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(5)[4])
+        order = copy_rng.permutation(n_rows)
+        copy_rows, originals = order[:copies], copy_rng.choice(order[copies:], size=copies)
+        original[copy_rows] = originals
+        for column in (concept_idx, template_idx, source_idx):
+            column[copy_rows] = column[originals]
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     bounds = np.cumsum(
         [0] + [n_rows // n_shards + (1 if i < n_rows % n_shards else 0) for i in range(n_shards)]
     )
+    row_key = [
+        f"{shard:05d}{j:04d}" for shard in range(n_shards) for j in range(bounds[shard + 1] - bounds[shard])
+    ]
+    copied: dict[int, bytes] = {}  # originals' JPEGs, rendered once (in row order) when a copy needs them
+    for row in np.unique(original[original != np.arange(n_rows)]):
+        colour, shape = CONCEPTS[concept_idx[row]]
+        copied[int(row)] = _encode_jpeg(render_image(colour, shape, np.random.default_rng([seed, int(row)])))
     for shard in range(n_shards):
         lo, hi = int(bounds[shard]), int(bounds[shard + 1])
         keys, jpgs, txts, labels, sources = [], [], [], [], []
         for j, row in enumerate(range(lo, hi)):
             colour, shape = CONCEPTS[concept_idx[row]]
             keys.append(f"{shard:05d}{j:04d}")
-            jpgs.append(_encode_jpeg(render_image(colour, shape, image_rng)))
+            if int(original[row]) in copied:
+                jpgs.append(copied[int(original[row])])
+            else:
+                jpgs.append(_encode_jpeg(render_image(colour, shape, image_rng)))
             txts.append(CAPTION_TEMPLATES[template_idx[row]].format(colour=colour, shape=shape))
             labels.append(LABELS[concept_idx[row]])
             sources.append(SOURCES[source_idx[row]])
@@ -302,7 +334,14 @@ def generate_dataset(
         "rows": n_rows,
         "shards": n_shards,
         "concepts": n_concepts,
-        "counts": {label: int(c) for label, c in zip(LABELS, counts, strict=True)},
+        "counts": {
+            label: int(c)
+            for label, c in zip(LABELS, np.bincount(concept_idx, minlength=n_concepts), strict=True)
+        },
     }
+    if copies:
+        summary["copies"] = {
+            row_key[r]: row_key[original[r]] for r in np.flatnonzero(original != np.arange(n_rows))
+        }
     atomic_write_json(summary, out / "dataset.json")
     return summary
