@@ -30,7 +30,16 @@ def test_help_documents_options(job, capsys):
     text = capsys.readouterr().out
     assert f"python -m jobs.{job.__name__.split('.')[-1]}" in text
     expected = {
-        train_clip: ["--weights", "--balanced-loss-iters", "--num-workers", "--gpu", "--epochs"],
+        train_clip: [
+            "--weights",
+            "--balanced-loss-iters",
+            "--loss-iterations",
+            "--frozen",
+            "--eval",
+            "--num-workers",
+            "--gpu",
+            "--epochs",
+        ],
         train_longtail: ["--loss", "logit_adjusted", "--drw-epoch", "--eval-data", "--weights"],
         train_ssl: ["--gh", "--gh-run", "--gh-warmup-epochs", "--weights"],
         linear_probe: ["--test-data", "--class-counts-from", "--pretrained", "class gap"],
@@ -74,6 +83,48 @@ def test_train_clip_smoke_resume_and_settings_guard(ray_local, demo_run, tmp_pat
     # the same directory with other training settings is refused before any work
     with pytest.raises(ValueError, match="balanced_loss_iters: 2 -> 0"):
         train_clip.main(args[:-1] + ["0"] + SMOKE)
+
+
+@pytest.mark.ray
+def test_train_clip_frozen_heads_on_run_embeddings_with_zero_shot(ray_local, demo_run, tmp_path, capsys):
+    """``--frozen --embeddings RUN``: heads trained on the run's features; the zero-shot recall it reports is
+    recomputed here by hand from the saved heads (MLP, cosine, argmax, mean per-class recall)."""
+    from jobs.dataset import ImageTextParquet
+
+    data = ImageTextParquet(demo_run / "dataset", label_column="label")
+    clip = load_model("rebalance-tiny", "synthetic")
+    # the demo embedded its rows with the shipped towers: the run's features are the towers' own
+    image, text = train_clip.run_embeddings(str(demo_run), data.keys)
+    mine_image, mine_text = train_clip.frozen_features(clip, data)
+    np.testing.assert_allclose(image, mine_image, atol=1e-4)
+    np.testing.assert_allclose(text, mine_text, atol=1e-4)
+
+    out = tmp_path / "heads"
+    held_out = tmp_path / "held"
+    generate_dataset(held_out, n_rows=48, n_shards=1, seed=5)  # 2 rows of each of the 24 concepts
+    args = [str(demo_run / "dataset"), "--out", str(out), "--frozen", "--pretrained", "synthetic"]
+    args += ["--embeddings", str(demo_run), "--loss-iterations", "2", "--eval", str(held_out)]
+    assert train_clip.main(args + SMOKE + ["--head-hidden", "32"]) == 0
+    metrics = last_json(capsys)["last_metrics"]
+    assert np.isfinite(metrics["loss"])
+
+    heads = load_file(out / "model.safetensors")
+    assert heads["image_head.0.weight"].shape == (32, 64) and heads["text_head.2.weight"].shape == (64, 32)
+
+    def head(side, x):
+        h = torch.nn.functional.gelu(x @ heads[f"{side}.0.weight"].T + heads[f"{side}.0.bias"])
+        return torch.nn.functional.normalize(h @ heads[f"{side}.2.weight"].T + heads[f"{side}.2.bias"], dim=1)
+
+    test = ImageTextParquet(held_out, text_column=None, label_column="label")
+    test_image = torch.as_tensor(train_clip.encode_rows(clip, test))
+    prompts = torch.as_tensor(clip.encode_texts([f"a photo of a {c}" for c in test.class_names]))
+    pred = (head("image_head", test_image) @ head("text_head", prompts).T).argmax(1).numpy()
+    recalls = [np.mean(pred[test.targets == c] == c) for c in range(len(test.class_names))]
+    assert metrics["zero_shot_balanced_recall"] == pytest.approx(np.mean(recalls))
+    assert metrics["zero_shot_worst_recall"] == pytest.approx(min(recalls))
+
+    with pytest.raises(SystemExit, match="need --frozen"):
+        train_clip.main([str(demo_run / "dataset"), "--out", str(tmp_path / "x"), "--eval", str(held_out)])
 
 
 @pytest.mark.ray
