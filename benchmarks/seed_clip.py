@@ -32,7 +32,8 @@ t = 50, one step, resample) at 41.9 vs 38.0. Here, on the built-in generator (24
    balanced held-out set, tail = the 8 concepts with the fewest training rows.
 
 Prints the mean and sample standard deviation over seeds and the per-seed paired differences (iter1 -
-iter0, iter2 - iter1, metaclip - iter1); writes ``OUT/results.json``.
+iter0, iter2 - iter1, metaclip - iter1); writes ``OUT/results.json`` (``OUT/results-NAME.json`` with ``--name``: a variant,
+e.g. another batch size or logit scale, that reuses OUT's datasets and cached features).
 """
 
 # ruff: noqa: E402  (imports after putting the repository root on sys.path)
@@ -183,11 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logit-scale", type=float, default=100.0, help="fixed s (paper: 100)")
     p.add_argument("--cap", type=float, default=None, help="MetaCLIP t (default: the paper's t / mean count)")
     p.add_argument("--quick", action="store_true", help="3,000 pairs, 20 held-out per concept, 3 epochs")
+    p.add_argument(
+        "--name", default=None, help="write results-NAME.json (a variant reusing OUT's data and features)"
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    # one thread: the heads are too small to gain from more, and on a loaded machine OpenMP's barriers stall
+    torch.set_num_threads(1)
     if args.quick:
         args.rows, args.held_out, args.epochs, args.batch_size, args.warmup_steps = 3000, 20, 3, 256, 5
     out = Path(args.out)
@@ -222,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
             n_iter = 1 if arm == "metaclip" else int(arm[-1])
             w = meta_w if arm == "metaclip" else uniform
             runs = [score(train_heads(feats, w, n_iter, seed, args), feats, tail) for seed in args.seeds]
+            print(f"  {towers} {arm}: {[round(r['recall'], 3) for r in runs]}", flush=True)
             res["arms"][arm] = {
                 "per_seed": runs,
                 **{k: summarise([r[k] for r in runs]) for k in ("recall", "tail_recall", "worst_recall")},
@@ -253,8 +260,9 @@ def main(argv: list[str] | None = None) -> dict:
                 f"  paired {pair:16s} {100 * d['mean']:+6.1f} +- {100 * d['std']:4.1f} (min {100 * d['min']:+.1f}, max {100 * d['max']:+.1f})"
             )
     results["seconds"] = time.time() - t_start
-    atomic_write_json(results, out / "results.json")
-    print(f"\nwall time {results['seconds']:.0f} s; {out / 'results.json'}")
+    path = out / (f"results-{args.name}.json" if args.name else "results.json")
+    atomic_write_json(results, path)
+    print(f"\nwall time {results['seconds']:.0f} s; {path}")
     return results
 
 
