@@ -19,8 +19,9 @@ t = 50, one step, resample) at 41.9 vs 38.0. Here, on the built-in generator (24
 
    - ``iter0`` / ``iter1`` / ``iter2``: ``balanced_clip_loss(L, n)`` with n = 0, 1, 2; uniform draws;
    - ``metaclip`` (1 iteration): rows drawn with rebalance's one-step cap weights. MetaCLIP's entries are
-     the concept names; the benchmark derives each caption's concept by substring match (the first colour
-     word in ``COLOURS`` order and the first shape word in ``SHAPES`` order that occur in the caption: every
+     the concept names; the benchmark derives each caption's concept by substring match on whole words (the
+     first colour in ``COLOURS`` order and the first shape in ``SHAPES`` order occurring as words: a bare
+     substring ``red`` matches the template word ``coloured``, MetaCLIP's known false positive; every
      caption of the generator names exactly one of each, so the caption x entry matrix is one-hot and its
      row normalisation is the identity). The target is the product's ``{cap: t}`` (min(count, t)),
      reached in one Y-step by ``kernels.ipf.ipf(iterations=1)``; rows are then resampled with replacement
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -88,10 +90,12 @@ LABELS_SORTED = sorted(LABELS)
 
 
 def caption_concept(caption: str) -> str:
-    """The concept a caption names by substring match: the first colour (``COLOURS`` order) and the first
-    shape (``SHAPES`` order) occurring in it, ``"<colour> <shape>"``; ``""`` when either is missing."""
-    colour = next((c for c in COLOURS if c in caption), None)
-    shape = next((s for s in SHAPES if s in caption), None)
+    """The concept a caption names by substring match on whole words: the first colour (``COLOURS`` order)
+    and the first shape (``SHAPES`` order) occurring as a word, ``"<colour> <shape>"``; ``""`` when either
+    is missing. Whole words, because a bare substring ``red`` also matches the template word ``coloured``."""
+    words = set(re.findall(r"[a-z]+", caption.lower()))
+    colour = next((c for c in COLOURS if c in words), None)
+    shape = next((s for s in SHAPES if s in words), None)
     return f"{colour} {shape}" if colour and shape else ""
 
 
