@@ -186,6 +186,17 @@ def _zero_shot_metrics(clip, heads: ClipHeads, args: argparse.Namespace) -> dict
     }
 
 
+def _start(module: nn.Module, args: argparse.Namespace, n_rows: int) -> tuple | None:
+    """AdamW on ``module`` and the schedule: (optimizer, steps per epoch, total steps, first epoch, global
+    step) after restoring the latest checkpoint; None when every epoch is done (:func:`resume`)."""
+    steps = steps_per_epoch(args, n_rows)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    resumed = resume(module, {"optimizer": optimizer}, epochs=args.epochs)
+    if resumed is None:
+        return None
+    return optimizer, steps, steps * args.epochs, *resumed
+
+
 def heads_loop(config: dict) -> None:
     """Ray Train loop of ``--frozen``: 2-layer heads on the frozen towers' features (or a run's)."""
     from ray.train.torch import prepare_model
@@ -204,14 +215,11 @@ def heads_loop(config: dict) -> None:
         image, text = frozen_features(clip, data)
     image, text = torch.as_tensor(image), torch.as_tensor(text)
     weights = sampling_weights(data, args.weights)
-    steps = steps_per_epoch(args, len(data))
-    total_steps = steps * args.epochs
     heads = ClipHeads(image.shape[1], args.head_hidden).to(device)
-    optimizer = torch.optim.AdamW(heads.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    resumed = resume(heads, {"optimizer": optimizer}, epochs=args.epochs)
-    if resumed is None:
+    state = _start(heads, args, len(data))
+    if state is None:
         return
-    start, step = resumed
+    optimizer, steps, total_steps, start, step = state
     heads = prepare_model(heads)
     rows = torch.utils.data.TensorDataset(torch.arange(len(data)))
     for epoch in range(start, args.epochs):
@@ -255,14 +263,11 @@ def train_loop(config: dict) -> None:
         "image", "text", transform=pre_train, tokenizer=tokenizer
     )
     weights = sampling_weights(data, args.weights)
-    steps = steps_per_epoch(args, len(data))
-    total_steps = steps * args.epochs
     model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    resumed = resume(model, {"optimizer": optimizer}, epochs=args.epochs)
-    if resumed is None:
+    state = _start(model, args, len(data))
+    if state is None:
         return
-    start, step = resumed
+    optimizer, steps, total_steps, start, step = state
     model = prepare_model(model)
     inner = unwrap(model)
     for epoch in range(start, args.epochs):
