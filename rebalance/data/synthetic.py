@@ -382,7 +382,18 @@ UNRELATED_CAPTIONS: tuple[str, ...] = (
 )
 
 #: Words scraped captions carry around the concept (prefix or suffix, ``noise`` of the related captions).
-NOISE_WORDS: tuple[str, ...] = ("hd", "jpg", "new", "2019", "sale", "img", "wallpaper", "design", "logo", "pic")
+NOISE_WORDS: tuple[str, ...] = (
+    "hd",
+    "jpg",
+    "new",
+    "2019",
+    "sale",
+    "img",
+    "wallpaper",
+    "design",
+    "logo",
+    "pic",
+)
 
 
 def generate_web_dataset(
@@ -398,9 +409,9 @@ def generate_web_dataset(
     """Write the web regime: ``n_rows`` rows over the 24 concepts in ``ceil(n_rows / rows_per_shard)`` shards.
 
     Concept counts are :func:`concept_counts` of :func:`concept_frequencies` (Zipf). Concept ``c`` with
-    ``n_c`` rows has ``m_c = min(n_c, max_renders)`` distinct renders (:func:`render_image`); each row is
-    one of them (uniformly) shifted by at most one pixel and with Gaussian pixel noise of sigma 2, so a head
-    concept is a few images repeated ``n_c / m_c`` times with small perturbations, a tail concept mostly
+    ``n_c`` rows has ``m_c = min(n_c, max_renders)`` distinct renders (:func:`render_image`), each used by
+    ``n_c / m_c`` rows (rounded; assigned in a random order); each row is its render shifted by at most one
+    pixel and with Gaussian pixel noise of sigma 2, so a head concept is a few images repeated ``n_c / m_c`` times with small perturbations, a tail concept mostly
     distinct images. Captions: each render has its own alt-text (a :data:`WEB_TEMPLATES` entry with the
     concept's words, a :data:`NOISE_WORDS` prefix or suffix with probability ``noise``); a row repeats its
     render's caption with probability 0.7, else draws a fresh one; with probability ``unrelated`` the
@@ -446,7 +457,10 @@ def generate_web_dataset(
             bases.append(render_image(colour, shape, render_rng))
             base_captions.append(alt_text(c))
     concept_idx = shuffle_rng.permutation(np.repeat(np.arange(n_concepts), counts))
-    render_idx = offsets[concept_idx] + (render_rng.random(n_rows) * renders[concept_idx]).astype(np.int64)
+    render_idx = np.empty(n_rows, dtype=np.int64)
+    for c in range(n_concepts):  # every render is used, each about n_c / m_c times
+        rows = np.flatnonzero(concept_idx == c)
+        render_idx[rows] = offsets[c] + render_rng.permutation(np.arange(rows.size) % renders[c])
     cdf = np.cumsum(_source_probs(n_concepts), axis=1)[concept_idx]
     source_idx = np.minimum((source_rng.random(n_rows)[:, None] >= cdf).sum(axis=1), len(SOURCES) - 1)
 
