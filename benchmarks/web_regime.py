@@ -212,15 +212,20 @@ def main(argv: list[str] | None = None) -> dict:
         balance_info = {}
         for name in args.specs:
             t0 = time.time()
-            rebalance.run(
-                pipeline_spec(pool, SPECS[name], args.k, args.level, ["label", "render"]),
-                run,
-                until="balance",
-            )
-            w = read_parts(run / "weights", columns=["key", "weight"])
-            weights[name] = w.column("weight").to_numpy()
-            shutil.copytree(run / "weights", out / f"weights-{name}", dirs_exist_ok=True)
-            b = json.loads((run / "balance.json").read_text())
+            saved = out / f"weights-{name}"
+            marker = {"rows": args.rows, "k": args.k, "level": args.level, "marginals": SPECS[name]}
+            if not (saved / "done.json").is_file() or json.loads((saved / "done.json").read_text()) != marker:
+                rebalance.run(
+                    pipeline_spec(pool, SPECS[name], args.k, args.level, ["label", "render"]),
+                    run,
+                    until="balance",
+                )
+                shutil.rmtree(saved, ignore_errors=True)
+                shutil.copytree(run / "weights", saved)
+                shutil.copy(run / "balance.json", saved / "balance.json")
+                atomic_write_json(marker, saved / "done.json")
+            weights[name] = read_parts(saved, columns=["weight"]).column("weight").to_numpy()
+            b = json.loads((saved / "balance.json").read_text())
             balance_info[name] = {k: b.get(k) for k in ("converged", "ess_fraction", "max_weight_value")}
             timings[f"run-{name}"] = time.time() - t0
         test_dir = write_balanced_set(out / "test-data", args.test, seed=1002)
@@ -261,6 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
             probe = train_probe(emb["image"][idx], y, drawn, seed, args.epochs, arm == "logit-adjusted")
             heads = train_clip_heads(emb["image"][idx], emb["text"][idx], seed, args.epochs)
             rec = {"arm": arm, "seed": seed} | score(probe, heads, test, test_txt, prompts, tail)
+            rec["drawn_per_concept"] = drawn.tolist()
             rec["draw_tv_to_uniform"] = float(0.5 * np.abs(drawn / n_draws - 1 / len(LABELS)).sum())
             rec["distinct_renders_drawn"] = int(np.unique(render[idx]).size)
             rec["seconds"] = time.time() - t0
