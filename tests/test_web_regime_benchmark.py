@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from rebalance.data.synthetic import LABELS
 
@@ -29,6 +30,8 @@ def _chi2(observed, expected_share):
     return float(((np.asarray(observed) - expected) ** 2 / expected).sum())
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_quick_web_regime_benchmark(tmp_path):
     module = _benchmark()
     results = module.main(["--quick", "--out", str(tmp_path / "web")])
