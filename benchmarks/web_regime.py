@@ -183,8 +183,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--out", default="runs/web-regime", help="working directory (default: %(default)s)")
     parser.add_argument("--rows", type=int, default=100_000, help="pool rows (default: %(default)s)")
-    parser.add_argument("--budget", type=float, default=0.15, help="draws as a fraction of the pool")
-    parser.add_argument("--epochs", type=int, default=3, help="passes over the drawn rows")
+    parser.add_argument("--budget", type=float, default=0.10, help="draws as a fraction of the pool")
+    parser.add_argument(
+        "--epochs", type=int, default=1, help="passes over the drawn rows (1: each draw seen once)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--specs", nargs="+", choices=list(SPECS), default=list(SPECS))
     parser.add_argument("--k", type=int, default=64, help="image / text / joint clusters")

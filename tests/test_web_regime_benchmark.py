@@ -41,7 +41,7 @@ def test_quick_web_regime_benchmark(tmp_path):
     seeds = results["config"]["seeds"]
     assert len(seeds) == 2 and results["config"]["rows"] == 6000
     draws = results["config"]["draws"]
-    assert draws == 900  # 15 % of the pool
+    assert draws == 600  # 10 % of the pool
     counts = np.array([results["pool"]["counts"][lab] for lab in LABELS])
     assert counts.sum() == 6000 and counts[0] > 40 * counts[-1]
     # the oracle's weights give every concept 1/24 of the mass, and its draws are uniform within sampling error
