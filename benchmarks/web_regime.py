@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.rows, args.k, args.level, args.seeds, args.test = 6000, 32, 12, args.seeds[:2], 20
     logging.basicConfig(level=logging.WARNING)
+    # the models are tiny: one thread (torch's default, one per core, made each training minutes on a
+    # loaded 2-core machine instead of seconds)
+    torch.set_num_threads(1)
     import ray
 
     import rebalance
