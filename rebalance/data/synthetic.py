@@ -330,25 +330,28 @@ def generate_dataset(
         )
         atomic_write_table(table, out / f"part-{shard:05d}.parquet")
 
+    extra = {}
+    if copies:
+        extra["copies"] = {
+            row_key[r]: row_key[original[r]] for r in np.flatnonzero(original != np.arange(n_rows))
+        }
+    return _finish(out, n_rows, n_shards, np.bincount(concept_idx, minlength=n_concepts), **extra)
+
+
+def _finish(out: Path, n_rows: int, n_shards: int, counts: np.ndarray, **extra: dict) -> dict:
+    """Remove stale shards (index >= ``n_shards``), write and return the summary (``dataset.json``)."""
     for stale in sorted(out.iterdir()):
         m = _SHARD_RE.match(stale.name)
         if m and int(m.group(1)) >= n_shards and stale.is_file():
             stale.unlink()
-
     summary = {
         "path": str(out.resolve()),
         "rows": n_rows,
         "shards": n_shards,
-        "concepts": n_concepts,
-        "counts": {
-            label: int(c)
-            for label, c in zip(LABELS, np.bincount(concept_idx, minlength=n_concepts), strict=True)
-        },
+        "concepts": len(CONCEPTS),
+        "counts": {label: int(c) for label, c in zip(LABELS, counts, strict=True)},
+        **extra,
     }
-    if copies:
-        summary["copies"] = {
-            row_key[r]: row_key[original[r]] for r in np.flatnonzero(original != np.arange(n_rows))
-        }
     atomic_write_json(summary, out / "dataset.json")
     return summary
 
@@ -499,17 +502,5 @@ def generate_web_dataset(
             schema=WEB_SCHEMA,
         )
         atomic_write_table(table, out / f"part-{shard:05d}.parquet")
-    for stale in sorted(out.iterdir()):
-        m = _SHARD_RE.match(stale.name)
-        if m and int(m.group(1)) >= n_shards and stale.is_file():
-            stale.unlink()
-    summary = {
-        "path": str(out.resolve()),
-        "rows": n_rows,
-        "shards": n_shards,
-        "concepts": n_concepts,
-        "counts": {label: int(c) for label, c in zip(LABELS, counts, strict=True)},
-        "renders": {label: int(m) for label, m in zip(LABELS, renders, strict=True)},
-    }
-    atomic_write_json(summary, out / "dataset.json")
-    return summary
+    renders_by_label = {label: int(m) for label, m in zip(LABELS, renders, strict=True)}
+    return _finish(out, n_rows, n_shards, counts, renders=renders_by_label)
