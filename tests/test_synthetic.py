@@ -233,3 +233,50 @@ def test_planted_copies_repeat_their_original(tmp_path):
     assert sum(summary["counts"].values()) == 60
     labels = table.column("label").to_pylist()
     assert summary["counts"] == {label: labels.count(label) for label in summary["counts"]}
+
+
+def test_web_dataset_near_duplicates_and_alt_text(tmp_path):
+    """The web regime: exact Zipf counts, head concepts = at most max_renders renders repeated with small
+    perturbations (rows of one render are far closer than rows of two renders of the same concept),
+    captions with the concept's words or unrelated ones, byte-identical for the same seed."""
+    from rebalance.data.synthetic import (
+        UNRELATED_CAPTIONS,
+        WEB_SCHEMA,
+        concept_counts,
+        concept_frequencies,
+        generate_web_dataset,
+    )
+
+    info = generate_web_dataset(tmp_path / "a", n_rows=1200, seed=3, max_renders=20, rows_per_shard=500)
+    generate_web_dataset(tmp_path / "b", n_rows=1200, seed=3, max_renders=20, rows_per_shard=500)
+    files = sorted(p.name for p in (tmp_path / "a").glob("part-*.parquet"))
+    assert files == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    table = pa.concat_tables(pq.read_table(tmp_path / "a" / name) for name in files)
+    assert table.schema == WEB_SCHEMA and table.num_rows == 1200
+    expected = concept_counts(1200, concept_frequencies(len(LABELS)))
+    assert Counter(table.column("label").to_pylist()) == dict(zip(LABELS, expected.tolist(), strict=True))
+    assert info["renders"] == {lab: int(min(n, 20)) for lab, n in zip(LABELS, expected, strict=True)}
+    labels, renders = table.column("label").to_pylist(), table.column("render").to_numpy()
+    owner = {}
+    for lab, r in zip(labels, renders, strict=True):
+        assert owner.setdefault(int(r), lab) == lab  # a render belongs to one concept
+    assert len(owner) == sum(info["renders"].values())
+    pix = np.stack(
+        [np.asarray(Image.open(io.BytesIO(b)), dtype=np.float64) for b in table.column("jpg").to_pylist()]
+    )
+    head = [i for i, lab in enumerate(labels) if lab == LABELS[0]]
+    same, other = [], []
+    for i in head[:60]:
+        for j in head[:60]:
+            if i < j:
+                (same if renders[i] == renders[j] else other).append(np.abs(pix[i] - pix[j]).mean())
+    assert same and other and np.median(same) < 0.5 * np.median(other)
+    texts = table.column("txt").to_pylist()
+    unrelated = [t in UNRELATED_CAPTIONS for t in texts]
+    assert 0.05 < np.mean(unrelated) < 0.15  # unrelated = 0.1
+    for lab, text, u in zip(labels, texts, unrelated, strict=True):
+        if not u:
+            colour, shape = lab.split()
+            assert colour in text and shape in text

@@ -13,6 +13,10 @@ Layout written by :func:`generate_dataset`::
 Columns, in this order: ``key`` (string, 9 digits: 5 for the shard, 4 for the row in the shard),
 ``jpg`` (binary JPEG), ``txt`` (caption), ``label`` (``"<colour> <shape>"``), ``source`` (string),
 ``status`` (``"success"``), ``width`` and ``height`` (int32).
+
+:func:`generate_web_dataset` writes the *web regime* in the same layout (plus a ``render`` column): a large
+pool whose head concepts are a few distinct renders repeated with small perturbations (near-duplicates)
+and whose captions look like alt-text (concept words amid template noise, some unrelated to the image).
 """
 
 from __future__ import annotations
@@ -40,7 +44,9 @@ __all__ = [
     "concept_frequencies",
     "concept_counts",
     "generate_dataset",
+    "generate_web_dataset",
     "render_image",
+    "WEB_SCHEMA",
 ]
 
 #: Colour name -> RGB used to draw the shape. Pairwise RGB distances are >= ~120 so colours stay
@@ -324,24 +330,177 @@ def generate_dataset(
         )
         atomic_write_table(table, out / f"part-{shard:05d}.parquet")
 
+    extra = {}
+    if copies:
+        extra["copies"] = {
+            row_key[r]: row_key[original[r]] for r in np.flatnonzero(original != np.arange(n_rows))
+        }
+    return _finish(out, n_rows, n_shards, np.bincount(concept_idx, minlength=n_concepts), **extra)
+
+
+def _finish(out: Path, n_rows: int, n_shards: int, counts: np.ndarray, **extra: dict) -> dict:
+    """Remove stale shards (index >= ``n_shards``), write and return the summary (``dataset.json``)."""
     for stale in sorted(out.iterdir()):
         m = _SHARD_RE.match(stale.name)
         if m and int(m.group(1)) >= n_shards and stale.is_file():
             stale.unlink()
-
     summary = {
         "path": str(out.resolve()),
         "rows": n_rows,
         "shards": n_shards,
-        "concepts": n_concepts,
-        "counts": {
-            label: int(c)
-            for label, c in zip(LABELS, np.bincount(concept_idx, minlength=n_concepts), strict=True)
-        },
+        "concepts": len(CONCEPTS),
+        "counts": {label: int(c) for label, c in zip(LABELS, counts, strict=True)},
+        **extra,
     }
-    if copies:
-        summary["copies"] = {
-            row_key[r]: row_key[original[r]] for r in np.flatnonzero(original != np.arange(n_rows))
-        }
     atomic_write_json(summary, out / "dataset.json")
     return summary
+
+
+#: Schema of :func:`generate_web_dataset`: :data:`SCHEMA` plus ``render`` (int32), the id of the distinct
+#: render a row perturbs (rows sharing it are near-duplicates; ground truth for duplicate grouping).
+WEB_SCHEMA = SCHEMA.append(pa.field("render", pa.int32()))
+
+#: Alt-text templates of the web regime: the concept's words amid the noise of scraped captions.
+WEB_TEMPLATES: tuple[str, ...] = (
+    "{colour} {shape}",
+    "{shape} {colour} png",
+    "buy {colour} {shape} online",
+    "{colour} {shape} clipart free download",
+    "a {colour} {shape} on white",
+    "{colour} {shape} icon vector",
+    "cheap {shape} in {colour} - best price",
+    "{shape}, {colour}",
+)
+
+#: Captions that say nothing about the image (a share ``unrelated`` of the web pool's captions).
+UNRELATED_CAPTIONS: tuple[str, ...] = (
+    "click to enlarge",
+    "untitled",
+    "image",
+    "free shipping on all orders",
+    "photo by our team",
+    "stock image",
+    "thumbnail",
+    "see more",
+)
+
+#: Words scraped captions carry around the concept (prefix or suffix, ``noise`` of the related captions).
+NOISE_WORDS: tuple[str, ...] = (
+    "hd",
+    "jpg",
+    "new",
+    "2019",
+    "sale",
+    "img",
+    "wallpaper",
+    "design",
+    "logo",
+    "pic",
+)
+
+
+def generate_web_dataset(
+    out_dir: str | os.PathLike[str],
+    n_rows: int = 100_000,
+    seed: int = 0,
+    zipf_exponent: float = 1.3,
+    max_renders: int = 200,
+    unrelated: float = 0.1,
+    noise: float = 0.5,
+    rows_per_shard: int = _MAX_ROWS_PER_SHARD,
+) -> dict:
+    """Write the web regime: ``n_rows`` rows over the 24 concepts in ``ceil(n_rows / rows_per_shard)`` shards.
+
+    Concept counts are :func:`concept_counts` of :func:`concept_frequencies` (Zipf). Concept ``c`` with
+    ``n_c`` rows has ``m_c = min(n_c, max_renders)`` distinct renders (:func:`render_image`), each used by
+    ``n_c / m_c`` rows (rounded; assigned in a random order); each row is its render shifted by at most one
+    pixel and with Gaussian pixel noise of sigma 2, so a head concept is a few images repeated ``n_c / m_c`` times with small perturbations, a tail concept mostly
+    distinct images. Captions: each render has its own alt-text (a :data:`WEB_TEMPLATES` entry with the
+    concept's words, a :data:`NOISE_WORDS` prefix or suffix with probability ``noise``); a row repeats its
+    render's caption with probability 0.7, else draws a fresh one; with probability ``unrelated`` the
+    caption is replaced by one of :data:`UNRELATED_CAPTIONS`. Columns: :data:`WEB_SCHEMA` (``label`` is the
+    ground-truth concept, ``render`` the global render id). Rows are shuffled; all randomness comes from
+    ``seed``, so the same arguments give byte-identical shards.
+
+    Returns ``{"path", "rows", "shards", "concepts", "counts": {label: n}, "renders": {label: m}}``, also
+    written to ``out_dir/dataset.json``.
+    """
+    n_concepts = len(CONCEPTS)
+    if isinstance(n_rows, bool) or not isinstance(n_rows, (int, np.integer)) or n_rows < n_concepts:
+        raise ValueError(
+            f"n_rows must be an integer >= the number of concepts ({n_concepts}), got {n_rows!r}"
+        )
+    if not 1 <= rows_per_shard <= _MAX_ROWS_PER_SHARD:
+        raise ValueError(f"rows_per_shard must be in [1, {_MAX_ROWS_PER_SHARD}], got {rows_per_shard}")
+    if max_renders < 1:
+        raise ValueError(f"max_renders must be >= 1, got {max_renders}")
+    for name, p in (("unrelated", unrelated), ("noise", noise)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+    n_rows = int(n_rows)
+    counts = concept_counts(n_rows, concept_frequencies(n_concepts, zipf_exponent))
+    renders = np.minimum(counts, int(max_renders))
+    shuffle_rng, render_rng, caption_rng, source_rng, image_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence([seed, 7]).spawn(5)
+    )
+
+    def alt_text(c: int) -> str:
+        colour, shape = CONCEPTS[c]
+        text = WEB_TEMPLATES[caption_rng.integers(len(WEB_TEMPLATES))].format(colour=colour, shape=shape)
+        if caption_rng.random() < noise:
+            word = NOISE_WORDS[caption_rng.integers(len(NOISE_WORDS))]
+            text = f"{word} {text}" if caption_rng.random() < 0.5 else f"{text} {word}"
+        return text
+
+    # distinct renders, concept by concept (global ids in this order), each with its own alt-text
+    offsets = np.concatenate([[0], np.cumsum(renders)])
+    bases, base_captions = [], []
+    for c, (colour, shape) in enumerate(CONCEPTS):
+        for _ in range(int(renders[c])):
+            bases.append(render_image(colour, shape, render_rng))
+            base_captions.append(alt_text(c))
+    concept_idx = shuffle_rng.permutation(np.repeat(np.arange(n_concepts), counts))
+    render_idx = np.empty(n_rows, dtype=np.int64)
+    for c in range(n_concepts):  # every render is used, each about n_c / m_c times
+        rows = np.flatnonzero(concept_idx == c)
+        render_idx[rows] = offsets[c] + render_rng.permutation(np.arange(rows.size) % renders[c])
+    cdf = np.cumsum(_source_probs(n_concepts), axis=1)[concept_idx]
+    source_idx = np.minimum((source_rng.random(n_rows)[:, None] >= cdf).sum(axis=1), len(SOURCES) - 1)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_shards = -(-n_rows // rows_per_shard)
+    for shard in range(n_shards):
+        lo, hi = shard * rows_per_shard, min(n_rows, (shard + 1) * rows_per_shard)
+        jpgs, txts = [], []
+        for row in range(lo, hi):
+            base = bases[render_idx[row]].astype(np.int16)
+            dy, dx = image_rng.integers(-1, 2, size=2)
+            pert = np.roll(base, (int(dy), int(dx)), axis=(0, 1)) + np.rint(
+                image_rng.normal(0.0, 2.0, size=base.shape)
+            ).astype(np.int16)
+            jpgs.append(_encode_jpeg(np.clip(pert, 0, 255).astype(np.uint8)))
+            if caption_rng.random() < unrelated:
+                txts.append(UNRELATED_CAPTIONS[caption_rng.integers(len(UNRELATED_CAPTIONS))])
+            elif caption_rng.random() < 0.7:
+                txts.append(base_captions[render_idx[row]])
+            else:
+                txts.append(alt_text(int(concept_idx[row])))
+        n = hi - lo
+        table = pa.Table.from_arrays(
+            [
+                pa.array([f"{shard:05d}{j:04d}" for j in range(n)], pa.string()),
+                pa.array(jpgs, pa.binary()),
+                pa.array(txts, pa.string()),
+                pa.array([LABELS[c] for c in concept_idx[lo:hi]], pa.string()),
+                pa.array([SOURCES[s] for s in source_idx[lo:hi]], pa.string()),
+                pa.array(["success"] * n, pa.string()),
+                pa.array(np.full(n, IMAGE_SIZE, dtype=np.int32)),
+                pa.array(np.full(n, IMAGE_SIZE, dtype=np.int32)),
+                pa.array(render_idx[lo:hi].astype(np.int32)),
+            ],
+            schema=WEB_SCHEMA,
+        )
+        atomic_write_table(table, out / f"part-{shard:05d}.parquet")
+    renders_by_label = {label: int(m) for label, m in zip(LABELS, renders, strict=True)}
+    return _finish(out, n_rows, n_shards, counts, renders=renders_by_label)

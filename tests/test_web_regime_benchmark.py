@@ -1,0 +1,71 @@
+"""Smoke test of ``benchmarks/web_regime.py --quick`` (a 6,000-row web-regime pool, 2 seeds): the
+structure of its results and the invariants of its arms, not their values. Run in-process through the
+benchmark's entry point, ``main(["--quick", ...])``; it starts its own local Ray."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rebalance.data.synthetic import LABELS
+
+ROOT = Path(__file__).resolve().parents[1]
+# chi-square with 23 degrees of freedom, upper 0.1 % point: the draws are deterministic (seeded), so this
+# bound decides once whether they follow the intended distribution within sampling error
+CHI2_23_999 = 49.73
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location(
+        "web_regime_benchmark", ROOT / "benchmarks" / "web_regime.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _chi2(observed, expected_share):
+    expected = np.sum(observed) * np.asarray(expected_share)
+    return float(((np.asarray(observed) - expected) ** 2 / expected).sum())
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_quick_web_regime_benchmark(tmp_path):
+    module = _benchmark()
+    results = module.main(["--quick", "--out", str(tmp_path / "web")])
+    arms = ["plain", "oracle", *module.SPECS, "logit-adjusted"]
+    assert set(results["summary"]) == set(arms)
+    assert set(results["paired_difference_to_plain"]) == set(arms) - {"plain"}
+    seeds = results["config"]["seeds"]
+    assert len(seeds) == 2 and results["config"]["rows"] == 6000
+    draws = results["config"]["draws"]
+    assert draws == 600  # 10 % of the pool
+    counts = np.array([results["pool"]["counts"][lab] for lab in LABELS])
+    assert counts.sum() == 6000 and counts[0] > 40 * counts[-1]
+    # the oracle's weights give every concept 1/24 of the mass, and its draws are uniform within sampling error
+    assert np.allclose(results["concept_share"]["oracle"], 1 / 24)
+    # plain draws follow the pool's concept frequencies
+    assert np.allclose(results["concept_share"]["plain"], counts / counts.sum())
+    by = {(r["arm"], r["seed"]): r for r in results["runs"]}
+    assert len(by) == len(arms) * len(seeds)
+    for seed in seeds:
+        assert _chi2(by["oracle", seed]["drawn_per_concept"], np.full(24, 1 / 24)) < CHI2_23_999
+        assert _chi2(by["plain", seed]["drawn_per_concept"], counts / counts.sum()) < CHI2_23_999
+        # logit adjustment changes the probe's loss only: same draws, same CLIP heads as plain
+        for m in ("zeroshot_balanced", "retrieval_r1"):
+            assert by["logit-adjusted", seed][m] == by["plain", seed][m]
+        assert by["logit-adjusted", seed]["drawn_per_concept"] == by["plain", seed]["drawn_per_concept"]
+    total_renders = sum(results["pool"]["renders"].values())
+    for r in results["runs"]:
+        assert sum(r["drawn_per_concept"]) == draws
+        assert 0 < r["distinct_renders_drawn"] <= min(draws, total_renders)
+        for m in module.METRICS:
+            assert 0.0 <= r[m] <= 1.0
+        assert r["probe_worst"] == min(r["probe_per_class"]) <= r["probe_balanced"]
+        assert np.isclose(r["probe_balanced"], np.mean(r["probe_per_class"]))
+    # the oracle's stream is closer to uniform over the concepts than plain's
+    for seed in seeds:
+        assert by["oracle", seed]["draw_tv_to_uniform"] < by["plain", seed]["draw_tv_to_uniform"]
+    assert (tmp_path / "web" / "results.json").is_file()
