@@ -51,6 +51,7 @@ class Result:
             "embeddings",
             "clusters",
             "assignments",
+            "concepts",
             "weights",
             "balance.json",
             "report",
@@ -91,7 +92,10 @@ def stage_fingerprints(spec: Spec, inputs: list[dict]) -> dict[str, str]:
     """Chained fingerprints: each stage hashes its own spec section and the previous stage's fingerprint
     (the cluster stage also ``dedup``, when set).
     ``embed.workers``, ``embed.prefetch``, ``embed.cpus_per_gpu`` and the ``ray`` section change where and
-    when work runs, not its result, and are left out."""
+    when work runs, not its result, and are left out. The concepts stage also hashes the contents of its
+    vocabulary and prompt files, so an edited file reruns it and what follows."""
+    from rebalance.stages.concept_labels import file_digests
+
     s = spec.to_dict()
     embed = {k: v for k, v in s["embed"].items() if k not in ("workers", "prefetch", "cpus_per_gpu")}
     fps = {"embed": fingerprint("embed", s["data"], embed, inputs, PART_LAYOUT)}
@@ -99,7 +103,8 @@ def stage_fingerprints(spec: Spec, inputs: list[dict]) -> dict[str, str]:
     # fingerprint only when set, so runs without it keep their fingerprints
     cluster = (s["cluster"],) if spec.dedup is None else (s["cluster"], {"dedup": s["dedup"]})
     fps["cluster"] = fingerprint("cluster", fps["embed"], *cluster)
-    fps["balance"] = fingerprint("balance", fps["cluster"], s["balance"])
+    fps["concepts"] = fingerprint("concepts", fps["cluster"], s["concepts"], file_digests(spec))
+    fps["balance"] = fingerprint("balance", fps["concepts"], s["balance"])
     fps["report"] = fingerprint("report", fps["balance"], s["report"])
     return fps
 
@@ -107,12 +112,14 @@ def stage_fingerprints(spec: Spec, inputs: list[dict]) -> dict[str, str]:
 def _stage_functions() -> dict[str, Callable]:
     from rebalance.stages.balance import run_balance
     from rebalance.stages.cluster import run_cluster
+    from rebalance.stages.concept_labels import run_concepts
     from rebalance.stages.embed import run_embed
     from rebalance.stages.report import run_report
 
     return {
         "embed": run_embed,
         "cluster": run_cluster,
+        "concepts": run_concepts,
         "balance": run_balance,
         "report": run_report,
     }

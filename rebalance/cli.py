@@ -18,12 +18,23 @@ __all__ = ["main", "demo_spec"]
 log = logging.getLogger("rebalance")
 
 
-def demo_spec(dataset: str) -> dict:
+DEMO_CONCEPTS = ("none", "vocabulary", "prompts")
+
+
+def demo_spec(dataset: str, concepts: str = "none") -> dict:
     """The spec of the built-in demo: the tiny open_clip model with the shipped weights trained on the
     built-in dataset, on CPU; image clusters balanced toward uniform. (Image x text clusters cannot both be
     uniform on this data: the head concept fills several image clusters and one text cluster per caption
-    template while tail concepts share clusters, so IPF does not converge; docs/downstream.md.)"""
-    return {
+    template while tail concepts share clusters, so IPF does not converge; docs/downstream.md.)
+
+    ``concepts``: ``vocabulary`` balances on the ``concept`` marginal instead (MetaCLIP over the shipped
+    vocabulary, matched against the captions, cap 50), ``prompts`` on the ``zero_shot`` marginal (the
+    shipped prompts, uniform)."""
+    if concepts not in DEMO_CONCEPTS:
+        raise ValueError(f"concepts must be one of {DEMO_CONCEPTS}, got {concepts!r}")
+    from rebalance.data.synthetic import PROMPTS_FILE, VOCABULARY_FILE
+
+    spec = {
         "data": {"path": dataset, "carry": ["label", "source"]},
         "embed": {"model": "rebalance-tiny", "pretrained": "synthetic", "batch_size": 256},
         "cluster": {"image": {"k": 16}, "text": {"k": 16}, "niter": 20, "seed": 0},
@@ -31,6 +42,14 @@ def demo_spec(dataset: str) -> dict:
         "report": {"spectra_by": ["image_cluster", "label"], "html": True, "truth": "label"},
         "ray": {"address": "local"},
     }
+    if concepts == "vocabulary":
+        spec["data"]["carry"].append("txt")
+        spec["concepts"] = {"vocabulary": str(VOCABULARY_FILE), "field": "txt", "cap": 50}
+        spec["balance"]["marginals"] = ["concept"]
+    elif concepts == "prompts":
+        spec["concepts"] = {"prompts": str(PROMPTS_FILE)}
+        spec["balance"]["marginals"] = ["zero_shot"]
+    return spec
 
 
 def _print_summary(result) -> None:
@@ -60,6 +79,8 @@ def _cmd_run(args: argparse.Namespace, until: str = "report") -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from rebalance.api import run
     from rebalance.data.atomic import atomic_write_bytes, atomic_write_json
     from rebalance.data.parts import read_parts
@@ -77,7 +98,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         info = generate_dataset(dataset, n_rows=args.rows, n_shards=args.shards, seed=args.seed)
         atomic_write_json({**info, "seed": args.seed}, summary)
         log.info("generated %d rows in %d shards at %s", info["rows"], info["shards"], dataset)
-    spec = demo_spec(str(dataset))
+    spec = demo_spec(str(dataset), args.concepts)
     atomic_write_bytes(yaml.safe_dump(spec, sort_keys=False).encode(), out / "spec.yaml")
     result = run(spec, out, keep=own)
     _print_summary(result)
@@ -87,6 +108,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for side in ("image", "text"):
         nmi = normalized_mutual_info(assignments.column(f"{side}_cluster").to_numpy(), labels)
         print(f"{side} clusters vs concepts: NMI {nmi:.3f}")
+    if args.concepts == "prompts":
+        zero_shot = read_parts(out / "concepts", columns=["zero_shot"]).column("zero_shot").to_pylist()
+        correct = np.mean([z == f"a photo of a {label}" for z, label in zip(zero_shot, labels, strict=True)])
+        print(f"zero-shot labels:       {100 * correct:.1f}% name the true concept")
+    if args.concepts != "none":
+        weights = result.weights.column("weight").to_numpy()
+        values, inverse = np.unique(labels, return_inverse=True)
+        uniform = np.full(len(values), 1 / len(values))
+        for name, w in (("raw", np.ones_like(weights)), ("weighted", weights)):
+            share = np.bincount(inverse, weights=w, minlength=len(values)) / w.sum()
+            print(f"concepts, {name}: total variation to uniform {0.5 * np.abs(share - uniform).sum():.3f}")
     return 0
 
 
@@ -136,7 +168,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run every stage of SPEC into run directory OUT", description=_RUN_HELP)
     _add_run_arguments(p)
     p.set_defaults(func=_cmd_run)
-    for stage in ("embed", "cluster", "balance"):
+    for stage in ("embed", "cluster", "concepts", "balance"):
         p = sub.add_parser(
             stage,
             help=f"run the stages up to and including {stage}",
@@ -156,6 +188,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=3000, help="rows of the generated dataset (default 3000)")
     p.add_argument("--shards", type=int, default=4, help="Parquet shards it is split into (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated dataset (default 0)")
+    p.add_argument(
+        "--concepts",
+        choices=DEMO_CONCEPTS,
+        default="none",
+        help="balance on the shipped vocabulary (MetaCLIP) or zero-shot prompts instead of image clusters",
+    )
     p.set_defaults(func=_cmd_demo)
     p = sub.add_parser(
         "report",

@@ -29,6 +29,7 @@ __all__ = [
     "BalanceSpec",
     "SoftSpec",
     "ReportSpec",
+    "ConceptsSpec",
     "RaySpec",
     "Spec",
 ]
@@ -397,6 +398,85 @@ class ReportSpec:
             raise SpecError("report.thumbnails", "must be in [0, 64]", self.thumbnails)
 
 
+CONCEPT_MARGINALS = ("concept", "zero_shot")
+
+
+def read_entries(path: str, where: str) -> list[str]:
+    """The entries of a vocabulary or prompt file: one per line, stripped, blank lines skipped. A missing,
+    empty or non-UTF-8 file, or an entry given twice (compared after ``casefold``), is a :class:`SpecError`
+    naming the field and the file."""
+    file = Path(path)
+    if not file.is_file():
+        raise SpecError(where, "file does not exist", path)
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SpecError(where, f"file is not UTF-8 text (byte {err.start})", path) from None
+    entries, seen = [], {}
+    for number, line in enumerate(text.splitlines(), 1):
+        entry = line.strip()
+        if not entry:
+            continue
+        if entry.casefold() in seen:
+            raise SpecError(
+                where, f"line {number} ({entry!r}) repeats line {seen[entry.casefold()]} of the file", path
+            )
+        seen[entry.casefold()] = number
+        entries.append(entry)
+    if not entries:
+        raise SpecError(where, "file holds no entries (one per line)", path)
+    return entries
+
+
+@dataclass(frozen=True)
+class ConceptsSpec:
+    """Concept labels from a vocabulary (MetaCLIP) and from zero-shot prompts, each usable as a marginal.
+
+    ``vocabulary``: a UTF-8 file, one entry per line; every row's ``field`` (a column in ``data.carry``)
+    is matched against it (:mod:`rebalance.kernels.concepts`: word boundaries as in MetaCLIP, compared
+    after ``casefold`` when ``case_fold``), giving the ``concept`` marginal: row i is kept with
+    probability p_i = 1 - prod over its entries of (1 - min(1, cap / count_e)) and weighted in proportion
+    to p_i. ``unmatched``: rows matching no entry are ``drop``ped (p = 0, MetaCLIP's rule) or count as one
+    more ``entry`` named ``<none>``, capped like the others (the default).
+
+    ``prompts``: a UTF-8 file, one class name or prompt per line, embedded by the run's text tower; each
+    row's ``zero_shot`` label is the prompt nearest its image embedding (cosine), or ``<none>`` below
+    ``threshold``.
+    """
+
+    vocabulary: str | None = None
+    field: str | None = None
+    case_fold: bool = True
+    cap: float = 20_000.0
+    unmatched: Literal["entry", "drop"] = "entry"
+    prompts: str | None = None
+    threshold: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.vocabulary is None and self.prompts is None:
+            raise SpecError("concepts", "needs a vocabulary file, a prompts file or both")
+        if self.vocabulary is not None:
+            read_entries(self.vocabulary, "concepts.vocabulary")
+            if self.field is None:
+                raise SpecError("concepts.field", "is required with concepts.vocabulary (a carried column)")
+        elif self.field is not None:
+            raise SpecError("concepts.field", "applies to concepts.vocabulary only", self.field)
+        if self.prompts is not None:
+            read_entries(self.prompts, "concepts.prompts")
+        if not self.cap > 0:
+            raise SpecError("concepts.cap", "must be > 0", self.cap)
+        if not -1 <= self.threshold <= 1:
+            raise SpecError("concepts.threshold", "must lie in [-1, 1] (a cosine similarity)", self.threshold)
+
+    def marginals(self) -> tuple[str, ...]:
+        """The marginals these concepts provide: ``concept`` (vocabulary), ``zero_shot`` (prompts)."""
+        return tuple(
+            name
+            for name, given in zip(CONCEPT_MARGINALS, (self.vocabulary, self.prompts), strict=True)
+            if given
+        )
+
+
 RAY_LISTEN = ("loopback", "all")
 
 
@@ -427,7 +507,8 @@ class RaySpec:
 
 @dataclass(frozen=True)
 class Spec:
-    """A whole run: data, embed, cluster, balance, report and ray sections, and the optional dedup."""
+    """A whole run: data, embed, cluster, balance, report and ray sections, and the optional dedup and
+    concepts."""
 
     data: DataSpec
     embed: EmbedSpec = field(default_factory=EmbedSpec)
@@ -436,9 +517,20 @@ class Spec:
     report: ReportSpec = field(default_factory=ReportSpec)
     ray: RaySpec = field(default_factory=RaySpec)
     dedup: DedupSpec | None = None
+    concepts: ConceptsSpec | None = None
 
     def __post_init__(self) -> None:
         levels = len(self.cluster.levels)
+        concepts = self.concepts.marginals() if self.concepts is not None else ()
+        field_name = self.concepts.field if self.concepts is not None else None
+        if field_name is not None and field_name not in self.data.carry:
+            raise SpecError(
+                "concepts.field", f"is not a column in data.carry {list(self.data.carry)}", field_name
+            )
+        if "concept" in self.balance.targets:
+            raise SpecError(
+                "balance.targets.concept", "the concept marginal's target is set by concepts.cap", "concept"
+            )
         if self.balance.level > levels:
             raise SpecError(
                 "balance.level", f"must be at most {levels}, the number of cluster.levels", self.balance.level
@@ -462,6 +554,8 @@ class Spec:
         def known(name: str) -> bool:
             if name == DUP_GROUP:
                 return self.dedup is not None
+            if name in CONCEPT_MARGINALS:
+                return name in concepts
             cluster = cluster_marginal(name)
             if cluster is None:
                 return name in self.data.carry
@@ -475,8 +569,9 @@ class Spec:
                 raise SpecError(
                     "balance.marginals",
                     f"{name!r} is neither a cluster marginal ({list(MARGINAL_CLUSTERS)}{joint}, or "
-                    f"<side>_cluster_L for a level L <= {levels} of cluster.levels) "
-                    f"nor a column in data.carry {list(self.data.carry)}",
+                    f"<side>_cluster_L for a level L <= {levels} of cluster.levels), a concept marginal "
+                    f"of the concepts section ({list(concepts)}) nor a column in data.carry "
+                    f"{list(self.data.carry)}",
                     list(self.balance.marginals),
                 )
         for name in self.report.spectra_by:

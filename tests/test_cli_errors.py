@@ -178,7 +178,7 @@ def test_ctrl_c_ends_with_one_line_saying_the_run_can_be_resumed(tmp_path, datas
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
 
 
-@pytest.mark.parametrize("command", ["run", "embed", "cluster", "balance", "report", "demo"])
+@pytest.mark.parametrize("command", ["run", "embed", "cluster", "concepts", "balance", "report", "demo"])
 def test_every_command_has_help(command, capsys):
     from rebalance.cli import main
 

@@ -14,7 +14,7 @@ import rebalance
 from rebalance.data.parts import read_parts
 from rebalance.stages.balance import BalanceError
 
-STAGES = ("embed", "cluster", "balance", "report")
+STAGES = ("embed", "cluster", "concepts", "balance", "report")
 
 
 def _input_keys(run):
@@ -38,7 +38,7 @@ def test_demo_prints_summary_and_writes_contract(demo_run):
     ):
         assert label in stdout
     manifest = json.loads((demo_run / "manifest.json").read_text())
-    assert [manifest["stages"][s]["status"] for s in STAGES] == ["complete"] * 4
+    assert [manifest["stages"][s]["status"] for s in STAGES] == ["complete"] * len(STAGES)
     assert {"torch", "ray", "numpy", "pyarrow"} <= set(manifest["versions"])
     assert manifest["spec"]["embed"]["model"] == "rebalance-tiny"
     assert len(manifest["inputs"]) == 4 and all("size" in i for i in manifest["inputs"])

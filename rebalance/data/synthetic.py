@@ -38,9 +38,11 @@ __all__ = [
     "COLOURS",
     "CONCEPTS",
     "LABELS",
+    "PROMPTS_FILE",
     "SCHEMA",
     "SHAPES",
     "SOURCES",
+    "VOCABULARY_FILE",
     "concept_frequencies",
     "concept_counts",
     "generate_dataset",
@@ -69,6 +71,12 @@ CONCEPTS: list[tuple[str, str]] = [(c, s) for c in COLOURS for s in SHAPES]
 
 #: Label string of each concept, same order as CONCEPTS ("red circle", "red square", ...).
 LABELS: list[str] = [f"{c} {s}" for c, s in CONCEPTS]
+
+#: Vocabulary of the built-in dataset for ``concepts.vocabulary`` (one entry per line): the 24 labels, then
+#: the 6 colours and the 4 shapes on their own (only three caption templates name "<colour> <shape>").
+VOCABULARY_FILE = Path(__file__).parent / "concepts" / "synthetic-vocabulary.txt"
+#: Zero-shot prompts of the built-in dataset for ``concepts.prompts``: "a photo of a <label>" per concept.
+PROMPTS_FILE = Path(__file__).parent / "concepts" / "synthetic-prompts.txt"
 
 #: Caption templates; every one names both the colour and the shape.
 CAPTION_TEMPLATES: tuple[str, ...] = (

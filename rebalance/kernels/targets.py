@@ -74,11 +74,26 @@ def weights_target(
     return raw
 
 
+def keep_probability_target(counts: np.ndarray, values: Sequence[str] | None = None) -> np.ndarray:
+    """count * p, where each value names a keep probability p (MetaCLIP's ``concept`` marginal, whose
+    labels are the rows' keep probabilities): balanced on this marginal alone, a row of probability p
+    gets weight p / mean(p)."""
+    if values is None or len(values) != counts.size:
+        raise ValueError("keep_probability target needs one value (a probability) per count")
+    p = np.array([float(v) for v in values])
+    if ((p < 0) | (p > 1)).any():
+        raise ValueError(f"keep_probability values must lie in [0, 1], got {p.min()} .. {p.max()}")
+    if (counts * p).sum() <= 0:
+        raise ValueError("every row has keep probability 0")
+    return counts * p
+
+
 TARGETS: dict[str, Callable[..., np.ndarray]] = {
     "uniform": uniform_target,
     "power": power_target,
     "cap": cap_target,
     "weights": weights_target,
+    "keep_probability": keep_probability_target,
 }
 """Each target kind's function: (counts (K,) float64, values (K,) names or None, **parameter) -> (K,) >= 0."""
 
@@ -96,7 +111,8 @@ def target_marginal(
     keyword (``"power", power=0.5``). values: the name of each counted value (the ``weights`` kind needs
     them). The kinds (:data:`TARGETS`): ``uniform`` (1/K' on the K' observed values), ``power``
     (count^power), ``cap`` (min(count, cap)), ``weights`` (given per value name; a positive weight on a
-    value with no rows raises :class:`UnknownValuesError`).
+    value with no rows raises :class:`UnknownValuesError`), ``keep_probability`` (count * the probability
+    each value names; the ``concept`` marginal's, not a user setting).
     """
     counts = np.asarray(counts, dtype=np.float64)
     if counts.ndim != 1 or counts.size == 0 or (counts < 0).any() or counts.sum() <= 0:

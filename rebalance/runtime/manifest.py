@@ -31,10 +31,11 @@ from rebalance.data.fs import StoragePath, as_path, remove
 
 __all__ = ["STAGES", "STAGE_OUTPUTS", "RunDir", "fingerprint", "package_versions", "check_run_dir"]
 
-STAGES = ("embed", "cluster", "balance", "report")
+STAGES = ("embed", "cluster", "concepts", "balance", "report")
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "embed": ("embeddings",),
     "cluster": ("clusters", "assignments"),
+    "concepts": ("concepts",),
     "balance": ("weights", "balance.json"),
     "report": ("report",),
 }

@@ -89,7 +89,12 @@ def run_balance(ctx: StageContext) -> dict[str, Any]:
         "path": found.path,
         "path_reason": found.reason,
         "marginals": marginals,
-        "targets": {m: spec.target_for(m).to_dict() for m in marginals},
+        "targets": {
+            m: {"metaclip": {"cap": ctx.spec.concepts.cap}}
+            if m == "concept"
+            else spec.target_for(m).to_dict()
+            for m in marginals
+        },
         "iterations": spec.iterations,
         "tol": spec.tol,
         "max_iter": spec.max_iter,

@@ -20,7 +20,8 @@ from rebalance.data.fs import join
 from rebalance.data.parts import read_part
 from rebalance.kernels.targets import UnknownValuesError, target_marginal
 from rebalance.runtime.pool import ActorPool, ShardWorker
-from rebalance.spec import DUP_GROUP, BalanceSpec, Target, cluster_marginal
+from rebalance.spec import CONCEPT_MARGINALS, DUP_GROUP, BalanceSpec, Target, cluster_marginal
+from rebalance.stages.concept_labels import concept_keep, concept_label
 
 __all__ = [
     "BalanceError",
@@ -46,15 +47,24 @@ class BalanceError(RuntimeError):
 
 
 def load_labels(run_root: str, index: int, marginals: list[str]) -> pa.Table:
-    """The marginal columns of part ``index``: cluster labels from ``assignments/``, carried columns (as
-    strings, nulls as ``<missing>``) from ``embeddings/``, plus ``key``. ``dup_group``'s label is the size
-    of the row's near-duplicate group (``dup_size``, as a string): its weight factor depends on that alone."""
+    """The marginal columns of part ``index``: cluster labels from ``assignments/``, concept labels from
+    ``concepts/`` (``zero_shot``; ``concept``: the row's keep probability, :func:`concept_label`), carried
+    columns (as strings, nulls as ``<missing>``) from ``embeddings/``, plus ``key``. ``dup_group``'s label is
+    the size of the row's near-duplicate group (``dup_size``, as a string): its weight factor depends on that
+    alone."""
     clusters = [m for m in marginals if cluster_marginal(m) is not None]
-    carried = [m for m in marginals if cluster_marginal(m) is None and m != DUP_GROUP]
+    carried = [
+        m for m in marginals if cluster_marginal(m) is None and m != DUP_GROUP and m not in CONCEPT_MARGINALS
+    ]
     table = read_part(join(run_root, "assignments"), index, columns=["key", *clusters])
     if DUP_GROUP in marginals:
         sizes = read_part(join(run_root, "assignments"), index, columns=["dup_size"]).column("dup_size")
         table = table.append_column(DUP_GROUP, pc.cast(sizes, pa.string()))
+    if "zero_shot" in marginals:
+        zero_shot = read_part(join(run_root, "concepts"), index, columns=["zero_shot"]).column("zero_shot")
+        table = table.append_column("zero_shot", zero_shot)
+    if "concept" in marginals:
+        table = table.append_column("concept", concept_label(concept_keep(run_root, index)))
     if carried:
         emb = read_part(join(run_root, "embeddings"), index, columns=carried)
         for name in carried:
@@ -165,16 +175,27 @@ def choose_path(spec: BalanceSpec, surveys: list[dict]) -> tuple[str, str]:
 def targets_for(
     values: list[pa.Array], counts: list[np.ndarray], marginals: list[str], spec: BalanceSpec
 ) -> list[np.ndarray]:
-    """The target distribution of each marginal, from its observed counts and its target spec."""
+    """The target distribution of each marginal, from its observed counts and its target spec; the
+    ``concept`` marginal's (labels: keep probabilities p) is ``keep_probability``, count_p * p normalised,
+    so that balanced on its own a row's weight is p / mean(p)."""
     out = []
     for name, v, c in zip(marginals, values, counts, strict=True):
+        names = [str(x) for x in v.to_pylist()]
+        if name == "concept":
+            if not (c * np.array([float(x) for x in names])).sum() > 0:
+                raise BalanceError(
+                    "balance marginal 'concept': every row has keep probability 0 (the vocabulary matches "
+                    "no row and concepts.unmatched is drop)"
+                )
+            out.append(target_marginal(c, "keep_probability", values=names))
+            continue
         if name == DUP_GROUP:
             out.append(
                 dup_target(np.array([int(x) for x in v.to_pylist()], np.float64), c, spec.target_for(name))
             )
             continue
         try:
-            out.append(target_marginal(c, spec.target_for(name), values=[str(x) for x in v.to_pylist()]))
+            out.append(target_marginal(c, spec.target_for(name), values=names))
         except UnknownValuesError as err:
             raise BalanceError(
                 f"balance target of marginal {name!r} puts positive weight on values with no rows "
