@@ -106,7 +106,9 @@ def generate(
 
 
 class MemorySampler(threading.Thread):
-    """Samples (time, driver RSS, largest ``ray::`` worker RSS) every ``interval`` seconds."""
+    """Samples every ``interval`` seconds: time, this process's RSS and private memory (RSS - shared: pages
+    of the Ray object store that a process maps count in its RSS as shared), and the largest of each over the
+    ``ray::`` worker processes."""
 
     def __init__(self, interval: float = 0.25):
         super().__init__(daemon=True)
@@ -115,19 +117,25 @@ class MemorySampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stopped.is_set():
-            actor = 0
+            actor = actor_private = 0
             for child in self.me.children(recursive=True):
                 try:
                     if child.cmdline()[:1] and child.cmdline()[0].startswith("ray::"):
-                        actor = max(actor, child.memory_info().rss)
+                        info = child.memory_info()
+                        actor, actor_private = (
+                            max(actor, info.rss),
+                            max(actor_private, info.rss - info.shared),
+                        )
                 except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
                     continue
-            self.samples.append((time.perf_counter(), self.me.memory_info().rss, actor))
+            info = self.me.memory_info()
+            self.samples.append((time.perf_counter(), info.rss, info.rss - info.shared, actor, actor_private))
             self.stopped.wait(self.interval)
 
-    def peaks(self, start: float, end: float) -> tuple[int, int]:
+    def peaks(self, start: float, end: float) -> list[int]:
+        """Peak driver RSS, driver private (RSS - shared), largest actor RSS and private in [start, end]."""
         window = [s for s in self.samples if start <= s[0] <= end] or self.samples[-1:]
-        return max(s[1] for s in window), max(s[2] for s in window)
+        return [max(s[i] for s in window) for i in range(1, 5)]
 
 
 def _size(*paths: Path) -> int:
@@ -273,10 +281,11 @@ def _run(args: argparse.Namespace, data: Path, tmp: Path) -> dict[str, Any]:
             start = time.perf_counter()
             rebalance.run(spec, out, until=stage)
             end = time.perf_counter()
-            driver, actor = sampler.peaks(start, end)
+            driver, driver_private, actor, actor_private = sampler.peaks(start, end)
             read, written = _io(stage, data, out)
             results["stages"][stage] = {"wall_s": end - start, "rows_per_s": args.rows / (end - start),
                                         "driver_peak_rss": driver, "actor_peak_rss": actor,
+                                        "driver_peak_private": driver_private, "actor_peak_private": actor_private,
                                         "bytes_read": read, "bytes_written": written}  # fmt: skip
             print(f"{stage}: {end - start:.1f} s", flush=True)
     finally:
@@ -310,13 +319,14 @@ def _print(results: dict[str, Any]) -> None:
     print(f"\nN = {results['rows']:,} x {results['dim']}, {results['shards']} shards, k = {results['k']}, "
           f"{results['cpus']} CPUs, load {results['load_before'][0]:.1f} -> {results['load_after'][0]:.1f}")  # fmt: skip
     print(
-        "| stage | wall s | rows/s | driver peak MiB | largest actor MiB | read MiB | written MiB | floor s | x floor |"
+        "| stage | wall s | rows/s | driver peak MiB (private) | largest actor MiB (private) | read MiB | written MiB | floor s | x floor |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for stage, s in results["stages"].items():
         floor = f"{s['floor_s']:.1f} | {s['ratio']:.2f}" if "floor_s" in s else "- | -"
-        print(f"| {stage} | {s['wall_s']:.1f} | {s['rows_per_s']:,.0f} | {s['driver_peak_rss'] / mib:.0f} | "
-              f"{s['actor_peak_rss'] / mib:.0f} | {s['bytes_read'] / mib:.1f} | {s['bytes_written'] / mib:.1f} | "
+        print(f"| {stage} | {s['wall_s']:.1f} | {s['rows_per_s']:,.0f} | {s['driver_peak_rss'] / mib:.0f} "
+              f"({s['driver_peak_private'] / mib:.0f}) | {s['actor_peak_rss'] / mib:.0f} "
+              f"({s['actor_peak_private'] / mib:.0f}) | {s['bytes_read'] / mib:.1f} | {s['bytes_written'] / mib:.1f} | "
               f"{floor} |")  # fmt: skip
     print(f"| total | {results['total_s']:.1f} | {results['rows'] / results['total_s']:,.0f} | | | | | | |")
 

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -203,3 +204,27 @@ def test_partitioned_reduce_equals_a_driver_merge(demo_copy, ray_local, monkeypa
         np.testing.assert_allclose(entry[phase]["effective_rank"], scores["effective_rank"], rtol=1e-10)
         assert entry[phase]["rows"] == merged.count.tolist()
         assert entry[phase]["valid"] == scores["valid"].tolist()
+
+
+def test_spectra_survive_an_actor_lost_between_map_and_reduce(demo_copy, ray_local, monkeypatch, caplog):
+    """An actor that dies after its map calls loses the accumulators it owns: the stage redoes the spectra."""
+    import ray
+
+    from rebalance.runtime.pool import ActorPool
+
+    original, killed = ActorPool.map, []
+
+    def map_then_kill(self, method, items, desc="", unit="shard"):
+        results = original(self, method, items, desc, unit)
+        if desc == "spectra" and not killed:
+            ray.kill(self.actors[0], no_restart=False)  # restarted empty: its objects are gone
+            killed.append(desc)
+        return results
+
+    monkeypatch.setattr(ActorPool, "map", map_then_kill)
+    before = json.loads((demo_copy / "report" / "report.json").read_text())["spectra"]
+    with caplog.at_level(logging.WARNING, logger="rebalance.stages.report"):
+        after = rebalance.api.rebuild_report(demo_copy).report["spectra"]
+    assert killed == ["spectra"]
+    assert "map outputs lost" in caplog.text
+    assert after == before

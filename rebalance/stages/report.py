@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -37,7 +38,7 @@ from rebalance.kernels.sampling import key_priorities
 from rebalance.kernels.spectra import GroupMoments, GroupSample, spectral_scores
 from rebalance.kernels.stats import imbalance_stats
 from rebalance.runtime.manifest import RunDir
-from rebalance.runtime.pool import ActorPool, ShardWorker
+from rebalance.runtime.pool import MAX_RESTARTS, ActorPool, ShardWorker
 from rebalance.spec import Spec, cluster_marginal
 from rebalance.stages.concepts import compute_concepts
 from rebalance.stages.context import StageContext
@@ -51,6 +52,8 @@ __all__ = [
     "SPECTRA_BUDGET_BYTES",
     "SPECTRA_PARTITION_BYTES",
 ]
+
+log = logging.getLogger(__name__)
 
 REPORT_SCHEMA_VERSION = 2
 SPECTRA_BUDGET_BYTES = 256 * 2**20  # per accumulator (one group column, one side, before or after)
@@ -189,6 +192,16 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def _map_reduce(ctx: StageContext, fn: functools.partial, keys: list[tuple]) -> list[dict[str, np.ndarray]]:
+    """The map calls (one per part), then the reduce calls (one per key), on one pool: its actors own the
+    map outputs, which are lost with them."""
+    with ActorPool(ShardWorker, ctx.workers(len(ctx.shards))) as pool:
+        parts = pool.map("call", [(fn, s.index) for s in ctx.shards], "spectra")
+        items = [(reduce_spectra, [part[key] for part in parts]) for key in keys]
+        del parts
+        return pool.map("call", items, "spectra reduce", "group")
+
+
 def compute_spectra(ctx: StageContext) -> dict[str, Any]:
     """Per-group spectra and scores for every (spectra_by column, side), before and after balancing."""
     plan = _plan(ctx)
@@ -201,15 +214,16 @@ def compute_spectra(ctx: StageContext) -> dict[str, Any]:
         for phase in ("before", "after")
         for p in range(len(item["partitions"]))
     ]
-    with ActorPool(ShardWorker, ctx.workers(len(ctx.shards))) as pool:  # the map outputs' owners
-        parts = pool.map("call", [(fn, s.index) for s in ctx.shards], "spectra")
-        reduced = pool.map(
-            "call",
-            [(reduce_spectra, [part[key] for part in parts]) for key in keys],
-            "spectra reduce",
-            "group",
-        )
-        del parts
+    for attempt in range(MAX_RESTARTS + 1):
+        try:
+            reduced = _map_reduce(ctx, fn, keys)
+            break
+        except ray.exceptions.ObjectLostError:  # an actor (or its node) died between map and reduce
+            if attempt == MAX_RESTARTS:
+                raise
+            log.warning(
+                "report: map outputs lost with their actor; redoing the spectra (attempt %d)", attempt + 2
+            )
     spectra: dict[tuple, list] = {}
     for (column, side, phase, _), result in zip(keys, reduced, strict=True):
         spectra.setdefault((column, side, phase), []).append(result)
