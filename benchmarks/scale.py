@@ -287,7 +287,7 @@ def _run(args: argparse.Namespace, data: Path, tmp: Path) -> dict[str, Any]:
                                         "driver_peak_rss": driver, "actor_peak_rss": actor,
                                         "driver_peak_private": driver_private, "actor_peak_private": actor_private,
                                         "bytes_read": read, "bytes_written": written}  # fmt: skip
-            print(f"{stage}: {end - start:.1f} s", flush=True)
+            print(f"{stage}: {json.dumps(results['stages'][stage])}", flush=True)
     finally:
         sampler.stopped.set()
         ray.shutdown()
