@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from rebalance.data.laion import list_laion_shards, read_laion_shard
+from rebalance.data.embeddings import list_laion_shards, read_laion_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +48,7 @@ def test_generator_writes_the_clip_retrieval_layout(tmp_path):
     assert (nearest == np.array(concepts)[top]).mean() > 0.95
 
 
+@pytest.mark.slow
 def test_quick_run_measures_every_stage(tmp_path):
     out = tmp_path / "scale.json"
     proc = subprocess.run(
