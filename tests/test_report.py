@@ -1,6 +1,8 @@
 """The report: streamed spectra against a direct computation on the gathered rows, joint diagnostics, rebuild."""
 
+import functools
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -163,3 +165,66 @@ def test_concept_cards_match_the_run_directory(demo_run):
     np.testing.assert_allclose(np.abs(xy), np.abs(centred @ vecs[:, [-1, -2]]), atol=1e-6)
     np.testing.assert_allclose([p["weight"] for p in points], weights[chosen])
     assert [p["concept"] for p in points] == [str(g) for g in groups[chosen]]
+
+
+@pytest.mark.parametrize("method", ["moments", "sample"])
+def test_partitioned_reduce_equals_a_driver_merge(demo_copy, ray_local, monkeypatch, method):
+    """The spectra reduced by group partition across the actors equal those of the former implementation:
+    every part's accumulators of all groups, merged on the driver in part order."""
+    from rebalance.kernels.spectra import spectral_scores
+    from rebalance.stages import report as stage
+
+    d, groups = 64, 16
+    if method == "sample":  # 16 groups x 5 rows x 66 values x 8 bytes: a 5-row sample per group
+        monkeypatch.setattr(stage, "SPECTRA_BUDGET_BYTES", groups * 5 * (d + 2) * 8)
+        group_bytes = 5 * (d + 2) * 8
+    else:
+        group_bytes = d * d * 8
+    monkeypatch.setattr(stage, "SPECTRA_PARTITION_BYTES", 3 * group_bytes)  # 6 partitions, the last of 1
+    entry = rebalance.api.rebuild_report(demo_copy).report["spectra"]["image_cluster"]["image"]
+    assert entry["method"] == ("moments" if method == "moments" else "sample of 5 rows per group")
+    whole = {"column": "image_cluster", "side": "image", "groups": groups, "d": d, "vocab": None,
+             "method": method, "r": 5 if method == "sample" else None, "partitions": [(0, groups)]}  # fmt: skip
+    seed = rebalance.Spec.from_yaml(demo_copy / "spec.yaml").cluster.seed
+    parts = [
+        dict(stage.part_accumulators(str(demo_copy), i, [whole], seed))
+        for i in range(json.loads((demo_copy / "manifest.json").read_text())["stages"]["embed"]["shards"])
+    ]
+    assert len(parts) == 4
+    for phase in ("before", "after"):
+        merged = functools.reduce(
+            lambda a, b: a.merge(b), [p[("image_cluster", "image", phase, 0)] for p in parts]
+        )
+        eigs, traces = merged.spectra()
+        scores = spectral_scores(eigs, traces, stage.SQS_QUANTILE, valid=merged.valid)
+        top = np.array(entry[phase]["top_eigenvalues"])
+        np.testing.assert_allclose(top, eigs[:, : top.shape[1]], rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(entry[phase]["trace"], scores["trace"], rtol=1e-12)
+        np.testing.assert_allclose(entry[phase]["sqs"], scores["sqs"], rtol=1e-10)
+        np.testing.assert_allclose(entry[phase]["effective_rank"], scores["effective_rank"], rtol=1e-10)
+        assert entry[phase]["rows"] == merged.count.tolist()
+        assert entry[phase]["valid"] == scores["valid"].tolist()
+
+
+def test_spectra_survive_an_actor_lost_between_map_and_reduce(demo_copy, ray_local, monkeypatch, caplog):
+    """An actor that dies after its map calls loses the accumulators it owns: the stage redoes the spectra."""
+    import ray
+
+    from rebalance.runtime.pool import ActorPool
+
+    original, killed = ActorPool.map, []
+
+    def map_then_kill(self, method, items, desc="", unit="shard"):
+        results = original(self, method, items, desc, unit)
+        if desc == "spectra" and not killed:
+            ray.kill(self.actors[0], no_restart=False)  # restarted empty: its objects are gone
+            killed.append(desc)
+        return results
+
+    monkeypatch.setattr(ActorPool, "map", map_then_kill)
+    before = json.loads((demo_copy / "report" / "report.json").read_text())["spectra"]
+    with caplog.at_level(logging.WARNING, logger="rebalance.stages.report"):
+        after = rebalance.api.rebuild_report(demo_copy).report["spectra"]
+    assert killed == ["spectra"]
+    assert "map outputs lost" in caplog.text
+    assert after == before

@@ -153,6 +153,11 @@ class GroupMoments:
         scale = np.divide(1.0, denom, out=np.zeros_like(denom), where=denom > 0)
         return self.m2 * scale[:, None, None]
 
+    def spectra(self, top: int | None = None, unbiased: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Eigenvalues (G, d or top), descending, and traces (G,) of each group's covariance
+        (:func:`group_spectra` of :meth:`covariance`)."""
+        return group_spectra(self.covariance(unbiased), top)
+
 
 @dataclass
 class GroupSample:
@@ -230,6 +235,11 @@ class GroupSample:
     def count(self) -> np.ndarray:
         """(G,) rows kept per group."""
         return np.isfinite(self.priorities).sum(axis=1)
+
+    @property
+    def valid(self) -> np.ndarray:
+        """(G,) bool: at least 2 rows kept, so the sample covariance is informative."""
+        return self.count >= 2
 
     def moments(self) -> GroupMoments:
         """Exact :class:`GroupMoments` of the kept rows (O(G d^2) memory: for small G or tests)."""

@@ -4,9 +4,13 @@
    before and after balancing, and ``clusters/clusters.json``.
 2. Spectra: for every group column of ``report.spectra_by`` and every embedding side, the pool streams the
    parts and accumulates per-group moments (:class:`~rebalance.kernels.spectra.GroupMoments`, float64),
-   unweighted ("before") and weighted by the balance weights ("after"); the driver merges them and computes
-   eigenvalues and scores. When G d^2 float64 values exceed the memory budget, a per-group bottom-r sample
-   (:class:`~rebalance.kernels.spectra.GroupSample`) is kept instead and the report says so.
+   unweighted ("before") and weighted by the balance weights ("after"). When G d^2 float64 values exceed
+   the memory budget, a per-group bottom-r sample (:class:`~rebalance.kernels.spectra.GroupSample`) is kept
+   instead and the report says so. The groups are cut into contiguous partitions of at most
+   ``SPECTRA_PARTITION_BYTES`` of accumulator each; a map call puts one accumulator per (part, partition)
+   in the object store, and a reduce call per partition merges that partition over the parts (in part
+   order) and returns its eigenvalues. The driver receives spectra, O(G d), never a covariance; no process
+   holds more than one partition's accumulators besides its shard.
 3. Truth alignment (``report.truth``): per side and cluster level, the contingency table of clusters
    against the carried ground-truth column, reduced over the parts, and its scores
    (:func:`rebalance.kernels.alignment.alignment_scores`: NMI, purity, the spread of every true label).
@@ -20,30 +24,44 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 
 from rebalance.data.atomic import atomic_write_json
 from rebalance.data.fs import join, read_table
 from rebalance.data.parts import list_parts, read_part
 from rebalance.kernels.alignment import alignment_scores
 from rebalance.kernels.sampling import key_priorities
-from rebalance.kernels.spectra import GroupMoments, GroupSample, group_spectra, spectral_scores
+from rebalance.kernels.spectra import GroupMoments, GroupSample, spectral_scores
 from rebalance.kernels.stats import imbalance_stats
 from rebalance.runtime.manifest import RunDir
-from rebalance.runtime.pool import ActorPool, ShardWorker
+from rebalance.runtime.pool import MAX_RESTARTS, ActorPool, ShardWorker
 from rebalance.spec import Spec, cluster_marginal
 from rebalance.stages.concepts import compute_concepts
 from rebalance.stages.context import StageContext
 
-__all__ = ["build_report", "run_report", "spectra_part", "REPORT_SCHEMA_VERSION", "SPECTRA_BUDGET_BYTES"]
+__all__ = [
+    "build_report",
+    "run_report",
+    "part_accumulators",
+    "reduce_spectra",
+    "REPORT_SCHEMA_VERSION",
+    "SPECTRA_BUDGET_BYTES",
+    "SPECTRA_PARTITION_BYTES",
+]
+
+log = logging.getLogger(__name__)
 
 REPORT_SCHEMA_VERSION = 2
 SPECTRA_BUDGET_BYTES = 256 * 2**20  # per accumulator (one group column, one side, before or after)
+SPECTRA_PARTITION_BYTES = 64 * 2**20  # accumulator bytes of one group partition (one reduce call)
 SQS_QUANTILE = 0.5
 
 
@@ -64,16 +82,19 @@ def _group_vocab(run: RunDir, column: str) -> list[str] | None:
     return sorted(values)
 
 
-def spectra_part(run_root: str, index: int, plan: list[dict[str, Any]], sample_seed: int) -> dict:
-    """Per-group moments (or samples) of one part for every (column, side) of ``plan``, before and after."""
-    emb = read_part(join(run_root, "embeddings"), index)
+def part_accumulators(
+    run_root: str, index: int, plan: list[dict[str, Any]], sample_seed: int
+) -> Iterator[tuple[tuple[str, str, str, int], GroupMoments | GroupSample]]:
+    """Per-group moments (or samples) of one part, one group partition at a time: yields
+    ((column, side, phase, partition), accumulator of that partition's groups, numbered from its start)."""
+    sides = sorted({item["side"] for item in plan})
+    carried = sorted({item["column"] for item in plan if item["vocab"] is not None})
+    emb = read_part(join(run_root, "embeddings"), index, columns=["key", *sides, *carried])
     assignments = read_part(join(run_root, "assignments"), index)
-    weights = read_part(join(run_root, "weights"), index, columns=["weight"]).column("weight")
-    weights = weights.to_numpy()
+    weights = read_part(join(run_root, "weights"), index, columns=["weight"]).column("weight").to_numpy()
     priorities = key_priorities(emb.column("key").to_pylist(), sample_seed)
-    out = {}
     for item in plan:
-        column, side, n_groups = item["column"], item["side"], item["groups"]
+        column, side = item["column"], item["side"]
         if emb.num_rows:
             vectors = emb.column(side).combine_chunks()
             x = vectors.flatten().to_numpy().reshape(len(vectors), vectors.type.list_size)
@@ -85,14 +106,32 @@ def spectra_part(run_root: str, index: int, plan: list[dict[str, Any]], sample_s
             values = pc.fill_null(pc.cast(emb.column(column), pa.string()), "<missing>")
             groups = pc.index_in(values, value_set=pa.array(item["vocab"])).to_numpy(zero_copy_only=False)
             groups = groups.astype(np.int64)
-        for phase, w in (("before", None), ("after", weights)):
-            if item["method"] == "moments":
-                out[(column, side, phase)] = GroupMoments.from_batch(x, groups, n_groups, w)
-            else:
-                out[(column, side, phase)] = GroupSample.from_batch(
-                    x, groups, n_groups, item["r"], priorities, w
-                )
-    return out
+        for p, (lo, hi) in enumerate(item["partitions"]):
+            rows = np.flatnonzero((groups >= lo) & (groups < hi))
+            xp, gp, up = x[rows], groups[rows] - lo, priorities[rows]
+            for phase, w in (("before", None), ("after", weights[rows])):
+                if item["method"] == "moments":
+                    acc = GroupMoments.from_batch(xp, gp, hi - lo, w)
+                else:
+                    acc = GroupSample.from_batch(xp, gp, hi - lo, item["r"], up, w)
+                yield (column, side, phase, p), acc
+
+
+def _put_part(run_root: str, index: int, plan: list[dict[str, Any]], sample_seed: int) -> dict:
+    """Map call: every partition accumulator of one part, put in the object store (this actor owns them)."""
+    return {key: ray.put(acc) for key, acc in part_accumulators(run_root, index, plan, sample_seed)}
+
+
+def reduce_spectra(accumulators: list[GroupMoments | GroupSample | ray.ObjectRef]) -> dict[str, np.ndarray]:
+    """Reduce call: merge one partition's accumulators (objects or references, fetched one at a time) in
+    the order given, and return its spectra: ``eigs`` (G_p, d) descending, ``traces``, ``count`` and
+    ``valid`` (G_p,)."""
+    acc = None
+    for item in accumulators:
+        part = ray.get(item) if isinstance(item, ray.ObjectRef) else item
+        acc = part if acc is None else acc.merge(part)
+    eigs, traces = acc.spectra()
+    return {"eigs": eigs, "traces": traces, "count": acc.count, "valid": acc.valid}
 
 
 def _plan(ctx: StageContext) -> list[dict[str, Any]]:
@@ -111,26 +150,27 @@ def _plan(ctx: StageContext) -> list[dict[str, Any]]:
             item = {"column": column, "side": side, "groups": n_groups, "d": d, "vocab": vocab}
             if GroupMoments.nbytes_for(n_groups, d) <= SPECTRA_BUDGET_BYTES:
                 item.update(method="moments", r=None)
+                group_bytes = GroupMoments.nbytes_for(1, d)
             else:
-                item.update(
-                    method="sample", r=max(2, GroupSample.rows_for_budget(n_groups, d, SPECTRA_BUDGET_BYTES))
-                )
+                r = max(2, GroupSample.rows_for_budget(n_groups, d, SPECTRA_BUDGET_BYTES))
+                item.update(method="sample", r=r)
+                group_bytes = r * (d + 2) * 8
+            item["partitions"] = _partitions(n_groups, group_bytes, ctx.workers(len(ctx.shards)))
             plan.append(item)
     return plan
 
 
-def _merge(a: dict, b: dict) -> dict:
-    return {key: a[key].merge(b[key]) for key in a}
+def _partitions(n_groups: int, group_bytes: int, workers: int) -> list[tuple[int, int]]:
+    """Contiguous group ranges [lo, hi) of at most SPECTRA_PARTITION_BYTES of accumulator each, and at
+    least ``workers`` of them (when there are that many groups), so that the reduce runs in parallel."""
+    size = max(1, min(SPECTRA_PARTITION_BYTES // group_bytes, math.ceil(n_groups / max(1, workers))))
+    return [(lo, min(lo + size, n_groups)) for lo in range(0, n_groups, size)]
 
 
-def _scores(acc: GroupMoments | GroupSample, top: int) -> dict[str, Any]:
-    if isinstance(acc, GroupMoments):
-        eigs, traces = group_spectra(acc.covariance())
-        counts, valid = acc.count, acc.valid
-    else:
-        eigs, traces = acc.spectra()
-        counts = acc.count
-        valid = counts >= 2
+def _scores(spectra: list[dict[str, np.ndarray]], top: int) -> dict[str, Any]:
+    """Scores of all groups from the spectra of the partitions, in group order."""
+    eigs, traces, counts, valid = (np.concatenate([s[name] for s in spectra]) for name in
+                                   ("eigs", "traces", "count", "valid"))  # fmt: skip
     scores = spectral_scores(eigs, traces, SQS_QUANTILE, valid=valid)
     per_group = {name: scores[name] for name in ("sqs", "trace", "top_share", "effective_rank")}
     summary = {k: v for k, v in scores.items() if k not in per_group and k not in ("valid", "quantile")}
@@ -156,15 +196,41 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def _map_reduce(ctx: StageContext, fn: functools.partial, keys: list[tuple]) -> list[dict[str, np.ndarray]]:
+    """The map calls (one per part), then the reduce calls (one per key), on one pool: its actors own the
+    map outputs, which are lost with them."""
+    with ActorPool(ShardWorker, ctx.workers(len(ctx.shards))) as pool:
+        parts = pool.map("call", [(fn, s.index) for s in ctx.shards], "spectra")
+        items = [(reduce_spectra, [part[key] for part in parts]) for key in keys]
+        del parts
+        return pool.map("call", items, "spectra reduce", "group")
+
+
 def compute_spectra(ctx: StageContext) -> dict[str, Any]:
     """Per-group spectra and scores for every (spectra_by column, side), before and after balancing."""
     plan = _plan(ctx)
     if not plan:
         return {}
-    fn = functools.partial(spectra_part, str(ctx.run.root), plan=plan, sample_seed=ctx.spec.cluster.seed)
-    with ActorPool(ShardWorker, ctx.workers(len(ctx.shards))) as pool:
-        parts = pool.map("call", [(fn, s.index) for s in ctx.shards], "spectra")
-    merged = functools.reduce(_merge, parts)
+    fn = functools.partial(_put_part, str(ctx.run.root), plan=plan, sample_seed=ctx.spec.cluster.seed)
+    keys = [
+        (item["column"], item["side"], phase, p)
+        for item in plan
+        for phase in ("before", "after")
+        for p in range(len(item["partitions"]))
+    ]
+    for attempt in range(MAX_RESTARTS + 1):
+        try:
+            reduced = _map_reduce(ctx, fn, keys)
+            break
+        except ray.exceptions.ObjectLostError:  # an actor (or its node) died between map and reduce
+            if attempt == MAX_RESTARTS:
+                raise
+            log.warning(
+                "report: map outputs lost with their actor; redoing the spectra (attempt %d)", attempt + 2
+            )
+    spectra: dict[tuple, list] = {}
+    for (column, side, phase, _), result in zip(keys, reduced, strict=True):
+        spectra.setdefault((column, side, phase), []).append(result)
     out: dict[str, Any] = {}
     for item in plan:
         entry = {
@@ -176,7 +242,7 @@ def compute_spectra(ctx: StageContext) -> dict[str, Any]:
         }
         for phase in ("before", "after"):
             entry[phase] = _scores(
-                merged[(item["column"], item["side"], phase)], ctx.spec.report.top_eigenvalues
+                spectra[(item["column"], item["side"], phase)], ctx.spec.report.top_eigenvalues
             )
         out.setdefault(item["column"], {})[item["side"]] = entry
     return out
