@@ -29,8 +29,13 @@ def _balance(run, balance: dict) -> tuple[dict[str, float], dict]:
         {"marginals": ["image_cluster", "source"], "tol": 1e-10},
         {"marginals": ["image_cluster", "text_cluster", "source"], "iterations": 7, "max_weight": 4.0},
         {"marginals": ["label", "image_cluster"], "target": {"power": 0.5}, "iterations": 50},
+        {
+            "marginals": ["image_cluster", "text_cluster", "source"],
+            "relax": {"image_cluster": 1.0, "text_cluster": 3.0},
+            "tol": 1e-10,
+        },
     ],
-    ids=["two-marginals", "three-fixed-clipped", "carried-tempered"],
+    ids=["two-marginals", "three-fixed-clipped", "carried-tempered", "relaxed"],
 )
 def test_row_path_gives_the_cell_paths_weights(demo_copy, ray_local, balance):
     cell, cell_record = _balance(demo_copy, {**balance, "path": "cell"})

@@ -175,6 +175,7 @@ def fit(
             tol=spec.tol,
             max_iter=spec.max_iter,
             omega=spec.overrelaxation,
+            relax=[spec.relax_for(m) for m in marginals],
         )
     except MissingMassError as err:
         labels = values[err.marginal].take(pa.array(err.labels)).to_pylist()
@@ -218,6 +219,7 @@ def fit_record(result: IPFResult, spec: BalanceSpec, values: list[pa.Array]) -> 
         "final_marginal_error": dict(zip(marginals, result.errors[-1].tolist(), strict=True)),
         "overrelaxation": spec.overrelaxation,
         "omega_per_iteration": result.omegas.tolist(),
+        "relax": {m: "exact" if spec.relax_for(m) is None else spec.relax_for(m) for m in marginals},
     }
     if not result.converged and spec.iterations == "auto":
         worst = [
