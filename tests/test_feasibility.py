@@ -36,5 +36,7 @@ def test_zero_mass_cells_are_not_support_and_full_tables_are_feasible():
 
 
 def test_needed_weights():
-    np.testing.assert_allclose(needed_weights([90, 9, 1], [1 / 3, 1 / 3, 1 / 3]), [100 / 270, 100 / 27, 100 / 3])
+    np.testing.assert_allclose(
+        needed_weights([90, 9, 1], [1 / 3, 1 / 3, 1 / 3]), [100 / 270, 100 / 27, 100 / 3]
+    )
     assert needed_weights([5, 0], [0.5, 0.5])[1] == np.inf and needed_weights([5, 5], [1.0, 0.0])[1] == 0

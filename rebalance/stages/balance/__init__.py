@@ -37,7 +37,7 @@ from rebalance.data.atomic import atomic_write_json
 from rebalance.kernels.scaling import Scaling
 from rebalance.spec import DUP_GROUP, cluster_marginal
 from rebalance.stages.balance.diagnostics import diagnose
-from rebalance.stages.balance.fit import CellParts, Labelled, RowParts, fit, fit_record
+from rebalance.stages.balance.fit import CellParts, Labelled, RowParts, check, fit, fit_record
 from rebalance.stages.balance.soft import soft_labels
 from rebalance.stages.balance.survey import (
     BalanceError,
@@ -108,6 +108,7 @@ def run_balance(ctx: StageContext) -> dict[str, Any]:
             total = n_rows if base is None else float(np.exp(base) @ counts[-1])
             parts = RowParts([(root, i, marginals, values, total, base) for i in indices], workers)
         with parts:
+            record["feasibility"] = check(parts, spec, values, counts, targets)
             result = fit(parts, spec, values, counts, targets)
             scaling = scaling_of(result, parts, spec, n_rows)
             diagnostics = diagnose(parts, scaling, spec, values, targets, result.passes)

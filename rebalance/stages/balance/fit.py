@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 
+from rebalance.kernels.feasibility import needed_weights, support_flow
 from rebalance.kernels.ipf import (
     IPFResult,
     MissingMassError,
@@ -38,7 +39,10 @@ from rebalance.runtime.resident import ResidentParts
 from rebalance.spec import DUP_GROUP, BalanceSpec
 from rebalance.stages.balance.survey import BalanceError, dup_base, encode_labels, load_labels, marginal_order
 
-__all__ = ["CellParts", "Labelled", "RowParts", "fit", "fit_record"]
+__all__ = ["NEEDED_WEIGHT_WARNING", "CellParts", "Labelled", "RowParts", "check", "fit", "fit_record"]
+
+NEEDED_WEIGHT_WARNING = 100.0
+"""An exact marginal whose values need a mean weight above this (t(l) / p(l)) is reported before IPF."""
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +153,68 @@ class RowParts(ResidentParts):
         if base is not None:
             counts = self.reduce(_start_sums, sizes, combine=_add_lists)
         return ipf_driver(step, counts[: len(targets)], targets, **options)
+
+
+def check(
+    parts: CellParts | RowParts,
+    spec: BalanceSpec,
+    values: list[pa.Array],
+    counts: list[np.ndarray],
+    targets: list[np.ndarray],
+) -> dict[str, Any]:
+    """Diagnose exact targets before any pass (:mod:`rebalance.kernels.feasibility`); the ``feasibility``
+    record of ``balance.json``.
+
+    Every exact marginal: the largest mean weight t(l) / p(l) its values need (a lower bound on the
+    largest weight of any exact solution), logged as a warning above :data:`NEEDED_WEIGHT_WARNING`. Two
+    exact marginals on the cell path: the flow check on the support; targets it cannot carry are a
+    :class:`BalanceError` naming the values (with ``allow_partial``, a warning), before any pass.
+    """
+    marginals = list(spec.marginals)
+    exact = [m for m, name in enumerate(marginals) if spec.relax_for(name) is None]
+    record: dict[str, Any] = {"needed_weight": {}, "flow": None}
+    for m in exact:
+        need = needed_weights(counts[m], targets[m])
+        worst = int(np.argmax(need))
+        record["needed_weight"][marginals[m]] = {
+            "value": values[m][worst].as_py(),
+            "weight": float(need[worst]),
+        }
+        if need[worst] > NEEDED_WEIGHT_WARNING:
+            log.warning(
+                "balance: exact target of %r needs mean weight %.1f on value %r (%d rows); consider "
+                "balance.relax",
+                marginals[m],
+                need[worst],
+                values[m][worst].as_py(),
+                int(counts[m][worst]),
+            )
+    if len(marginals) != 2 or len(exact) != 2:
+        record["flow"] = {"checked": False, "reason": "only two exact marginals are checked"}
+        return record
+    if not isinstance(parts, CellParts):
+        record["flow"] = {"checked": False, "reason": "the row path holds no cell table"}
+        return record
+    flow = support_flow(parts.state.codes, parts.state.counts, targets[0], targets[1])
+    record["flow"] = {"checked": True, "feasible": flow.feasible, "placed": flow.placed}
+    if flow.feasible:
+        return record
+    rows = values[0].take(pa.array(flow.rows)).to_pylist()
+    cols = values[1].take(pa.array(flow.cols)).to_pylist()
+    message = (
+        f"balance targets cannot be met on the data's support: the cells of {marginals[0]} values "
+        f"{rows[:20]}{' ...' if len(rows) > 20 else ''} (target mass {flow.need:.4g}) only reach "
+        f"{marginals[1]} values {cols[:20]}{' ...' if len(cols) > 20 else ''} (target mass {flow.reach:.4g}); "
+        f"at most {flow.placed:.4%} of the target mass can be placed. Lower those targets, or set "
+        "balance.relax to a strength (always solvable)"
+    )
+    record["flow"].update(
+        values={marginals[0]: rows, marginals[1]: cols}, need=flow.need, reach=flow.reach, error=message
+    )
+    if not spec.allow_partial:
+        raise BalanceError(message)
+    log.warning("%s (allow_partial: iterating anyway)", message)
+    return record
 
 
 def fit(
