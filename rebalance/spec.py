@@ -332,6 +332,9 @@ class BalanceSpec:
     marginal, or a mapping from marginal to a number or ``exact``; marginals it leaves out are exact):
     minimise KL(q || p) + sum_m rho_m KL(q_m || t_m), which always has a solution (relaxed marginals,
     :mod:`rebalance.kernels.ipf`); rho = 0 leaves the data as it is, larger rho comes closer to the target.
+    ``min_ess``: a floor on the ESS as a fraction of the rows: the balancing is the strongest whose ESS
+    stays at or above it, ``relax`` as given if that meets it, else one strength rho for every marginal,
+    the largest in [1e-3, 1e3] found by bisection on log rho (the frontier tried is in ``balance.json``).
     """
 
     marginals: tuple[str, ...] | None = None
@@ -348,6 +351,7 @@ class BalanceSpec:
     soft: SoftSpec | None = None
     overrelaxation: float | Literal["auto"] = "auto"
     relax: float | Literal["exact"] | dict[str, float | Literal["exact"]] = "exact"
+    min_ess: float | None = None
 
     def __post_init__(self) -> None:
         if self.level < 0:
@@ -378,6 +382,10 @@ class BalanceSpec:
                 "balance.max_weight", "must be >= 1 (weights have mean 1) or null", self.max_weight
             )
 
+        if self.min_ess is not None and not 0 < self.min_ess <= 1:
+            raise SpecError(
+                "balance.min_ess", "must be a fraction of the rows in (0, 1] or null", self.min_ess
+            )
         strengths = self.relax if isinstance(self.relax, dict) else {}
         for name, rho in strengths.items():
             if name not in self.marginals:

@@ -110,3 +110,31 @@ def test_soft_on_an_absent_side_or_too_many_labels_is_refused(demo_copy, ray_loc
         rebalance.run(spec, demo_copy)
     with pytest.raises(rebalance.SpecError, match="balance.soft.temperature"):
         rebalance.Spec.from_dict({**spec, "balance": {"soft": {"temperature": 0}}})
+
+
+def test_min_ess_finds_the_strongest_balancing_above_the_floor(demo_copy, ray_local):
+    _, exact = _balance(demo_copy, {"marginals": ["image_cluster", "text_cluster"], "tol": 1e-9})
+    floor = 0.5 * (exact["ess_fraction"] + 1)  # exact balancing falls below it: a strength is searched
+    _, record = _balance(
+        demo_copy, {"marginals": ["image_cluster", "text_cluster"], "tol": 1e-9, "min_ess": floor}
+    )
+    search = record["min_ess"]
+    assert (
+        search["met"]
+        and isinstance(search["rho"], float)
+        and record["relax"] == {"image_cluster": "exact", "text_cluster": "exact"}
+    )
+    assert (
+        record["ess_fraction"] == pytest.approx(search["ess_fraction"], rel=1e-9)
+        and record["ess_fraction"] >= floor
+    )
+    frontier = search["frontier"]
+    assert frontier[0]["rho"] == "exact" and frontier[0]["ess"] == pytest.approx(
+        exact["ess_fraction"], rel=1e-9
+    )
+    assert frontier[0]["max_weight"] == pytest.approx(exact["max_weight_value"], rel=1e-9)
+    chosen = [p for p in frontier if p["rho"] == search["rho"]]
+    assert chosen and chosen[0]["max_weight"] == pytest.approx(record["max_weight_value"], rel=1e-9)
+    # every stronger strength tried fell below the floor
+    assert all(p["ess"] < floor for p in frontier[1:] if p["rho"] > search["rho"])
+    assert set(frontier[1]["marginal_error"]) == {"image_cluster", "text_cluster"}

@@ -148,3 +148,30 @@ def test_relax_input_errors():
         ipf(codes, mass, t, relax=[1.0, 1.0])
     with pytest.raises(ValueError, match=">= 0"):
         ipf(codes, mass, t, relax=[-1.0])
+
+
+def test_strongest_within_an_ess_floor():
+    from rebalance.kernels.ipf import ess, strongest_within
+
+    rng = np.random.default_rng(7)
+    rows = np.stack([rng.zipf(1.5, 3000) % 12, rng.zipf(1.5, 3000) % 9], axis=1)
+    cells, counts = np.unique(rows, axis=0, return_counts=True)
+    targets = [np.full(12, 1 / 12), np.full(9, 1 / 9)]
+
+    def solve(rho):
+        return ipf(cells, counts.astype(float), targets, relax=None if rho is None else [rho, rho], tol=1e-10)
+
+    def ess_of(result):
+        return ess(result.mass / counts, counts) / counts.sum()
+
+    exact_ess = ess_of(solve(None))
+    rho, result, frontier = strongest_within(solve, ess_of, exact_ess - 1e-9)
+    assert rho is None and len(frontier) == 1  # exact already meets the floor
+    floor = 0.5 * (exact_ess + 1.0)
+    rho, result, frontier = strongest_within(solve, ess_of, floor, steps=12)
+    assert rho is not None and ess_of(result) >= floor
+    # the strongest: a slightly larger strength falls below the floor (ESS decreases in rho)
+    assert ess_of(solve(rho * 1.05)) < floor
+    assert frontier[0]["rho"] == "exact" and all(f["ess"] >= floor for f in frontier if f["rho"] == rho)
+    tried = sorted((f["rho"], f["ess"]) for f in frontier[1:])
+    assert all(a[1] >= b[1] for a, b in zip(tried, tried[1:], strict=False))

@@ -76,6 +76,7 @@ __all__ = [
     "label_sums",
     "marginal_errors",
     "prepare_codes",
+    "strongest_within",
 ]
 
 
@@ -630,3 +631,59 @@ def ipf_rows(
         w *= scale
     result.weights = weights
     return result
+
+
+def strongest_within(
+    solve: Callable[[float | None], IPFResult],
+    ess_of: Callable[[IPFResult], float],
+    floor: float,
+    *,
+    lo: float = 1e-3,
+    hi: float = 1e3,
+    steps: int = 10,
+) -> tuple[float | None, IPFResult, list[dict]]:
+    """The strongest balancing whose ESS fraction stays at or above ``floor``: exact if it does, else the
+    largest relaxation strength rho in [lo, hi] found by bisection on log rho (ESS falls as rho grows).
+
+    solve(rho): the balancing with every marginal at strength rho (None: exact). ess_of(result): its ESS
+    as a fraction of the rows. Returns (rho or None, that result, the frontier: one record per strength
+    tried, {rho, ess, max_weight?, marginal_error, converged} in the order tried; ``max_weight`` is left
+    to the caller). When even ``lo`` is below the floor, returns ``lo``'s result (the floor cannot be met
+    by balancing at all; the caller reports it).
+    """
+    if not 0 < floor <= 1:
+        raise ValueError(f"the ESS floor must be in (0, 1], got {floor}")
+    frontier: list[dict] = []
+
+    def attempt(rho: float | None) -> tuple[IPFResult, float]:
+        result = solve(rho)
+        value = ess_of(result)
+        frontier.append(
+            {
+                "rho": "exact" if rho is None else rho,
+                "ess": value,
+                "marginal_error": result.errors[-1].tolist(),
+                "converged": result.converged,
+                "passes": result.passes,
+            }
+        )
+        return result, value
+
+    result, value = attempt(None)
+    if value >= floor:
+        return None, result, frontier
+    best: tuple[float, IPFResult] | None = None
+    log_lo, log_hi = np.log(lo), np.log(hi)
+    result, value = attempt(lo)
+    if value < floor:
+        return lo, result, frontier
+    best = (lo, result)
+    for _ in range(steps):
+        mid = 0.5 * (log_lo + log_hi)
+        rho = float(np.exp(mid))
+        result, value = attempt(rho)
+        if value >= floor:
+            best, log_lo = (rho, result), mid
+        else:
+            log_hi = mid
+    return best[0], best[1], frontier

@@ -109,7 +109,7 @@ def run_balance(ctx: StageContext) -> dict[str, Any]:
             parts = RowParts([(root, i, marginals, values, total, base) for i in indices], workers)
         with parts:
             record["feasibility"] = check(parts, spec, values, counts, targets)
-            result = fit(parts, spec, values, counts, targets)
+            result, search = fit(parts, spec, values, counts, targets)
             scaling = scaling_of(result, parts, spec, n_rows)
             diagnostics = diagnose(parts, scaling, spec, values, targets, result.passes)
     except BalanceError as err:
@@ -119,6 +119,8 @@ def run_balance(ctx: StageContext) -> dict[str, Any]:
     record.update(fit_record(result, spec, values), scaling=labelled.to_dict(), **diagnostics)
     if DUP_GROUP in marginals:  # not fitted: its error per group size, from the weights
         record["final_marginal_error"][DUP_GROUP] = record.pop("dup_group_error")
+    if search is not None:
+        record["min_ess"] = search
     if not result.converged and spec.iterations == "auto":
         if not spec.allow_partial:
             atomic_write_json(record, ctx.run.path("balance.json"))
