@@ -16,9 +16,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 import rebalance
+from rebalance.data.parts import read_parts
 from rebalance.stages.balance import BalanceError
 
 
@@ -34,7 +34,7 @@ def main() -> None:
     print(
         f"{'arm':>8} {'conv':>5} {'passes':>6} {'ESS':>6} {'max w':>8} {'TV raw':>7} {'TV bal':>7} {'starved':>7}"
     )
-    table = pq.read_table(args.run / "embeddings", columns=["key", args.concept])
+    table = read_parts(args.run / "embeddings", columns=["key", args.concept])
     keys, labels = table.column("key").to_pylist(), np.array(table.column(args.concept).to_pylist())
     for rho in [None, *args.rho]:
         spec = dict(base)
