@@ -641,6 +641,7 @@ def strongest_within(
     lo: float = 1e-3,
     hi: float = 1e3,
     steps: int = 10,
+    exact: bool = True,
 ) -> tuple[float | None, IPFResult, list[dict]]:
     """The strongest balancing whose ESS fraction stays at or above ``floor``: exact if it does, else the
     largest relaxation strength rho in [lo, hi] found by bisection on log rho (ESS falls as rho grows).
@@ -649,7 +650,8 @@ def strongest_within(
     as a fraction of the rows. Returns (rho or None, that result, the frontier: one record per strength
     tried, {rho, ess, max_weight?, marginal_error, converged} in the order tried; ``max_weight`` is left
     to the caller). When even ``lo`` is below the floor, returns ``lo``'s result (the floor cannot be met
-    by balancing at all; the caller reports it).
+    by balancing at all; the caller reports it). ``exact=False`` skips the exact attempt (targets known
+    to be infeasible).
     """
     if not 0 < floor <= 1:
         raise ValueError(f"the ESS floor must be in (0, 1], got {floor}")
@@ -669,10 +671,10 @@ def strongest_within(
         )
         return result, value
 
-    result, value = attempt(None)
-    if value >= floor:
-        return None, result, frontier
-    best: tuple[float, IPFResult] | None = None
+    if exact:
+        result, value = attempt(None)
+        if value >= floor:
+            return None, result, frontier
     log_lo, log_hi = np.log(lo), np.log(hi)
     result, value = attempt(lo)
     if value < floor:

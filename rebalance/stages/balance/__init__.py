@@ -109,7 +109,8 @@ def run_balance(ctx: StageContext) -> dict[str, Any]:
             parts = RowParts([(root, i, marginals, values, total, base) for i in indices], workers)
         with parts:
             record["feasibility"] = check(parts, spec, values, counts, targets)
-            result, search = fit(parts, spec, values, counts, targets)
+            flow = record["feasibility"]["flow"]
+            result, search = fit(parts, spec, values, counts, targets, flow.get("feasible", True))
             scaling = scaling_of(result, parts, spec, n_rows)
             diagnostics = diagnose(parts, scaling, spec, values, targets, result.passes)
     except BalanceError as err:

@@ -212,9 +212,11 @@ def check(
     record["flow"].update(
         values={marginals[0]: rows, marginals[1]: cols}, need=flow.need, reach=flow.reach, error=message
     )
-    if not spec.allow_partial:
+    if not spec.allow_partial and spec.min_ess is None:
         raise BalanceError(message)
-    log.warning("%s (allow_partial: iterating anyway)", message)
+    log.warning(
+        "%s (%s)", message, "allow_partial: iterating anyway" if spec.min_ess is None else "min_ess: relaxing"
+    )
     return record
 
 
