@@ -329,6 +329,13 @@ class BalanceSpec:
     ``marginals`` left unset (None) is filled in by :class:`Spec`: ``<side>_cluster_L`` of image and text
     at ``level`` L (0, the default, is the base clusters: ``image_cluster``, ``text_cluster``; L >= 1 a
     level of ``cluster.levels``), after ``dup_group`` when the spec has a ``dedup`` section.
+    ``relax``: ``exact`` (each marginal meets its target) or a strength rho >= 0 (one number for every
+    marginal, or a mapping from marginal to a number or ``exact``; marginals it leaves out are exact):
+    minimise KL(q || p) + sum_m rho_m KL(q_m || t_m), which always has a solution (relaxed marginals,
+    :mod:`rebalance.kernels.ipf`); rho = 0 leaves the data as it is, larger rho comes closer to the target.
+    ``min_ess``: a floor on the ESS as a fraction of the rows: the balancing is the strongest whose ESS
+    stays at or above it, ``relax`` as given if that meets it, else one strength rho for every marginal,
+    the largest in [1e-3, 1e3] found by bisection on log rho (the frontier tried is in ``balance.json``).
     """
 
     marginals: tuple[str, ...] | None = None
@@ -344,6 +351,8 @@ class BalanceSpec:
     max_cells: int = 4_000_000
     soft: SoftSpec | None = None
     overrelaxation: float | Literal["auto"] = "auto"
+    relax: float | Literal["exact"] | dict[str, float | Literal["exact"]] = "exact"
+    min_ess: float | None = None
 
     def __post_init__(self) -> None:
         if self.level < 0:
@@ -373,6 +382,26 @@ class BalanceSpec:
             raise SpecError(
                 "balance.max_weight", "must be >= 1 (weights have mean 1) or null", self.max_weight
             )
+
+        if self.min_ess is not None and not 0 < self.min_ess <= 1:
+            raise SpecError(
+                "balance.min_ess", "must be a fraction of the rows in (0, 1] or null", self.min_ess
+            )
+        strengths = self.relax if isinstance(self.relax, dict) else {}
+        for name, rho in strengths.items():
+            if name not in self.marginals:
+                raise SpecError(f"balance.relax.{name}", "is not one of balance.marginals", name)
+            if rho != "exact" and not rho >= 0:
+                raise SpecError(f"balance.relax.{name}", "must be a number >= 0 or 'exact'", rho)
+        if not isinstance(self.relax, dict) and self.relax != "exact" and not self.relax >= 0:
+            raise SpecError(
+                "balance.relax", "must be a number >= 0, 'exact' or a mapping of them", self.relax
+            )
+
+    def relax_for(self, marginal: str) -> float | None:
+        """The relaxation strength rho of one marginal, None when it is exact."""
+        rho = self.relax.get(marginal, "exact") if isinstance(self.relax, dict) else self.relax
+        return None if rho == "exact" else float(rho)
 
     def target_for(self, marginal: str) -> Target:
         """The target of one marginal: its override in ``targets``, else ``target``."""

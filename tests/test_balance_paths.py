@@ -29,8 +29,13 @@ def _balance(run, balance: dict) -> tuple[dict[str, float], dict]:
         {"marginals": ["image_cluster", "source"], "tol": 1e-10},
         {"marginals": ["image_cluster", "text_cluster", "source"], "iterations": 7, "max_weight": 4.0},
         {"marginals": ["label", "image_cluster"], "target": {"power": 0.5}, "iterations": 50},
+        {
+            "marginals": ["image_cluster", "text_cluster", "source"],
+            "relax": {"image_cluster": 1.0, "text_cluster": 3.0},
+            "tol": 1e-10,
+        },
     ],
-    ids=["two-marginals", "three-fixed-clipped", "carried-tempered"],
+    ids=["two-marginals", "three-fixed-clipped", "carried-tempered", "relaxed"],
 )
 def test_row_path_gives_the_cell_paths_weights(demo_copy, ray_local, balance):
     cell, cell_record = _balance(demo_copy, {**balance, "path": "cell"})
@@ -105,3 +110,28 @@ def test_soft_on_an_absent_side_or_too_many_labels_is_refused(demo_copy, ray_loc
         rebalance.run(spec, demo_copy)
     with pytest.raises(rebalance.SpecError, match="balance.soft.temperature"):
         rebalance.Spec.from_dict({**spec, "balance": {"soft": {"temperature": 0}}})
+
+
+def test_min_ess_finds_the_strongest_balancing_above_the_floor(demo_copy, ray_local):
+    # image x text clusters toward uniform cannot be met on the demo's support: the exact attempt is
+    # skipped and the search relaxes both marginals to the strongest strength above the floor
+    floor = 0.8
+    _, record = _balance(
+        demo_copy, {"marginals": ["image_cluster", "text_cluster"], "tol": 1e-9, "min_ess": floor}
+    )
+    search = record["min_ess"]
+    assert record["feasibility"]["flow"]["feasible"] is False
+    assert search["met"] and isinstance(search["rho"], float) and record["converged"]
+    assert (
+        record["ess_fraction"] == pytest.approx(search["ess_fraction"], rel=1e-9)
+        and record["ess_fraction"] >= floor
+    )
+    frontier = search["frontier"]
+    assert frontier[0]["rho"] == pytest.approx(1e-3) and "exact" not in [p["rho"] for p in frontier]
+    chosen = [p for p in frontier if p["rho"] == search["rho"]]
+    assert chosen and chosen[0]["max_weight"] == pytest.approx(record["max_weight_value"], rel=1e-9)
+    assert chosen[0]["ess"] == pytest.approx(record["ess_fraction"], rel=1e-9)
+    # every stronger strength tried fell below the floor, and one did
+    stronger = [p["ess"] for p in frontier if p["rho"] > search["rho"]]
+    assert stronger and all(e < floor for e in stronger)
+    assert set(frontier[1]["marginal_error"]) == {"image_cluster", "text_cluster"}

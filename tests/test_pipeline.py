@@ -140,9 +140,9 @@ def test_balance_on_carried_column_with_tempered_target(demo_copy, ray_local):
     np.testing.assert_allclose(weights, (target / (counts / len(weights)))[inverse], rtol=1e-12)
 
 
-def test_incompatible_marginals_fail_unless_partial_allowed(demo_copy, ray_local):
+def test_incompatible_marginals_fail_up_front_unless_partial_allowed(demo_copy, ray_local):
     # Image clusters follow the concept labels closely, so uniform image clusters and sqrt-tempered labels
-    # cannot both hold: IPF must stop at max_iter and say which values are off.
+    # cannot both hold on the support: the flow check says so before any pass and names the values.
     spec = rebalance.Spec.from_yaml(demo_copy / "spec.yaml").to_dict()
     spec["balance"] = {
         "marginals": ["image_cluster", "label"],
@@ -150,15 +150,26 @@ def test_incompatible_marginals_fail_unless_partial_allowed(demo_copy, ray_local
         "targets": {"image_cluster": "uniform"},
         "max_iter": 300,
     }
-    with pytest.raises(BalanceError, match="did not reach tol") as info:
+    with pytest.raises(BalanceError, match="cannot be met on the data's support") as info:
         rebalance.run(spec, demo_copy)
-    assert "image_cluster:" in str(info.value) and "allow_partial" in str(info.value)
+    assert "balance.relax" in str(info.value) and "of the target mass can be placed" in str(info.value)
     record = json.loads((demo_copy / "balance.json").read_text())
-    assert record["converged"] is False and len(record["marginal_error_per_iteration"]) == 301
+    assert record["converged"] is False and "marginal_error_per_iteration" not in record
+    # allow_partial: iterate anyway, stop at max_iter, say which values are off and keep the weights
     spec["balance"]["allow_partial"] = True
     result = rebalance.run(spec, demo_copy)
     assert result.report["balance"]["converged"] is False
+    record = json.loads((demo_copy / "balance.json").read_text())
+    assert len(record["marginal_error_per_iteration"]) == 301 and "image_cluster:" in record["error"]
+    assert record["feasibility"]["flow"]["feasible"] is False
+    assert 0 < record["feasibility"]["flow"]["placed"] < 1
     assert result.weights.column("weight").to_numpy().mean() == pytest.approx(1, abs=1e-12)
+    # relaxed: the same targets always have a solution
+    spec["balance"] = {**spec["balance"], "allow_partial": False, "relax": 1.0}
+    result = rebalance.run(spec, demo_copy)
+    record = json.loads((demo_copy / "balance.json").read_text())
+    assert record["converged"] is True and record["relax"] == {"image_cluster": 1.0, "label": 1.0}
+    assert record["feasibility"]["flow"]["checked"] is False
 
 
 def test_missing_mass_fails_with_named_values(demo_copy, ray_local):

@@ -66,6 +66,10 @@ def test_full_spec(data_dir):
         ({"balance": {"max_weight": 0.5}}, "balance.max_weight", "0.5"),
         ({"balance": {"overrelaxation": 2.0}}, "balance.overrelaxation", "2.0"),
         ({"balance": {"overrelaxation": "fast"}}, "balance.overrelaxation", "'fast'"),
+        ({"balance": {"relax": -1}}, "balance.relax", "-1"),
+        ({"balance": {"relax": "soft"}}, "balance.relax", "'soft'"),
+        ({"balance": {"relax": {"label": 1.0}}}, "balance.relax.label", "label"),
+        ({"balance": {"relax": {"image_cluster": -0.5}}}, "balance.relax.image_cluster", "-0.5"),
     ],
 )
 def test_bad_values_name_field_and_value(data_dir, patch, field, shown):
@@ -132,3 +136,13 @@ def test_weights_target_from_file(data_dir, tmp_path):
     assert spec.balance.target.value == {"web": 2.0, "stock": 1.0}
     with pytest.raises(SpecError, match=r"'balance.target.weights': file does not exist"):
         Spec.from_dict({"data": {"path": data_dir}, "balance": {"target": {"weights": str(tmp_path / "x")}}})
+
+
+def test_relax_per_marginal(data_dir):
+    spec = Spec.from_dict({"data": {"path": data_dir}, "balance": {"relax": {"image_cluster": 2}}})
+    assert spec.balance.relax_for("image_cluster") == 2.0 and spec.balance.relax_for("text_cluster") is None
+    assert Spec.from_dict(spec.to_dict()) == spec
+    scalar = Spec.from_dict({"data": {"path": data_dir}, "balance": {"relax": 0.5}})
+    assert [scalar.balance.relax_for(m) for m in scalar.balance.marginals] == [0.5, 0.5]
+    exact = Spec.from_dict({"data": {"path": data_dir}, "balance": {"relax": "exact"}})
+    assert exact.balance.relax_for("image_cluster") is None

@@ -30,6 +30,20 @@ successive over-relaxation and re-estimates rho from the accelerated rate lambda
 rate says it is below the optimum; if the error stops improving it falls back to plain passes, which
 converge from any scaling. A fixed number of passes (``iterations=k``) is always plain IPF: the k-step
 measure is defined by the plain projections.
+
+*Relaxed marginals* (``relax``: a strength rho_m >= 0 per marginal, None for an exact one) replace the
+constraint q_m = t_m by a penalty: the result minimises KL(q || p) + sum_m rho_m KL(q_m || t_m) over
+q = p * prod_m f_m(l_m) (generalised KL of unnormalised measures; the soft-marginal / unbalanced problem of
+Chizat, Peyre, Schmitzer and Vialard 2018 and Frogner et al. 2015), which always has a solution. Step m
+*sets* the factor f_m = (t_m / r_m)^(rho_m / (1 + rho_m)), r_m the m-th marginal of p * prod_{m' != m}
+f_m' (the current marginal divided by the old f_m), so its ratio to the old factor is
+(t_m / q_m)^a f_m^(a - 1), a = rho_m / (1 + rho_m). (Multiplying (t_m / q_m)^a onto the accumulated
+factors instead would converge to the exact problem.) rho -> inf is an exact projection (a = 1), rho = 0
+leaves f_m = 1. At the solution log f_m = rho_m (log t_m - log q_m). Passes with a relaxed marginal are
+never over-relaxed. The stopping rule measures, per marginal, the total variation between its marginal
+right after its own step and at the end of the pass (both over the end-of-pass total): for an exact
+marginal that is the error to t_m, for a relaxed one the fixed-point residual; ``errors`` always reports
+the distance to the targets, which a relaxed marginal keeps by design.
 """
 
 from __future__ import annotations
@@ -62,6 +76,7 @@ __all__ = [
     "label_sums",
     "marginal_errors",
     "prepare_codes",
+    "strongest_within",
 ]
 
 
@@ -131,14 +146,16 @@ def ipf(
     tol: float = 1e-6,
     max_iter: int = 1000,
     omega: Omega = "auto",
+    relax: Sequence[float | None] | None = None,
 ) -> IPFResult:
     """Balance ``mass`` on cells toward ``targets``.
 
     codes: (C, M) integer labels of each cell, codes[:, m] in [0, K_m). mass: (C,) non-negative initial
     measure (normalised here). targets: M arrays of shape (K_m,), each summing to 1.
     iterations: run exactly this many plain passes; None runs until the largest marginal error is below
-    ``tol`` or ``max_iter`` passes, over-relaxed by ``omega`` (module docstring). Raises
-    :class:`MissingMassError` when a target is positive on a label whose cells have no mass. The iteration
+    ``tol`` or ``max_iter`` passes, over-relaxed by ``omega`` (module docstring). relax: per marginal a
+    strength rho >= 0 (a relaxed marginal) or None (exact); None for all exact. Raises
+    :class:`MissingMassError` when an exact target is positive on a label whose cells have no mass. The iteration
     is :func:`ipf_driver`'s, with the cell table as the one part (a sparse matrix when M = 2).
     """
     codes = np.asarray(codes, dtype=np.int64)
@@ -154,7 +171,14 @@ def ipf(
     q = q / q.sum()
     cells = _PairCells(codes, q, targets) if len(targets) == 2 else _Cells(codes, q, targets)
     result = ipf_driver(
-        cells.step, cells.counts, targets, iterations=iterations, tol=tol, max_iter=max_iter, omega=omega
+        cells.step,
+        cells.counts,
+        targets,
+        iterations=iterations,
+        tol=tol,
+        max_iter=max_iter,
+        omega=omega,
+        relax=relax,
     )
     balanced = cells.mass()
     result.mass = balanced / balanced.sum()
@@ -347,6 +371,7 @@ def ipf_driver(
     tol: float = 1e-6,
     max_iter: int = 1000,
     omega: Omega = "auto",
+    relax: Sequence[float | None] | None = None,
 ) -> IPFResult:
     """The iteration of :func:`ipf`, driven from per-label reductions over parts that hold the rows.
 
@@ -354,11 +379,12 @@ def ipf_driver(
     :func:`apply_ratio_and_sum` (codes, weights, m, ratio, next_m, K_next) and the sums are added (a Ray
     layer calls its actors here); the driver keeps only K-vectors. counts: M arrays (K_m,), rows per label
     over all parts (:func:`label_sums` without weights, added). targets: M arrays (K_m,) summing to 1.
-    Step m of a pass multiplies by t_m / q_m (0 where q_m is 0) and returns the next marginal's sums, so a
-    step costs one call: the errors after a pass use the last marginal's exact sums t_m (ratio * q_m) and
-    the first marginal's from the last step; M > 2 needs M - 2 more calls per pass for the others.
+    Step m of a pass multiplies by t_m / q_m (0 where q_m is 0; for a relaxed marginal the ratio of the new
+    factor to the old, module docstring) and returns the next marginal's sums, so a step costs one call:
+    the errors after a pass use the last marginal's sums (ratio * q_m) and the first marginal's from the
+    last step; M > 2 needs M - 2 more calls per pass for the others.
     Afterwards the parts divide their weights by ``exp(log_normalizer) / N`` (mean 1, as ipf_rows does).
-    Stopping, ``iterations``, ``max_iter``, ``omega`` and :class:`MissingMassError` are those of
+    Stopping, ``iterations``, ``max_iter``, ``omega``, ``relax`` and :class:`MissingMassError` are those of
     :func:`ipf`. With omega > 1 the ratio sent to the parts is (t_m / q_m)^omega; the measure's total then
     drifts from 1, so errors are measured on the normalised marginals.
     """
@@ -367,6 +393,7 @@ def ipf_driver(
     n_marginals = len(targets)
     if n_marginals == 0 or len(counts) != n_marginals:
         raise ValueError(f"need one counts array per target: {len(counts)} counts, {n_marginals} targets")
+    exponents = _relax_exponents(relax, n_marginals)
     for m, (c, t) in enumerate(zip(counts, targets, strict=True)):
         if c.shape != t.shape or t.ndim != 1:
             raise ValueError(f"marginal {m}: counts {c.shape} and target {t.shape} must be the same (K_m,)")
@@ -377,7 +404,7 @@ def ipf_driver(
         raise ValueError("counts must count the same positive number of rows in every marginal")
     for m, (c, t) in enumerate(zip(counts, targets, strict=True)):
         missing = np.flatnonzero((t > 0) & (c <= 0))
-        if missing.size:
+        if missing.size and exponents[m] == 1.0:
             raise MissingMassError(m, missing)
 
     def tv(post: list[np.ndarray]) -> np.ndarray:
@@ -385,19 +412,26 @@ def ipf_driver(
         return np.array([0.5 * np.abs(p / total - t).sum() for p, t in zip(post, targets, strict=True)])
 
     post = [c / n_rows for c in counts]  # the marginals of the current measure
+    stepped = list(targets)  # each marginal right after its own step
     log_factors = [np.zeros(t.size) for t in targets]
     errors = [tv(post)]
+    residual = errors[-1]
     limit = max_iter if iterations is None else iterations
-    relax = Relaxation(1.0 if iterations is not None else omega)
+    relaxed = any(a != 1.0 for a in exponents)
+    relax_omega = Relaxation(1.0 if iterations is not None or relaxed else omega)
     passes = 0
     current = post[0]
-    while passes < limit and (iterations is not None or errors[-1].max() >= tol):
+    while passes < limit and (iterations is not None or residual.max() >= tol):
         for m, t in enumerate(targets):
-            ratio = np.divide(t, current, out=np.zeros_like(t), where=current > 0)
-            relax.relax(ratio)
-            with np.errstate(divide="ignore"):
-                log_factors[m] += np.log(np.where(current > 0, ratio, 1.0))
+            if exponents[m] == 1.0:
+                ratio = np.divide(t, current, out=np.zeros_like(t), where=current > 0)
+                relax_omega.relax(ratio)
+                with np.errstate(divide="ignore"):
+                    log_factors[m] += np.log(np.where(current > 0, ratio, 1.0))
+            else:
+                ratio = _relaxed_ratio(t, current, log_factors[m], exponents[m])
             post[m] = ratio * current
+            stepped[m] = post[m]
             next_m = (m + 1) % n_marginals
             current = np.asarray(step(m, ratio, next_m), dtype=np.float64)
         post[0] = current
@@ -405,7 +439,14 @@ def ipf_driver(
             post[m] = np.asarray(step(None, None, m), dtype=np.float64)
         passes += 1
         errors.append(tv(post))
-        relax.update(float(errors[-1].max()))
+        total = post[0].sum()
+        residual = np.array(
+            [
+                e if a == 1.0 else 0.5 * np.abs(p - s).sum() / total
+                for e, a, p, s in zip(errors[-1], exponents, post, stepped, strict=True)
+            ]
+        )
+        relax_omega.update(float(errors[-1].max()))
     total = float(post[0].sum())
     errors = np.array(errors)
     worst = []
@@ -413,9 +454,35 @@ def ipf_driver(
         gap = post[m] / total - t
         order = np.argsort(-np.abs(gap))[:5]
         worst.append({"marginal": m, "labels": order.tolist(), "gap": gap[order].tolist()})
-    converged = bool(errors[-1].max() < tol)
+    converged = bool(residual.max() < tol)
     scaling = Scaling(tuple(log_factors), float(np.log(total)))
-    return IPFResult(scaling, errors, converged, passes, tol, worst, omegas=relax.history())
+    return IPFResult(scaling, errors, converged, passes, tol, worst, omegas=relax_omega.history())
+
+
+def _relax_exponents(relax: Sequence[float | None] | None, n_marginals: int) -> list[float]:
+    """a_m = rho_m / (1 + rho_m) per marginal (1 for an exact one: rho None or inf)."""
+    if relax is None:
+        return [1.0] * n_marginals
+    if len(relax) != n_marginals:
+        raise ValueError(f"relax needs one strength per marginal: {len(relax)} for {n_marginals}")
+    exponents = []
+    for m, rho in enumerate(relax):
+        if rho is not None and not (rho >= 0):
+            raise ValueError(f"relax strength of marginal {m} must be >= 0 or None (exact), got {rho!r}")
+        exponents.append(1.0 if rho is None or np.isinf(rho) else float(rho) / (1.0 + float(rho)))
+    return exponents
+
+
+def _relaxed_ratio(target: np.ndarray, current: np.ndarray, log_factor: np.ndarray, a: float) -> np.ndarray:
+    """A relaxed step: set log f = a (log t - log r) with r = current / f the marginal without f; updates
+    ``log_factor`` in place and returns new f / old f (0 where the target is 0, 1 where nothing is left)."""
+    live = (current > 0) & np.isfinite(log_factor)
+    with np.errstate(divide="ignore"):
+        wanted = a * (np.log(target[live]) - np.log(current[live]) + log_factor[live]) if a > 0 else 0.0
+    ratio = np.ones_like(current)
+    ratio[live] = np.exp(wanted - log_factor[live])
+    log_factor[live] = wanted
+    return ratio
 
 
 class Relaxation:
@@ -528,6 +595,7 @@ def ipf_rows(
     tol: float = 1e-6,
     max_iter: int = 1000,
     omega: Omega = "auto",
+    relax: Sequence[float | None] | None = None,
 ) -> IPFResult:
     """Row-path IPF over rows split into parts, in one process: the reference for a distributed driver.
 
@@ -555,9 +623,69 @@ def ipf_rows(
         )
         return sum(partial, np.zeros(sizes[next_m]))
 
-    result = ipf_driver(step, counts, targets, iterations=iterations, tol=tol, max_iter=max_iter, omega=omega)
+    result = ipf_driver(
+        step, counts, targets, iterations=iterations, tol=tol, max_iter=max_iter, omega=omega, relax=relax
+    )
     scale = n_rows / np.exp(result.log_normalizer)
     for w in weights:
         w *= scale
     result.weights = weights
     return result
+
+
+def strongest_within(
+    solve: Callable[[float | None], IPFResult],
+    ess_of: Callable[[IPFResult], float],
+    floor: float,
+    *,
+    lo: float = 1e-3,
+    hi: float = 1e3,
+    steps: int = 10,
+    exact: bool = True,
+) -> tuple[float | None, IPFResult, list[dict]]:
+    """The strongest balancing whose ESS fraction stays at or above ``floor``: exact if it does, else the
+    largest relaxation strength rho in [lo, hi] found by bisection on log rho (ESS falls as rho grows).
+
+    solve(rho): the balancing with every marginal at strength rho (None: exact). ess_of(result): its ESS
+    as a fraction of the rows. Returns (rho or None, that result, the frontier: one record per strength
+    tried, {rho, ess, max_weight?, marginal_error, converged} in the order tried; ``max_weight`` is left
+    to the caller). When even ``lo`` is below the floor, returns ``lo``'s result (the floor cannot be met
+    by balancing at all; the caller reports it). ``exact=False`` skips the exact attempt (targets known
+    to be infeasible).
+    """
+    if not 0 < floor <= 1:
+        raise ValueError(f"the ESS floor must be in (0, 1], got {floor}")
+    frontier: list[dict] = []
+
+    def attempt(rho: float | None) -> tuple[IPFResult, float]:
+        result = solve(rho)
+        value = ess_of(result)
+        frontier.append(
+            {
+                "rho": "exact" if rho is None else rho,
+                "ess": value,
+                "marginal_error": result.errors[-1].tolist(),
+                "converged": result.converged,
+                "passes": result.passes,
+            }
+        )
+        return result, value
+
+    if exact:
+        result, value = attempt(None)
+        if value >= floor:
+            return None, result, frontier
+    log_lo, log_hi = np.log(lo), np.log(hi)
+    result, value = attempt(lo)
+    if value < floor:
+        return lo, result, frontier
+    best = (lo, result)
+    for _ in range(steps):
+        mid = 0.5 * (log_lo + log_hi)
+        rho = float(np.exp(mid))
+        result, value = attempt(rho)
+        if value >= floor:
+            best, log_lo = (rho, result), mid
+        else:
+            log_hi = mid
+    return best[0], best[1], frontier

@@ -37,7 +37,7 @@ from rebalance.data.atomic import atomic_write_json
 from rebalance.kernels.scaling import Scaling
 from rebalance.spec import DUP_GROUP, cluster_marginal
 from rebalance.stages.balance.diagnostics import diagnose
-from rebalance.stages.balance.fit import CellParts, Labelled, RowParts, fit, fit_record
+from rebalance.stages.balance.fit import CellParts, Labelled, RowParts, check, fit, fit_record
 from rebalance.stages.balance.soft import soft_labels
 from rebalance.stages.balance.survey import (
     BalanceError,
@@ -113,7 +113,9 @@ def run_balance(ctx: StageContext) -> dict[str, Any]:
             total = n_rows if base is None else float(np.exp(base) @ counts[-1])
             parts = RowParts([(root, i, marginals, values, total, base) for i in indices], workers)
         with parts:
-            result = fit(parts, spec, values, counts, targets)
+            record["feasibility"] = check(parts, spec, values, counts, targets)
+            flow = record["feasibility"]["flow"]
+            result, search = fit(parts, spec, values, counts, targets, flow.get("feasible", True))
             scaling = scaling_of(result, parts, spec, n_rows)
             diagnostics = diagnose(parts, scaling, spec, values, targets, result.passes)
     except BalanceError as err:
@@ -123,6 +125,8 @@ def run_balance(ctx: StageContext) -> dict[str, Any]:
     record.update(fit_record(result, spec, values), scaling=labelled.to_dict(), **diagnostics)
     if DUP_GROUP in marginals:  # not fitted: its error per group size, from the weights
         record["final_marginal_error"][DUP_GROUP] = record.pop("dup_group_error")
+    if search is not None:
+        record["min_ess"] = search
     if not result.converged and spec.iterations == "auto":
         if not spec.allow_partial:
             atomic_write_json(record, ctx.run.path("balance.json"))

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 
+from rebalance.kernels.feasibility import needed_weights, support_flow
 from rebalance.kernels.ipf import (
     IPFResult,
     MissingMassError,
@@ -32,13 +33,17 @@ from rebalance.kernels.ipf import (
     ipf_driver,
     label_sums,
     prepare_codes,
+    strongest_within,
 )
 from rebalance.kernels.scaling import Scaling
 from rebalance.runtime.resident import ResidentParts
 from rebalance.spec import DUP_GROUP, BalanceSpec
 from rebalance.stages.balance.survey import BalanceError, dup_base, encode_labels, load_labels, marginal_order
 
-__all__ = ["CellParts", "Labelled", "RowParts", "fit", "fit_record"]
+__all__ = ["NEEDED_WEIGHT_WARNING", "CellParts", "Labelled", "RowParts", "check", "fit", "fit_record"]
+
+NEEDED_WEIGHT_WARNING = 100.0
+"""An exact marginal whose values need a mean weight above this (t(l) / p(l)) is reported before IPF."""
 
 log = logging.getLogger(__name__)
 
@@ -151,22 +156,118 @@ class RowParts(ResidentParts):
         return ipf_driver(step, counts[: len(targets)], targets, **options)
 
 
+def check(
+    parts: CellParts | RowParts,
+    spec: BalanceSpec,
+    values: list[pa.Array],
+    counts: list[np.ndarray],
+    targets: list[np.ndarray],
+) -> dict[str, Any]:
+    """Diagnose exact targets before any pass (:mod:`rebalance.kernels.feasibility`); the ``feasibility``
+    record of ``balance.json``.
+
+    Every exact marginal: the largest mean weight t(l) / p(l) its values need (a lower bound on the
+    largest weight of any exact solution), logged as a warning above :data:`NEEDED_WEIGHT_WARNING`. Two
+    exact marginals on the cell path: the flow check on the support; targets it cannot carry are a
+    :class:`BalanceError` naming the values (with ``allow_partial``, a warning), before any pass.
+    """
+    marginals = marginal_order(spec)
+    exact = [m for m, name in enumerate(marginals) if name != DUP_GROUP and spec.relax_for(name) is None]
+    record: dict[str, Any] = {"needed_weight": {}, "flow": None}
+    for m in exact:
+        need = needed_weights(counts[m], targets[m])
+        worst = int(np.argmax(need))
+        record["needed_weight"][marginals[m]] = {
+            "value": values[m][worst].as_py(),
+            "weight": float(need[worst]),
+        }
+        if need[worst] > NEEDED_WEIGHT_WARNING:
+            log.warning(
+                "balance: exact target of %r needs mean weight %.1f on value %r (%d rows); consider "
+                "balance.relax",
+                marginals[m],
+                need[worst],
+                values[m][worst].as_py(),
+                int(counts[m][worst]),
+            )
+    if len(marginals) != 2 or len(exact) != 2:
+        record["flow"] = {"checked": False, "reason": "only two exact marginals are checked"}
+        return record
+    if not isinstance(parts, CellParts):
+        record["flow"] = {"checked": False, "reason": "the row path holds no cell table"}
+        return record
+    flow = support_flow(parts.state.codes, parts.state.counts, targets[0], targets[1])
+    record["flow"] = {"checked": True, "feasible": flow.feasible, "placed": flow.placed}
+    if flow.feasible:
+        return record
+    rows = values[0].take(pa.array(flow.rows)).to_pylist()
+    cols = values[1].take(pa.array(flow.cols)).to_pylist()
+    message = (
+        f"balance targets cannot be met on the data's support: the cells of {marginals[0]} values "
+        f"{rows[:20]}{' ...' if len(rows) > 20 else ''} (target mass {flow.need:.4g}) only reach "
+        f"{marginals[1]} values {cols[:20]}{' ...' if len(cols) > 20 else ''} (target mass {flow.reach:.4g}); "
+        f"at most {flow.placed:.4%} of the target mass can be placed. Lower those targets, or set "
+        "balance.relax to a strength (always solvable)"
+    )
+    record["flow"].update(
+        values={marginals[0]: rows, marginals[1]: cols}, need=flow.need, reach=flow.reach, error=message
+    )
+    if not spec.allow_partial and spec.min_ess is None:
+        raise BalanceError(message)
+    log.warning(
+        "%s (%s)", message, "allow_partial: iterating anyway" if spec.min_ess is None else "min_ess: relaxing"
+    )
+    return record
+
+
+def _reset(state: Labelled, total: float, base: np.ndarray | None) -> np.ndarray:
+    """The row path's starting masses again (:func:`_load_rows`); nothing on the cell path."""
+    if state.mass is not None:
+        state.mass[:] = 1.0 / total if base is None else np.exp(base[state.codes[:, -1]]) / total
+    return np.zeros(1)
+
+
+def _weight_sums(state: Labelled, scaling: Scaling) -> np.ndarray:
+    """[rows, sum w, sum w^2] of the part's rows (cells counted by their rows)."""
+    w = scaling.weights(state.codes)
+    n = np.ones_like(w) if state.counts is None else np.asarray(state.counts, dtype=np.float64)
+    return np.array([n.sum(), (n * w).sum(), (n * w * w).sum()])
+
+
+def _weight_max(state: Labelled, scaling: Scaling) -> np.ndarray:
+    return np.array([scaling.weights(state.codes).max(initial=0.0)])
+
+
+def _ess_and_max(parts: CellParts | RowParts, result: IPFResult) -> tuple[float, float]:
+    """ESS as a fraction of the rows, and the largest weight (mean 1), of ``result``'s scaling."""
+    rows, total, squares = parts.reduce(_weight_sums, result.scaling, combine=np.add)
+    largest = parts.reduce(_weight_max, result.scaling, combine=np.maximum)[0]
+    return float(total * total / squares / rows), float(largest * rows / total)
+
+
 def fit(
     parts: CellParts | RowParts,
     spec: BalanceSpec,
     values: list[pa.Array],
     counts: list[np.ndarray],
     targets: list[np.ndarray],
-) -> IPFResult:
+    feasible: bool = True,
+) -> tuple[IPFResult, dict[str, Any] | None]:
     """IPF of the parts toward ``targets`` as ``spec`` says; a target positive on a label with no rows is a
-    :class:`BalanceError` naming the labels. With ``dup_group``, its fixed factor joins the scaling."""
+    :class:`BalanceError` naming the labels. With ``dup_group``, its fixed factor joins the scaling. With
+    ``min_ess``, the strongest balancing above the floor (:func:`~rebalance.kernels.ipf.strongest_within`)
+    and its ``balance.json`` ``min_ess`` record (else None); ``feasible=False`` (the flow check failed)
+    skips the search's exact attempt."""
     marginals = marginal_order(spec)
     fitted = [m for m in marginals if m != DUP_GROUP]
     base = dup_base(spec, values, marginals)
     if not fitted:  # dup_group alone: nothing to fit, its factor is the whole scaling
         result = IPFResult(Scaling((), 0.0), np.zeros((1, 0)), True, 0, spec.tol)
-        return _with_base(result, parts, base, counts)
-    try:
+        return _with_base(result, parts, base, counts), None
+    total = float(counts[0].sum()) if base is None else float(np.exp(base) @ counts[-1])
+
+    def solve(rho: float | None) -> IPFResult:
+        parts.reduce(_reset, total, base)  # the row path's masses start afresh for every solve
         result = parts.ipf(
             counts,
             targets[: len(fitted)],
@@ -175,7 +276,16 @@ def fit(
             tol=spec.tol,
             max_iter=spec.max_iter,
             omega=spec.overrelaxation,
+            relax=[spec.relax_for(m) for m in fitted] if rho is None else [rho] * len(fitted),
         )
+        return result if base is None else _with_base(result, parts, base, counts)
+
+    search = None
+    try:
+        if spec.min_ess is None:
+            result = solve(None)
+        else:
+            result, search = _search(parts, spec, solve, fitted, feasible)
     except MissingMassError as err:
         labels = values[err.marginal].take(pa.array(err.labels)).to_pylist()
         raise BalanceError(
@@ -190,7 +300,42 @@ def fit(
         result.final_error,
         "converged" if result.converged else "not converged",
     )
-    return result if base is None else _with_base(result, parts, base, counts)
+    return result, search
+
+
+def _search(
+    parts: CellParts | RowParts, spec: BalanceSpec, solve: Any, fitted: list[str], feasible: bool
+) -> tuple[IPFResult, dict[str, Any]]:
+    """``balance.min_ess``: the strongest balancing above the floor and the ``min_ess`` record."""
+    maxima: list[float] = []
+
+    def ess_of(result: IPFResult) -> float:
+        value, largest = _ess_and_max(parts, result)
+        maxima.append(largest)
+        return value
+
+    rho, result, frontier = strongest_within(solve, ess_of, spec.min_ess, exact=feasible)
+    for point, largest in zip(frontier, maxima, strict=True):
+        point["marginal_error"] = dict(zip(fitted, point["marginal_error"], strict=True))
+        point["max_weight"] = largest
+        if point["rho"] == "exact" and spec.relax != "exact":
+            point["rho"] = "as relax"
+    final_ess, _ = _ess_and_max(parts, result)
+    search = {
+        "floor": spec.min_ess,
+        "rho": "as relax" if rho is None else rho,
+        "ess_fraction": final_ess,
+        "met": final_ess >= spec.min_ess,
+        "frontier": frontier,
+    }
+    log.info("balance: min_ess %.3f -> strength %s (ESS %.3f)", spec.min_ess, search["rho"], final_ess)
+    if not search["met"]:
+        log.warning(
+            "balance: no strength in [1e-3, 1e3] keeps the ESS at min_ess %.3f; weakest gives %.3f",
+            spec.min_ess,
+            final_ess,
+        )
+    return result, search
 
 
 def _with_base(
@@ -218,6 +363,7 @@ def fit_record(result: IPFResult, spec: BalanceSpec, values: list[pa.Array]) -> 
         "final_marginal_error": dict(zip(marginals, result.errors[-1].tolist(), strict=True)),
         "overrelaxation": spec.overrelaxation,
         "omega_per_iteration": result.omegas.tolist(),
+        "relax": {m: "exact" if spec.relax_for(m) is None else spec.relax_for(m) for m in marginals},
     }
     if not result.converged and spec.iterations == "auto":
         worst = [
