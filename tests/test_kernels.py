@@ -30,7 +30,8 @@ def test_targets():
 
 def test_parsed_targets_compute_themselves():
     # Every kind the spec parses has its function, and a parsed target gives what its kind and value give.
-    assert set(TARGETS) == {"uniform", *TARGET_KINDS}
+    # `keep_probability` is the concept marginal's own target (MetaCLIP), set by the stage, never parsed.
+    assert set(TARGETS) == {"uniform", "keep_probability", *TARGET_KINDS}
     counts = np.array([100.0, 25.0, 0.0, 4.0])
     names = ["a", "b", "c", "d"]
     np.testing.assert_allclose(
