@@ -169,7 +169,8 @@ def check(
     Every exact marginal: the largest mean weight t(l) / p(l) its values need (a lower bound on the
     largest weight of any exact solution), logged as a warning above :data:`NEEDED_WEIGHT_WARNING`. Two
     exact marginals on the cell path: the flow check on the support; targets it cannot carry are a
-    :class:`BalanceError` naming the values (with ``allow_partial``, a warning), before any pass.
+    :class:`BalanceError` naming the values before any pass; a warning instead with ``allow_partial``,
+    ``min_ess`` or fixed ``iterations`` (the k-step measure is defined whether or not its limit exists).
     """
     marginals = marginal_order(spec)
     exact = [m for m, name in enumerate(marginals) if name != DUP_GROUP and spec.relax_for(name) is None]
@@ -212,11 +213,15 @@ def check(
     record["flow"].update(
         values={marginals[0]: rows, marginals[1]: cols}, need=flow.need, reach=flow.reach, error=message
     )
-    if not spec.allow_partial and spec.min_ess is None:
+    if spec.min_ess is not None:
+        why = "min_ess: relaxing"
+    elif spec.iterations != "auto":
+        why = "fixed iterations: the k-step measure exists whether or not its limit does"
+    elif spec.allow_partial:
+        why = "allow_partial: iterating anyway"
+    else:
         raise BalanceError(message)
-    log.warning(
-        "%s (%s)", message, "allow_partial: iterating anyway" if spec.min_ess is None else "min_ess: relaxing"
-    )
+    log.warning("%s (%s)", message, why)
     return record
 
 
