@@ -57,7 +57,9 @@ class ActorPool:
         if not num_gpus and ray.cluster_resources().get("GPU", 0) > 0:
             # only where there are GPUs to hide: a runtime_env costs each actor a fresh worker process
             options["runtime_env"] = {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
-        remote_cls = ray.remote(_Host).options(
+        # named after the hosted class, so process titles and Ray's state API say ray::EmbedWorker, not _Host
+        host = type(actor_cls.__name__, (_Host,), {"__qualname__": actor_cls.__qualname__})
+        remote_cls = ray.remote(host).options(
             **options, max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS
         )
         self.actors = [remote_cls.remote(actor_cls, *init_args) for _ in range(n)]
