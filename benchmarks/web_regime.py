@@ -200,9 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
     # the models are tiny: one thread (torch's default, one per core, made each training minutes on a
     # loaded 2-core machine instead of seconds)
     torch.set_num_threads(1)
-    import ray
-
     import rebalance
+    from rebalance.runtime.session import ray_session
+    from rebalance.spec import RaySpec
 
     t_start = time.time()
     out = Path(args.out).resolve()
@@ -213,8 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
         generate_web_dataset(pool, n_rows=args.rows, seed=0)
     info = json.loads(info_path.read_text())
     timings = {"generate": time.time() - t_start}
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
+    # the Ray this process already runs (a test's), or a local one started and stopped here
+    with ray_session(RaySpec(address="local")):
         run = out / "run"
         weights: dict[str, np.ndarray] = {}
         balance_info = {}
@@ -240,8 +240,6 @@ def main(argv: list[str] | None = None) -> dict:
         rebalance.run(
             pipeline_spec(test_dir, ["image_cluster"], 8, 4, ["label"]), out / "test-run", until="embed"
         )
-    finally:
-        ray.shutdown()
     emb = load_embeddings(run)
     test = load_embeddings(out / "test-run")
     caps = pa.concat_tables(

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import ray
 import yaml
 
 import rebalance
@@ -20,7 +19,10 @@ def _spec(tmp_path) -> dict:
     return spec
 
 
-def test_a_non_empty_directory_without_a_manifest_is_refused_before_ray_starts(tmp_path):
+def test_a_non_empty_directory_without_a_manifest_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    # whether or not an earlier test left a Ray running in this process, the run must not reach Ray
+    sessions = []
+    monkeypatch.setattr(rebalance.api, "ray_session", lambda spec: sessions.append(spec))
     out = tmp_path / "mine"
     (out / "report").mkdir(parents=True)
     (out / "report" / "thesis.tex").write_text("years of work")
@@ -28,7 +30,7 @@ def test_a_non_empty_directory_without_a_manifest_is_refused_before_ray_starts(t
     with pytest.raises(RuntimeError, match=f"{out} is not empty and holds no manifest.json") as err:
         rebalance.run(_spec(tmp_path), out)
     assert "balance.json, report" in str(err.value)
-    assert not ray.is_initialized()
+    assert sessions == []
     assert (out / "report" / "thesis.tex").read_text() == "years of work"
     # the CLI says the same, exit 1, before Ray starts
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(_spec(tmp_path)))

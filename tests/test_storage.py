@@ -94,8 +94,15 @@ class Bucket:
         self.endpoint = endpoint
         self.name = name or f"rb-{uuid.uuid4().hex[:12]}"
         self.query = f"endpoint_override={endpoint}&scheme=http&region={REGION}"
+        # explicit keys: this filesystem is also pickled to Ray workers, whose environment (the Ray of an
+        # earlier test may have started them) need not hold the test credentials
         self.s3 = pafs.S3FileSystem(
-            endpoint_override=endpoint, scheme="http", region=REGION, allow_bucket_creation=True
+            access_key=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            secret_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+            endpoint_override=endpoint,
+            scheme="http",
+            region=REGION,
+            allow_bucket_creation=True,
         )
         self.s3.create_dir(self.name)
 
