@@ -233,6 +233,58 @@ def test_kmeans_on_a_gpu_actor_matches_the_driver(gpu_cluster, tmp_path):
     np.testing.assert_array_equal(saved, actor["image"])
 
 
+def test_assign_placement():
+    from rebalance.stages.cluster import assign_placement
+
+    assert assign_placement(resources()) == "cpu actors"
+    assert assign_placement(resources(gpus=2)) == "gpu actors"
+    assert assign_placement(resources(capacity=ClusterCapacity(4, 4))) == "gpu actors"  # the autoscaler adds
+
+
+def test_torch_assignment_matches_faiss():
+    # the GPU actors' kernel, run here on the CPU: faiss's exact flat search is the reference
+    from rebalance.kernels.kmeans import assign, assign_torch
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2500, 24)).astype(np.float32)
+    c = rng.normal(size=(37, 24)).astype(np.float32)
+    labels, distances = assign(x, c)
+    t_labels, t_distances = assign_torch(x, c, device="cpu", batch_size=1000)  # three batches, one short
+    np.testing.assert_array_equal(t_labels, labels)
+    np.testing.assert_allclose(t_distances, distances, rtol=1e-5, atol=1e-5)
+    exact = ((x[:, None, :].astype(np.float64) - c[None, :, :]) ** 2).sum(-1)
+    np.testing.assert_array_equal(labels, exact.argmin(1))
+    assert t_labels.dtype == np.int32 and t_distances.dtype == np.float32
+    np.testing.assert_array_equal(assign(x, c, device="cpu")[0], labels)
+
+
+def test_rows_are_assigned_on_gpu_actors(gpu_cluster, tmp_path):
+    from test_bad_input import run_spec, write_laion
+
+    import rebalance
+    from rebalance.data.parts import read_parts
+    from rebalance.kernels.kmeans import assign
+
+    keys = [[f"a{j}" for j in range(40)], [f"b{j}" for j in range(36)]]
+    write_laion(tmp_path / "laion", (40, 36), keys)
+    spec = run_spec(tmp_path / "laion", k=3)
+    spec["embed"]["device"] = "cpu"
+    spec["cluster"]["sample_per_centroid"] = 5  # 15 sampled rows of 76: the actors assign, not the driver
+    spec["ray"] = {"placement_timeout_s": 60}
+    rebalance.run(spec, tmp_path / "out", until="cluster")
+    cluster = json.loads((tmp_path / "out" / "manifest.json").read_text())["stages"]["cluster"]
+    # no CUDA behind the declared GPUs: the GPU actors assigned on their CPU and say so
+    assert cluster["assign"] == {"placement": "gpu actors", "device": "cpu"}
+    assert cluster["placement"] == "gpu actor"
+    emb = read_parts(tmp_path / "out" / "embeddings")
+    got = read_parts(tmp_path / "out" / "assignments")
+    assert got.column("key").to_pylist() == emb.column("key").to_pylist()
+    for side in ("image", "text"):
+        centroids = np.load(tmp_path / "out" / "clusters" / f"{side}_centroids.npy")
+        x = emb.column(side).combine_chunks().flatten().to_numpy().reshape(emb.num_rows, -1)
+        np.testing.assert_array_equal(got.column(f"{side}_cluster").to_numpy(), assign(x, centroids)[0])
+
+
 # --- row 6: --loss ldam --gpu: the margins stay on the CPU ------------------------------------------------
 
 

@@ -12,6 +12,7 @@ __all__ = [
     "KMeansLevel",
     "train_kmeans",
     "assign",
+    "assign_torch",
     "gpu_available",
     "hierarchical_kmeans",
     "resampled_kmeans",
@@ -203,8 +204,15 @@ def train_kmeans(
     return best[1]
 
 
-def assign(x: np.ndarray, centroids: np.ndarray, *, batch_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid of every row of ``x`` (n, d): labels (n,) int32 and squared L2 distances (n,) float32."""
+def assign(
+    x: np.ndarray, centroids: np.ndarray, *, batch_size: int = 65536, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid of every row of ``x`` (n, d): labels (n,) int32 and squared L2 distances (n,) float32.
+
+    ``device="cpu"``: faiss's exact flat index on the CPU; any other torch device (``"cuda"``,
+    ``"cuda:1"``): :func:`assign_torch` there."""
+    if device != "cpu":
+        return assign_torch(x, centroids, device=device, batch_size=batch_size)
     x = np.ascontiguousarray(x, dtype=np.float32)
     index = faiss.IndexFlatL2(centroids.shape[1])
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
@@ -214,6 +222,40 @@ def assign(x: np.ndarray, centroids: np.ndarray, *, batch_size: int = 65536) -> 
         dist, idx = index.search(x[start : start + batch_size], 1)
         labels[start : start + batch_size] = idx[:, 0]
         distances[start : start + batch_size] = dist[:, 0]
+    return labels, distances
+
+
+def assign_torch(
+    x: np.ndarray, centroids: np.ndarray, *, device: str, batch_size: int = 65536
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`assign` with torch on ``device``, as faiss computes it: per row
+    ``argmin_j |x|^2 + |c_j|^2 - 2 x.c_j`` in float32 (TF32 off), the distance clamped at 0.
+
+    The centroids stay on the device; ``x`` moves in batches of ``batch_size`` rows (pinned host memory and
+    non-blocking copies on CUDA). Labels agree with faiss's except where two centroids are within float32
+    rounding of each other."""
+    import torch
+
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    c = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32)).to(dev)
+    c_norms = (c * c).sum(dim=1)
+    labels = np.empty(x.shape[0], dtype=np.int32)
+    distances = np.empty(x.shape[0], dtype=np.float32)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            for start in range(0, x.shape[0], batch_size):
+                rows = torch.from_numpy(x[start : start + batch_size])
+                rows = rows.pin_memory().to(dev, non_blocking=True) if cuda else rows
+                d2 = (rows * rows).sum(dim=1, keepdim=True) + c_norms - 2.0 * (rows @ c.T)
+                best, idx = d2.min(dim=1)
+                labels[start : start + len(rows)] = idx.to(torch.int32).cpu().numpy()
+                distances[start : start + len(rows)] = best.clamp_min_(0).cpu().numpy()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     return labels, distances
 
 

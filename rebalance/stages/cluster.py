@@ -90,17 +90,19 @@ def assign_part(
     index: int,
     centroids: dict[str, np.ndarray],
     parents: dict[str, list[np.ndarray]],
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Assign every row of one embeddings part to its nearest centroid per side, and to its cluster at every
-    coarser level through the ``parents`` maps; commit the assignments part and return its summary with
-    the base cluster sizes. Idempotent."""
+    """Assign every row of one embeddings part to its nearest centroid per side (on ``device``: see
+    :func:`~rebalance.kernels.kmeans.assign`), and to its cluster at every coarser level through the
+    ``parents`` maps; commit the assignments part and return its summary with the base cluster sizes and
+    the device. Idempotent."""
     done = part_summary(out_dir, index)
     if done is not None:
         return done
     sides = _input_sides(centroids)
     table = read_table(emb_path, columns=["key", *sides])
     vectors = {side: _vectors(table, side) for side in sides}
-    return _commit_assignments(out_dir, index, table.column("key"), vectors, centroids, parents)
+    return _commit_assignments(out_dir, index, table.column("key"), vectors, centroids, parents, device)
 
 
 def _input_sides(sides: Any) -> list[str]:
@@ -122,24 +124,36 @@ def _commit_assignments(
     vectors: dict[str, np.ndarray],
     centroids: dict[str, np.ndarray],
     parents: dict[str, list[np.ndarray]],
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Assign one part's rows (``vectors[side]`` (n, d), in the part's row order) and commit the part."""
     columns: dict[str, Any] = {"key": keys}
     sizes = {}
     for side, c in centroids.items():
-        labels, distances = assign(_side_vectors(vectors, side).reshape(-1, c.shape[1]), c)
+        labels, distances = assign(_side_vectors(vectors, side).reshape(-1, c.shape[1]), c, device=device)
         columns[f"{side}_cluster"] = pa.array(labels, pa.int32())
         columns[f"{side}_distance"] = pa.array(distances, pa.float32())
         for level, labels_at_level in enumerate(level_labels(labels, parents.get(side, [])), start=1):
             columns[f"{side}_cluster_{level}"] = pa.array(labels_at_level, pa.int32())
         sizes[side] = np.bincount(labels, minlength=c.shape[0]).tolist()
-    summary = {"sizes": sizes}
+    summary = {"sizes": sizes, "device": device}
     write_part(out_dir, index, pa.table(columns), summary)
     return {"rows": len(keys), **summary}
 
 
 def _assign(emb_path: str, out_dir: str, index: int, model: tuple) -> dict[str, Any]:
     return assign_part(emb_path, out_dir, index, *model)
+
+
+def _assign_on_gpu_actor(emb_path: str, out_dir: str, index: int, model: tuple) -> dict[str, Any]:
+    """:func:`assign_part` in a one-GPU actor: torch on its GPU (faiss-gpu is not needed for a flat
+    search), or on its CPU when it sees no CUDA device (recorded as ``cpu``)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        log.warning("cluster: the GPU actor sees no CUDA device: assigning part %d on its CPU", index)
+    return assign_part(emb_path, out_dir, index, *model, device=device)
 
 
 SAMPLE_CHUNK = 256  # parts per round of the threshold pass: driver memory O((SAMPLE_CHUNK + 1) * m) floats
@@ -270,6 +284,13 @@ def kmeans_placement(resources: ClusterResources, driver_gpu: bool) -> str:
     return "gpu actor"
 
 
+def assign_placement(resources: ClusterResources) -> str:
+    """Where rows are assigned to centroids (when the sample is not every row): ``gpu actors`` when the
+    cluster has GPUs or its autoscaler can add some (one actor per GPU, at most one per part), else ``cpu
+    actors`` (the stage's pool, one per CPU)."""
+    return "gpu actors" if max(resources.gpus, resources.capacity.gpus) > 0 else "cpu actors"
+
+
 def _train_on_gpu_actor(
     spec: ClusterSpec, clusters_dir: Any, ks: dict[str, int], sample: dict[str, np.ndarray]
 ) -> tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]], dict[str, Any]]:
@@ -396,6 +417,7 @@ def run_cluster(ctx: StageContext) -> dict[str, Any]:
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
+    assign_on = "driver"
     if n_rows <= m:
         # The sample is every row, so every vector goes to the driver anyway: it reads them itself, trains,
         # and assigns every part from memory (no actors: starting them costs more than the work here).
@@ -427,11 +449,21 @@ def run_cluster(ctx: StageContext) -> dict[str, Any]:
             centroids, parents, info = _train(ctx, ks, sample, placement)
             del sample
             seconds["train"], clock = time.perf_counter() - clock, time.perf_counter()
-            # 3. Assignment of every row by the pool.
+            # 3. Assignment of every row: by GPU actors where the cluster has GPUs, else by the pool.
             model_ref = ray.put((centroids, parents))
-            summaries = pool.map(
-                "call", [(_assign, p, str(out_dir), i, model_ref) for i, p in items], "assign"
-            )
+            assign_on = assign_placement(ctx.resources)
+            if assign_on == "gpu actors":
+                gpus = max(ctx.resources.gpus, ctx.resources.capacity.gpus)
+                # no CPU asked, as for GPU k-means: the stage's CPU pool may hold every CPU of a GPU node
+                with ActorPool(
+                    ShardWorker, min(len(items), gpus), num_cpus=0, num_gpus=1,
+                    placement_timeout_s=ctx.spec.ray.placement_timeout_s,
+                ) as gpu_pool:  # fmt: skip
+                    work = [(_assign_on_gpu_actor, p, str(out_dir), i, model_ref) for i, p in items]
+                    summaries = gpu_pool.map("call", work, "assign")
+            else:
+                work = [(_assign, p, str(out_dir), i, model_ref) for i, p in items]
+                summaries = pool.map("call", work, "assign")
             if dedup is not None:
                 seconds["assign"], clock = time.perf_counter() - clock, time.perf_counter()
                 tasks = ctx.workers(len(items))
@@ -447,7 +479,9 @@ def run_cluster(ctx: StageContext) -> dict[str, Any]:
             level["sizes"] = below.astype(int).tolist()
     atomic_write_json(info, clusters_dir / "clusters.json")
     device = ",".join(sorted({info[side]["device"] for side in ks}))
+    assign_device = ",".join(sorted({s.get("device", "cpu") for s in summaries}))
     summary = {"rows": n_rows, "k": ks, "device": device, "placement": placement,
+               "assign": {"placement": assign_on, "device": assign_device},
                "seconds": {k: round(v, 3) for k, v in seconds.items()}}  # fmt: skip
     if dedup is not None:
         summary["dup_groups"] = dedup_info["groups"]
