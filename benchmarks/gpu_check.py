@@ -12,9 +12,12 @@ Prints, each with its own wall time:
    synthetic dataset's, re-encoded as ``--image-size`` px JPEGs (LAION-like decode cost).
 2. k-means: faiss GPU vs faiss CPU (``rebalance.kernels.kmeans.train_kmeans``) at 262,144 x 512, k = 1024,
    20 iterations, and the agreement of the two objectives; "faiss-gpu not installed" when it is not.
-3. Sinkhorn: ``sinkhorn_knopp_torch`` on the GPU with bf16 and fp16 inputs vs float64 on the same rounded
+3. row assignment: the cluster stage's GPU-actor kernel (``assign(..., device="cuda")``, a torch flat
+   search) vs faiss CPU on 262,144 random rows x 512 to k = 1024 centroids: rows/s and label agreement
+   (target > 99.99 %: only float32 near-ties may differ).
+4. Sinkhorn: ``sinkhorn_knopp_torch`` on the GPU with bf16 and fp16 inputs vs float64 on the same rounded
    scores (target: max error < 1e-4).
-4. LDAM (``--loss ldam`` on the GPU: one forward / backward) and the resumed GAN (``jobs.train_gan.build_gan``,
+5. LDAM (``--loss ldam`` on the GPU: one forward / backward) and the resumed GAN (``jobs.train_gan.build_gan``,
    Adam state from a CPU checkpoint, one step on the GPU): OK or the error.
 
 Exit status 1 when a check fails (an exception, or a target missed). ``--cpu-dry-run`` runs every path at
@@ -168,6 +171,29 @@ def kmeans_check(args: argparse.Namespace) -> None:
     check("k-means", gap < 1e-2, f"GPU and CPU objectives within 1 % ({100 * gap:.3f} %)")
 
 
+def assign_check(args: argparse.Namespace, device: str) -> None:
+    """Row assignment as the cluster stage's GPU actors run it (torch flat search) vs faiss-cpu."""
+    from rebalance.kernels.kmeans import assign
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(args.kmeans_rows, args.dim)).astype(np.float32)
+    c = rng.normal(size=(args.k, args.dim)).astype(np.float32)
+    times, labels = {}, {}
+    for where in ("cpu", device) if device != "cpu" else ("cpu",):
+        assign(x[:1024], c, device=where)  # warm-up (CUDA context, kernels)
+        start = time.perf_counter()
+        labels[where] = assign(x, c, device=where)[0]
+        times[where] = time.perf_counter() - start
+    print(f"   {args.kmeans_rows} x {args.dim} rows to k = {args.k} centroids")
+    print(f"   faiss CPU     {times['cpu']:8.2f} s  ({args.kmeans_rows / times['cpu']:,.0f} rows/s)")
+    if device == "cpu":
+        return
+    print(f"   torch {device}    {times[device]:8.2f} s  ({args.kmeans_rows / times[device]:,.0f} rows/s)")
+    print(f"   speed-up      {times['cpu'] / times[device]:8.2f} x")
+    agree = float((labels["cpu"] == labels[device]).mean())
+    check("assign", agree > 0.9999, f"GPU and CPU labels agree on {100 * agree:.4f} % of rows (> 99.99 %)")
+
+
 def sinkhorn_check(args: argparse.Namespace, device: str) -> None:
     from rebalance.kernels.sinkhorn import sinkhorn_knopp_torch, soft_sinkhorn
 
@@ -247,8 +273,9 @@ def main() -> None:
     start = time.perf_counter()
     section("1. embed stage vs plain GPU loop vs model-bound", lambda: embed_check(args, device))
     section("2. k-means: faiss GPU vs CPU", lambda: kmeans_check(args))
-    section("3. torch Sinkhorn, bf16 / fp16 inputs vs float64", lambda: sinkhorn_check(args, device))
-    section("4. LDAM and resumed GAN on the device", lambda: ldam_resume_check(device))
+    section("3. row assignment: torch on the GPU vs faiss CPU", lambda: assign_check(args, device))
+    section("4. torch Sinkhorn, bf16 / fp16 inputs vs float64", lambda: sinkhorn_check(args, device))
+    section("5. LDAM and resumed GAN on the device", lambda: ldam_resume_check(device))
     print(
         f"\ntotal {time.perf_counter() - start:.1f} s; {'FAILED: ' + '; '.join(FAILED) if FAILED else 'all passed'}"
     )

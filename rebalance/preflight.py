@@ -36,13 +36,15 @@ def check_run(
     sides: list[str],
     embed: bool,
     keep: tuple[str, ...] = (),
+    cluster: bool = True,
 ) -> None:
     """Every check that needs no Ray: the model and its weights (when the embed stage will run), k of each
-    of the dataset's ``sides`` against the rows the inputs' metadata declares, and the run directory (last:
-    it may create the directory; ``keep`` as in :func:`check_run_directory`)."""
+    of the dataset's ``sides`` against the rows the inputs' metadata declares (when the cluster stage will
+    run), and the run directory (last: it may create the directory; ``keep`` as in
+    :func:`check_run_directory`)."""
     if embed:
         check_model(spec.embed)
-    rows = known_row_count(shards)
+    rows = known_row_count(shards) if cluster else None
     if rows is not None:
         for side in sides:
             k = getattr(spec.cluster, side).k

@@ -91,6 +91,16 @@ def test_k_above_the_declared_rows_fails_before_ray(tmp_path, dataset):
     spec = _spec(tmp_path, dataset, cluster={"image": {"k": 1000}})
     proc = _cli("run", str(spec), "--out", str(tmp_path / "out"), timeout=60)
     _assert_one_line_error(proc, 2, "rebalance: error: spec field 'cluster.image.k': exceeds the 120 rows")
+    # a run that stops before the cluster stage (until="embed") is not refused for a k it never uses
+    from rebalance.data.readers import list_shards
+    from rebalance.preflight import check_run
+    from rebalance.spec import Spec, SpecError
+
+    parsed = Spec.from_yaml(spec)
+    shards = list_shards(parsed.data)
+    check_run(parsed, tmp_path / "embed-only", shards, ["image", "text"], embed=False, cluster=False)
+    with pytest.raises(SpecError, match="exceeds the 120 rows"):
+        check_run(parsed, tmp_path / "embed-only", shards, ["image", "text"], embed=False, cluster=True)
 
 
 def test_out_under_a_regular_file(tmp_path, dataset):
