@@ -15,12 +15,19 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from rebalance.data.fs import StoragePath, as_path
+from rebalance.data.fs import StoragePath, as_path, read_table
 from rebalance.data.rows import Shard
 from rebalance.runtime.manifest import check_run_dir
 from rebalance.spec import EmbedSpec, Spec, SpecError
 
-__all__ = ["UsageError", "check_run", "check_model", "check_run_directory", "known_row_count"]
+__all__ = [
+    "UsageError",
+    "check_model",
+    "check_run",
+    "check_run_directory",
+    "check_vocabulary_matches",
+    "known_row_count",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,7 @@ def check_run(
     :func:`check_run_directory`)."""
     if embed:
         check_model(spec.embed)
+        check_vocabulary_matches(spec, shards)
     rows = known_row_count(shards) if cluster else None
     if rows is not None:
         for side in sides:
@@ -55,6 +63,46 @@ def check_run(
                     k,
                 )
     check_run_directory(out, keep)
+
+
+VOCABULARY_SAMPLE_ROWS = 10_000
+
+
+def check_vocabulary_matches(
+    spec: Spec, shards: list[Shard], rows: int = VOCABULARY_SAMPLE_ROWS
+) -> int | None:
+    """Match ``concepts.vocabulary`` against the ``concepts.field`` of the first ``rows`` rows of Parquet
+    shards, before anything is embedded; a vocabulary that matches none of them is logged as a warning that
+    names the file, the field and the ``concepts.unmatched`` policy every unmatched row will follow. Returns
+    the rows that matched, or None when nothing was checked (no vocabulary, shards that are not Parquet, or
+    a field the files do not hold: a carried column the reader derives)."""
+    from rebalance.kernels.concepts import build_matcher, match_captions
+    from rebalance.spec import read_entries
+
+    concepts = spec.concepts
+    if concepts is None or concepts.vocabulary is None or not shards or shards[0].kind != "parquet":
+        return None
+    captions: list[str | None] = []
+    for shard in shards:
+        if len(captions) >= rows:
+            break
+        try:
+            table = read_table(shard.path, columns=[concepts.field])
+        except Exception:  # a missing column or an unreadable shard: the embed stage says what is wrong
+            return None
+        captions += [
+            None if v is None else str(v) for v in table.column(0).to_pylist()[: rows - len(captions)]
+        ]
+    automaton = build_matcher(read_entries(concepts.vocabulary, "concepts.vocabulary"), concepts.case_fold)
+    matched = sum(bool(m) for m in match_captions(captions, automaton, concepts.case_fold))
+    if matched == 0:
+        policy = "kept as one entry '<none>'" if concepts.unmatched == "entry" else "dropped (weight 0)"
+        log.warning(
+            "concepts.vocabulary %s matches none of the first %d values of field %r: unmatched rows are %s "
+            "(concepts.unmatched: %s); check the file and the field before the embedding",
+            concepts.vocabulary, len(captions), concepts.field, policy, concepts.unmatched,
+        )  # fmt: skip
+    return matched
 
 
 def check_model(embed: EmbedSpec) -> None:

@@ -103,6 +103,30 @@ def test_k_above_the_declared_rows_fails_before_ray(tmp_path, dataset):
         check_run(parsed, tmp_path / "embed-only", shards, ["image", "text"], embed=False, cluster=True)
 
 
+def test_a_vocabulary_that_matches_no_caption_is_a_warning_before_embedding(tmp_path, dataset, caplog):
+    from rebalance.data.readers import list_shards
+    from rebalance.data.synthetic import VOCABULARY_FILE
+    from rebalance.preflight import check_run, check_vocabulary_matches
+    from rebalance.spec import Spec
+
+    spec = demo_spec(str(dataset), concepts="vocabulary")
+    parsed = Spec.from_dict(spec)
+    shards = list_shards(parsed.data)
+    # the shipped vocabulary names the built-in concepts: captions match it
+    assert check_vocabulary_matches(parsed, shards) > 0
+    assert check_vocabulary_matches(parsed, shards, rows=7) <= 7
+    (tmp_path / "vocab.txt").write_text("zebra crossing\nquantum foam\n")
+    spec["concepts"]["vocabulary"] = str(tmp_path / "vocab.txt")
+    parsed = Spec.from_dict(spec)
+    with caplog.at_level("WARNING", logger="rebalance.preflight"):
+        check_run(parsed, tmp_path / "out", shards, ["image", "text"], embed=True)
+    (warning,) = [r.getMessage() for r in caplog.records if "matches none" in r.getMessage()]
+    assert check_vocabulary_matches(parsed, shards) == 0
+    assert "vocab.txt matches none of the first 120 values of field 'txt'" in warning
+    assert "kept as one entry '<none>'" in warning
+    assert VOCABULARY_FILE.is_file()
+
+
 def test_out_under_a_regular_file(tmp_path, dataset):
     spec = _spec(tmp_path, dataset)
     (tmp_path / "file").write_text("x")
