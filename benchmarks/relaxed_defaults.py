@@ -38,17 +38,19 @@ def main() -> None:
     keys, labels = table.column("key").to_pylist(), np.array(table.column(args.concept).to_pylist())
     for rho in [None, *args.rho]:
         spec = dict(base)
-        spec["balance"] = {"marginals": ["image_cluster", "text_cluster"], "allow_partial": True}
-        if rho is not None:
-            spec["balance"]["relax"] = rho
+        spec["balance"] = {
+            "marginals": ["image_cluster", "text_cluster"],
+            "allow_partial": True,
+            "relax": "exact" if rho is None else rho,
+        }
         name = "exact" if rho is None else f"rho={rho:g}"
         try:
-            result = rebalance.run(spec, args.run)
+            rebalance.run(spec, args.run, until="balance")  # the report stage is not needed here
         except BalanceError as err:
             print(f"{name:>8} failed: {str(err)[:160]}")
             continue
         record = json.loads((args.run / "balance.json").read_text())
-        w = result.weights
+        w = read_parts(args.run / "weights", columns=["key", "weight"])
         weight_of = dict(zip(w.column("key").to_pylist(), w.column("weight").to_numpy(), strict=True))
         weights = np.array([weight_of[k] for k in keys])
         values, inverse = np.unique(labels, return_inverse=True)
