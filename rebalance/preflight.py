@@ -56,7 +56,7 @@ def check_run(
     if rows is not None:
         for side in sides:
             k = getattr(spec.cluster, side).k
-            if k > rows:
+            if k != "auto" and k > rows:
                 raise SpecError(
                     f"cluster.{side}.k",
                     f"exceeds the {rows} rows the dataset's metadata declares; set it to at most {rows}",

@@ -204,13 +204,15 @@ class EmbedSpec:
 
 @dataclass(frozen=True)
 class KMeansSpec:
-    """Number of k-means centroids for one modality."""
+    """Number of k-means centroids for one modality: an integer, or ``auto`` (the default): round(sqrt(N))
+    for N embedded rows, between 2 and 1024, and at most the distinct vectors of the training sample
+    (resolved by the cluster stage; ``clusters/clusters.json`` records the k used)."""
 
-    k: int = 1024
+    k: int | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise SpecError("k", "must be >= 1", self.k)
+        if self.k != "auto" and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
+            raise SpecError("k", "must be an integer >= 1 or 'auto'", self.k)
 
 
 @dataclass(frozen=True)
@@ -236,12 +238,16 @@ class ClusterSpec:
     resampling_steps: int = 10  # per coarser level: re-run k-means on each cluster's nearest members
 
     def __post_init__(self) -> None:
-        below = min(s.k for s in (self.image, self.text, self.joint) if s is not None)
+        given = [s.k for s in (self.image, self.text, self.joint) if s is not None and s.k != "auto"]
+        below = min(given, default=None)  # an auto k is checked against the levels once it is resolved
         for i, k in enumerate(self.levels):
-            if not 1 <= k <= below:
-                raise SpecError(
-                    f"cluster.levels[{i}]", f"must lie in [1, {below}] (the k of the level below)", k
+            if not 1 <= k <= (below or k):
+                bound = (
+                    "must be >= 1"
+                    if below is None
+                    else f"must lie in [1, {below}] (the k of the level below)"
                 )
+                raise SpecError(f"cluster.levels[{i}]", bound, k)
             below = k
         if self.niter < 1:
             raise SpecError("cluster.niter", "must be >= 1", self.niter)

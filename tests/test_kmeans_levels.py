@@ -150,3 +150,34 @@ def test_kmeans_plus_plus_paths_draw_distinct_rows():
     dup = np.repeat(x[:5], 20, axis=0)
     chosen, _ = d2_sample(dup, 10, np.random.default_rng(0))
     assert len(np.unique(chosen)) == 10 and len(np.unique(dup[chosen], axis=0)) == 5
+
+
+def test_auto_k_and_its_limits(tmp_path):
+    from rebalance.spec import ClusterSpec, KMeansSpec, SpecError
+    from rebalance.stages.cluster import ClusterError, _train_sides, auto_k
+
+    # round(sqrt(N)) between 2 and 1024, never above N
+    assert [auto_k(n) for n in (1, 3, 3000, 10**6, 10**7)] == [1, 2, 55, 1000, 1024]
+    for bad in (0, -3, True, "many", 2.5):
+        with pytest.raises(SpecError):
+            KMeansSpec(k=bad)
+    # an auto k shrinks to the distinct vectors of the training sample; a given k above them is an error
+    rng = np.random.default_rng(0)
+    distinct = rng.normal(size=(5, 6)).astype(np.float32)
+    distinct /= np.linalg.norm(distinct, axis=1, keepdims=True)
+    x = distinct[np.arange(200) % 5]
+    spec = ClusterSpec(niter=5)
+    _, _, info = _train_sides(spec, tmp_path, {"image": 8}, {"image": x}, False, frozenset({"image"}))
+    assert info["image"]["k"] == 5
+    with pytest.raises(ClusterError, match="cluster.image.k = 8 exceeds the 5 distinct image vectors"):
+        _train_sides(spec, tmp_path, {"image": 8}, {"image": x}, False)
+    # levels are checked against the k an auto side resolves to
+    with pytest.raises(ClusterError, match=r"cluster.levels\[0\] = 6 exceeds cluster.image.k = 5"):
+        _train_sides(
+            ClusterSpec(niter=5, levels=(6,)),
+            tmp_path,
+            {"image": 8},
+            {"image": x},
+            False,
+            frozenset({"image"}),
+        )

@@ -15,7 +15,7 @@ def data_dir(tmp_path):
 def test_defaults_and_round_trip(data_dir, tmp_path):
     spec = Spec.from_dict({"data": {"path": data_dir}})
     assert spec.embed.model == "ViT-B-32" and spec.embed.pretrained == "openai"
-    assert spec.cluster.image.k == 1024 and spec.cluster.spherical is True
+    assert spec.cluster.image.k == "auto" and spec.cluster.spherical is True
     assert spec.balance.marginals == ("image_cluster", "text_cluster") and spec.balance.iterations == "auto"
     assert spec.balance.target == Target() and spec.ray.address == "auto" and spec.ray.listen == "loopback"
     path = tmp_path / "spec.yaml"

@@ -21,6 +21,7 @@ with ``key``, ``{side}_cluster`` (int32) and ``{side}_distance`` (float32, squar
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -263,6 +264,15 @@ def _assign_in_driver(
         return list(threads.map(one, range(len(items))))
 
 
+AUTO_K_MAX = 1024
+
+
+def auto_k(n_rows: int) -> int:
+    """``k: auto`` for ``n_rows`` embedded rows: round(sqrt(n_rows)), between 2 and :data:`AUTO_K_MAX` (at
+    most ``n_rows``). The training sample may lower it further (:func:`_train_sides`)."""
+    return int(min(AUTO_K_MAX, n_rows, max(2, round(math.sqrt(n_rows)))))
+
+
 def _distinct_rows(x: np.ndarray, k: int) -> int:
     """Number of distinct rows of ``x`` (n, d), or a lower bound of it when that bound is already >= k.
 
@@ -292,7 +302,11 @@ def assign_placement(resources: ClusterResources) -> str:
 
 
 def _train_on_gpu_actor(
-    spec: ClusterSpec, clusters_dir: Any, ks: dict[str, int], sample: dict[str, np.ndarray]
+    spec: ClusterSpec,
+    clusters_dir: Any,
+    ks: dict[str, int],
+    sample: dict[str, np.ndarray],
+    auto: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]], dict[str, Any]]:
     """:func:`_train_sides` in a one-GPU actor: faiss on the GPU when its faiss is faiss-gpu, else faiss
     on the actor's CPUs (recorded as ``cpu``; torch is no substitute for faiss's k-means)."""
@@ -300,23 +314,28 @@ def _train_on_gpu_actor(
     if not gpu:
         log.warning("cluster: the GPU actor's faiss has no GPU support (faiss-cpu?): training on its CPU")
     faiss.omp_set_num_threads(os.cpu_count() or 1)
-    return _train_sides(spec, clusters_dir, ks, sample, gpu)
+    return _train_sides(spec, clusters_dir, ks, sample, gpu, auto)
 
 
 def _train(
-    ctx: StageContext, ks: dict[str, int], sample: dict[str, np.ndarray], placement: str
+    ctx: StageContext,
+    ks: dict[str, int],
+    sample: dict[str, np.ndarray],
+    placement: str,
+    auto: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]], dict[str, Any]]:
-    """k-means of every side where :func:`kmeans_placement` says; clusters.json records the placement."""
+    """k-means of every side where :func:`kmeans_placement` says (``auto`` as in :func:`_train_sides`);
+    clusters.json records the placement."""
     spec, clusters_dir = ctx.spec.cluster, ctx.run.path("clusters")
     if placement == "driver":
-        centroids, parents, info = _train_sides(spec, clusters_dir, ks, sample, gpu_available())
+        centroids, parents, info = _train_sides(spec, clusters_dir, ks, sample, gpu_available(), auto)
     else:
         log.info("cluster: training k-means on a GPU actor")
         # no CPU asked: the stage's CPU pool may hold every CPU of the GPU node meanwhile
         timeout = ctx.spec.ray.placement_timeout_s
         with ActorPool(ShardWorker, 1, num_cpus=0, num_gpus=1, placement_timeout_s=timeout) as pool:
             ((centroids, parents, info),) = pool.map(
-                "call", [(_train_on_gpu_actor, spec, clusters_dir, ks, sample)]
+                "call", [(_train_on_gpu_actor, spec, clusters_dir, ks, sample, auto)]
             )
     for side in info:
         info[side]["placement"] = placement
@@ -324,11 +343,17 @@ def _train(
 
 
 def _train_sides(
-    spec: ClusterSpec, clusters_dir: Any, ks: dict[str, int], sample: dict[str, np.ndarray], gpu: bool
+    spec: ClusterSpec,
+    clusters_dir: Any,
+    ks: dict[str, int],
+    sample: dict[str, np.ndarray],
+    gpu: bool,
+    auto: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, np.ndarray], dict[str, list[np.ndarray]], dict[str, Any]]:
     """k-means per side on the first k * sample_per_centroid rows of its sample (a uniform sample too), then
-    the coarser levels; saves the centroids under ``clusters_dir``. Returns centroids, parent maps per
-    level and clusters.json."""
+    the coarser levels; saves the centroids under ``clusters_dir``. A side in ``auto`` (``k: auto``) takes
+    at most the distinct vectors of its training rows as k; a given k above them is an error. Returns
+    centroids, parent maps per level and clusters.json (with the k used)."""
     centroids: dict[str, np.ndarray] = {}
     parents: dict[str, list[np.ndarray]] = {}
     info: dict[str, Any] = {}
@@ -336,10 +361,20 @@ def _train_sides(
         rows = k * spec.sample_per_centroid
         x = _side_vectors({s: v[:rows] for s, v in sample.items()}, side)
         distinct = _distinct_rows(x, k)
-        if distinct < k:
+        if distinct < k and side in auto:
+            log.info(
+                "cluster: %s k auto: %d -> %d, the distinct vectors of the training sample", side, k, distinct
+            )
+            k = distinct
+        elif distinct < k:
             raise ClusterError(
                 f"cluster.{side}.k = {k} exceeds the {distinct} distinct {side} vectors in the training "
                 f"sample; lower cluster.{side}.k"
+            )
+        if spec.levels and spec.levels[0] > k:
+            raise ClusterError(
+                f"cluster.levels[0] = {spec.levels[0]} exceeds cluster.{side}.k = {k} (the level below); "
+                f"lower cluster.levels or set cluster.{side}.k"
             )
         log.info("cluster: %s k-means, k=%d on %d x %d (%s)", side, k, *x.shape, "GPU" if gpu else "CPU")
         result = train_kmeans(
@@ -388,17 +423,19 @@ def run_cluster(ctx: StageContext) -> dict[str, Any]:
         ctx.run.path("assignments"),
         ctx.run.path("clusters"),
     )
-    ks = {side: getattr(spec, side).k for side in ctx.sides}
+    wanted = {side: getattr(spec, side).k for side in ctx.sides}
     if spec.joint is not None:
         if len(ctx.sides) < 2:
             raise ClusterError(
                 f"cluster.joint needs an image and a text side; the dataset has only {ctx.sides}"
             )
-        ks["joint"] = spec.joint.k
-    m = max(ks.values()) * spec.sample_per_centroid
+        wanted["joint"] = spec.joint.k
     items = [(s.index, str(part_path(emb_dir, s.index))) for s in ctx.shards]
     part_rows = {i: part_summary(emb_dir, i)["rows"] for i, _ in items}
     n_rows = sum(part_rows.values())
+    ks = {side: auto_k(n_rows) if k == "auto" else k for side, k in wanted.items()}
+    auto = {side for side, k in wanted.items() if k == "auto"}
+    m = max(ks.values()) * spec.sample_per_centroid
     for side, k in ks.items():
         if k > n_rows:
             raise ClusterError(
@@ -423,7 +460,8 @@ def run_cluster(ctx: StageContext) -> dict[str, Any]:
         # and assigns every part from memory (no actors: starting them costs more than the work here).
         keys, positions, sample = _read_everything([p for _, p in items], ctx.sides, spec.seed)
         seconds["sample"], clock = time.perf_counter() - clock, time.perf_counter()
-        centroids, parents, info = _train(ctx, ks, sample, placement)
+        centroids, parents, info = _train(ctx, ks, sample, placement, frozenset(auto))
+        ks = {side: info[side]["k"] for side in ks}
         seconds["train"], clock = time.perf_counter() - clock, time.perf_counter()
         summaries = _assign_in_driver(items, str(out_dir), keys, positions, sample, centroids, parents)
         del sample
@@ -446,7 +484,8 @@ def run_cluster(ctx: StageContext) -> dict[str, Any]:
             del samples
             seconds["sample"], clock = time.perf_counter() - clock, time.perf_counter()
             # 2. k-means per side and the coarser levels, in the driver.
-            centroids, parents, info = _train(ctx, ks, sample, placement)
+            centroids, parents, info = _train(ctx, ks, sample, placement, frozenset(auto))
+            ks = {side: info[side]["k"] for side in ks}
             del sample
             seconds["train"], clock = time.perf_counter() - clock, time.perf_counter()
             # 3. Assignment of every row: by GPU actors where the cluster has GPUs, else by the pool.
