@@ -149,6 +149,7 @@ def test_incompatible_marginals_fail_up_front_unless_partial_allowed(demo_copy, 
         "target": {"power": 0.5},
         "targets": {"image_cluster": "uniform"},
         "max_iter": 300,
+        "relax": "exact",
     }
     with pytest.raises(BalanceError, match="cannot be met on the data's support") as info:
         rebalance.run(spec, demo_copy)
