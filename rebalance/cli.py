@@ -38,7 +38,7 @@ def demo_spec(dataset: str, concepts: str = "none") -> dict:
         "data": {"path": dataset, "carry": ["label", "source"]},
         "embed": {"model": "rebalance-tiny", "pretrained": "synthetic", "batch_size": 256},
         "cluster": {"image": {"k": 16}, "text": {"k": 16}, "niter": 20, "seed": 0},
-        "balance": {"marginals": ["image_cluster"], "target": "uniform", "tol": 1.0e-6},
+        "balance": {"marginals": ["image_cluster"], "target": "uniform", "tol": 1.0e-6, "relax": "exact"},
         "report": {"spectra_by": ["image_cluster", "label"], "html": True, "truth": "label"},
         "ray": {"address": "local"},
     }

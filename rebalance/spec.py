@@ -278,6 +278,7 @@ class DedupSpec:
 
 
 MARGINAL_CLUSTERS = ("image_cluster", "text_cluster")
+AUTO_RELAX = 1.0  # balance.relax: auto, the strength of cluster marginals (docs/spec.md: its evidence)
 DUP_GROUP = "dup_group"  # the near-duplicate marginal (dedup section): one unit of mass per group
 CLUSTER_SIDES = ("image", "text", "joint")  # joint: k-means on both sides of a row together (cluster.joint)
 
@@ -339,6 +340,9 @@ class BalanceSpec:
     marginal, or a mapping from marginal to a number or ``exact``; marginals it leaves out are exact):
     minimise KL(q || p) + sum_m rho_m KL(q_m || t_m), which always has a solution (relaxed marginals,
     :mod:`rebalance.kernels.ipf`); rho = 0 leaves the data as it is, larger rho comes closer to the target.
+    ``auto`` (the default): rho = :data:`AUTO_RELAX` for cluster marginals (k-means clusters are estimates
+    of concepts: a singleton cluster must not get a concept's mass), exact for every other marginal (carried
+    columns, ``dup_group``, ``concept``, ``zero_shot``: categories the user defined).
     ``min_ess``: a floor on the ESS as a fraction of the rows: the balancing is the strongest whose ESS
     stays at or above it, ``relax`` as given if that meets it, else one strength rho for every marginal,
     the largest in [1e-3, 1e3] found by bisection on log rho (the frontier tried is in ``balance.json``).
@@ -357,7 +361,7 @@ class BalanceSpec:
     max_cells: int = 4_000_000
     soft: SoftSpec | None = None
     overrelaxation: float | Literal["auto"] = "auto"
-    relax: float | Literal["exact"] | dict[str, float | Literal["exact"]] = "exact"
+    relax: float | Literal["exact", "auto"] | dict[str, float | Literal["exact"]] = "auto"
     min_ess: float | None = None
 
     def __post_init__(self) -> None:
@@ -399,13 +403,15 @@ class BalanceSpec:
                 raise SpecError(f"balance.relax.{name}", "is not one of balance.marginals", name)
             if rho != "exact" and not rho >= 0:
                 raise SpecError(f"balance.relax.{name}", "must be a number >= 0 or 'exact'", rho)
-        if not isinstance(self.relax, dict) and self.relax != "exact" and not self.relax >= 0:
+        if not isinstance(self.relax, dict) and self.relax not in ("exact", "auto") and not self.relax >= 0:
             raise SpecError(
-                "balance.relax", "must be a number >= 0, 'exact' or a mapping of them", self.relax
+                "balance.relax", "must be 'auto', 'exact', a number >= 0 or a mapping of them", self.relax
             )
 
     def relax_for(self, marginal: str) -> float | None:
         """The relaxation strength rho of one marginal, None when it is exact."""
+        if self.relax == "auto":
+            return AUTO_RELAX if cluster_marginal(marginal) is not None else None
         rho = self.relax.get(marginal, "exact") if isinstance(self.relax, dict) else self.relax
         return None if rho == "exact" else float(rho)
 

@@ -38,7 +38,7 @@ def spec_for(path, **cluster):
     return {
         "data": {"path": str(path), "carry": ["label"]},
         "cluster": {"image": {"k": 8}, "text": {"k": 8}, "niter": 25, **cluster},
-        "balance": {"marginals": ["image_cluster"]},
+        "balance": {"marginals": ["image_cluster"], "relax": "exact"},
         "report": {"html": False},
     }
 
@@ -80,7 +80,7 @@ def test_joint_concepts_beat_each_side_and_balance(tmp_path, ray_local):
     (0.94 here), and joint_cluster is assigned, saved and balanced like the other cluster marginals."""
     truth = write_mixture(tmp_path / "data", noise=2.0)
     spec = spec_for(tmp_path / "data", joint={"k": 8})
-    spec["balance"] = {"marginals": ["joint_cluster"]}
+    spec["balance"] = {"marginals": ["joint_cluster"], "relax": "exact"}
     spec["report"] = {"html": False, "spectra_by": ["joint_cluster"]}
     result = rebalance.run(spec, tmp_path / "out")
     table = read_parts(tmp_path / "out" / "assignments")
@@ -120,7 +120,7 @@ def test_joint_needs_both_sides_and_its_marginal_needs_it(tmp_path):
 def test_balancing_on_a_coarse_level(tmp_path, ray_local):
     write_mixture(tmp_path / "data")
     spec = spec_for(tmp_path / "data", levels=[3])
-    spec["balance"] = {"marginals": ["image_cluster_1"]}
+    spec["balance"] = {"marginals": ["image_cluster_1"], "relax": "exact"}
     result = rebalance.run(spec, tmp_path / "out")
     w = result.weights
     labels, weights = w.column("image_cluster_1").to_numpy(), w.column("weight").to_numpy()

@@ -161,7 +161,7 @@ def test_groups_combine_with_a_cluster_marginal_on_the_actor_path_and_both_ipf_p
         spec = planted_spec(
             tmp_path / "data",
             cluster={"sample_per_centroid": 20},  # 80 < 312 rows: sampling, assignment and dedup on actors
-            balance={"marginals": ["dup_group", "image_cluster"], "path": path},
+            balance={"marginals": ["dup_group", "image_cluster"], "path": path, "relax": "exact"},
         )
         rebalance.run(spec, tmp_path / "o")
         runs[path] = read_parts(tmp_path / "o" / "weights").to_pandas()

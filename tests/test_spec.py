@@ -146,3 +146,13 @@ def test_relax_per_marginal(data_dir):
     assert [scalar.balance.relax_for(m) for m in scalar.balance.marginals] == [0.5, 0.5]
     exact = Spec.from_dict({"data": {"path": data_dir}, "balance": {"relax": "exact"}})
     assert exact.balance.relax_for("image_cluster") is None
+
+
+def test_relax_auto_relaxes_cluster_marginals_only(data_dir):
+    spec = Spec.from_dict({"data": {"path": data_dir, "carry": ["source"]}})
+    assert spec.balance.relax == "auto"
+    strengths = {m: spec.balance.relax_for(m) for m in ("image_cluster", "text_cluster_2", "joint_cluster")}
+    assert strengths == {"image_cluster": 1.0, "text_cluster_2": 1.0, "joint_cluster": 1.0}
+    for name in ("source", "dup_group", "concept", "zero_shot", "image_clusters", "my_cluster"):
+        assert spec.balance.relax_for(name) is None, name
+    assert Spec.from_dict(spec.to_dict()) == spec

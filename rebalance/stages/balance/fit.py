@@ -323,7 +323,7 @@ def _search(
     for point, largest in zip(frontier, maxima, strict=True):
         point["marginal_error"] = dict(zip(fitted, point["marginal_error"], strict=True))
         point["max_weight"] = largest
-        if point["rho"] == "exact" and spec.relax != "exact":
+        if point["rho"] == "exact" and any(spec.relax_for(m) is not None for m in fitted):
             point["rho"] = "as relax"
     final_ess, _ = _ess_and_max(parts, result)
     search = {
