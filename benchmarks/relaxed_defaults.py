@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--concept", default="label")
     parser.add_argument("--rho", type=float, nargs="+", default=[0.3, 1.0, 3.0])
     args = parser.parse_args()
-    base = rebalance.Spec.from_yaml(args.run / "spec.yaml").to_dict()
+    base = json.loads((args.run / "manifest.json").read_text())["spec"]  # the spec the run was made with
     print(
         f"{'arm':>8} {'conv':>5} {'passes':>6} {'ESS':>6} {'max w':>8} {'TV raw':>7} {'TV bal':>7} {'starved':>7}"
     )
