@@ -52,6 +52,15 @@ DEFINITIONS = {
     "error": "Marginal error: total-variation distance 0.5 sum_v |q(v) - t(v)| between the weighted share q "
     "and the target share t of each value; 0 means the target is met exactly. "
     + _doc("report.md", "marginal-error"),
+    "nmi": "Normalized mutual information (NMI) between a concept column and the ground truth: their mutual "
+    "information divided by the mean of their entropies; 1 when the concepts are exactly the true labels, 0 "
+    "when they tell nothing about them. " + _doc("report.md", "nmi-and-purity"),
+    "purity": "Purity: the share of rows whose concept's most common true label is their own; 1 when every "
+    "concept holds a single true label (more concepts than labels can still be pure). "
+    + _doc("report.md", "nmi-and-purity"),
+    "tv_uniform": "TV to uniform: the total-variation distance 0.5 sum_t |s_t - 1/T| between the true "
+    "labels' shares s and the uniform share 1/T over the T labels; 0 when every true label counts the same. "
+    + _doc("report.md", "true-label-shares"),
     "sqs": "Spectral quantile score (SQS): the median eigenvalue of a group's embedding covariance divided by "
     "the median of that over all groups; above 1 the group is more spread (more varied) than the typical "
     "group, below 1 more collapsed. " + _doc("spectra.md", "spectra-and-scores"),
@@ -166,6 +175,74 @@ def _scores_plot(title: str, entry: dict[str, Any]) -> bytes:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     return _png(fig)
+
+
+def _shares_plot(column: str, values: list[str], shares: dict[str, Any]) -> bytes:
+    """Share of every true label before (bars) and after balancing (dots), labels ordered by share before,
+    the uniform share 1/T dashed."""
+    before, after = np.array(shares["share_before"]), np.array(shares["share_after"])
+    order = np.argsort(-before, kind="stable")
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    x = np.arange(before.size)
+    ax.bar(x, before[order], color="#bbbbbb", label=f"before (TV to uniform {shares['tv_uniform_before']:.3f})")
+    ax.plot(x, after[order], "o", ms=4, color="#1f77b4",
+            label=f"after (TV to uniform {shares['tv_uniform_after']:.3f})")  # fmt: skip
+    ax.axhline(1 / before.size, color="#d62728", lw=1, ls="--", label=f"uniform 1/{before.size}")
+    if before.size <= SIZE_TICKS:
+        ax.set_xticks(x, [values[i] for i in order], rotation=90 if before.size > 12 else 0, fontsize=7)
+        ax.set_xlabel(f"{column} (ordered by share before balancing)")
+    else:
+        ax.set_xticks([])
+        ax.set_xlabel(f"{before.size} {column} values, ordered by share before balancing")
+    ax.set_ylabel("share of the (weighted) rows")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _truth_section(report: dict[str, Any], plots: dict) -> str:
+    """Every concept column against the ``report.truth`` column (NMI, purity) and the true labels' shares
+    before and after balancing; empty without ``report.truth``."""
+    align = report.get("truth_alignment")
+    if not align:
+        return ""
+    column, values, shares = align["column"], align["values"], align["shares"]
+    rows = []
+    for side in ("image", "text", "joint", "zero_shot"):
+        for entry in align.get(side, []):
+            if side == "zero_shot":
+                name = "zero_shot"
+            else:
+                name = f"{side}_cluster" + (f"_{entry['level']}" if entry["level"] else "")
+            rows.append(
+                f"<tr><td>{html.escape(name)}</td><td>{entry['k']}</td>"
+                f"<td>{'yes' if entry['balanced'] else ''}</td><td>{entry['nmi']:.3f}</td>"
+                f"<td>{entry['purity']:.3f}</td></tr>"
+            )
+    title = f"Share of each {column} value, before and after balancing"
+    plots[f"truth_shares_{column}.png"] = (title, _shares_plot(column, values, shares))
+    table = ""
+    if len(values) <= SIZE_TICKS:
+        order = np.argsort(-np.array(shares["share_before"]), kind="stable")
+        cells = "".join(
+            f"<tr><td>{html.escape(values[i])}</td><td>{shares['rows'][i]:,}</td>"
+            f"<td>{shares['share_before'][i]:.4f}</td><td>{shares['weighted_rows'][i]:,.1f}</td>"
+            f"<td>{shares['share_after'][i]:.4f}</td></tr>"
+            for i in order
+        )
+        table = (
+            f"<table class='shares'><tr><th>{html.escape(column)}</th><th>rows</th><th>share before</th>"
+            f"<th>weighted rows</th><th>share after</th></tr>{cells}</table>"
+        )
+    return f"""<p>The carried column <b>{html.escape(column)}</b> holds the ground truth ({len(values)} values,
+<code>report.truth</code>). How well each concept column recovers it:</p>
+<table class='align'><tr><th>concept column</th><th>concepts</th><th>balanced</th><th>NMI</th><th>purity</th></tr>
+{"".join(rows)}</table>
+<dl><dt>NMI</dt><dd>{DEFINITIONS["nmi"]}</dd><dt>purity</dt><dd>{DEFINITIONS["purity"]}</dd></dl>
+<p>Share of each true value in the rows before and in the weighted rows after balancing: TV to uniform
+{shares["tv_uniform_before"]:.3f} before, {shares["tv_uniform_after"]:.3f} after
+({"closer to" if shares["tv_uniform_after"] < shares["tv_uniform_before"] else "not closer to"} equal
+representation of the true concepts). {DEFINITIONS["tv_uniform"]}</p>
+{_figure(title, plots[f"truth_shares_{column}.png"][1])}{table}"""
 
 
 def _figure(title: str, data: bytes, note: str = "") -> str:
@@ -488,6 +565,8 @@ def write_html(
         _weights_plot(balance["weight_histogram"], concepts.get("weights", {}).get("percentiles")),
     )
     spectra = _spectra_section(report, plots)
+    truth_section = _truth_section(report, plots)
+    truth_section = f"<h2>Concepts against the ground truth</h2>{truth_section}" if truth_section else ""
     rows = "".join(
         f"<tr><td>{html.escape(name)}</td><td>{m['before']['values']}</td>"
         f"<td>{m['before']['imbalance_ratio']:.1f}</td><td>{m['after']['imbalance_ratio']:.2f}</td>"
@@ -527,6 +606,7 @@ carried column. {_doc("report.md", "reportreportjson", "What every number means"
 <th>after</th><th>entropy before</th><th>after</th><th>marginal error</th></tr>{rows}</table>
 <dl><dt>imbalance</dt><dd>{DEFINITIONS["imbalance"]}</dd><dt>Gini</dt><dd>{DEFINITIONS["gini"]}</dd>
 <dt>entropy</dt><dd>{DEFINITIONS["entropy"]}</dd><dt>marginal error</dt><dd>{DEFINITIONS["error"]}</dd></dl>
+{truth_section}
 <h2>What moved</h2>
 <p>Mean weight ×2 means the concept now counts twice its rows, ×0.5 half. Thumbnails: the rows nearest
 the concept's centre first, then (after |) random rows; hover one for its caption. Words: the most frequent
