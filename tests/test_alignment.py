@@ -84,7 +84,9 @@ def test_report_shows_every_level_against_the_truth(tmp_path, ray_local):
     assert [shares["tv_uniform_before"], shares["tv_uniform_after"]] == pytest.approx(tv, rel=1e-9)
     page = (tmp_path / "o" / "report" / "report.html").read_text()
     assert "Concepts against the ground truth" in page and f"{tv[0]:.3f} before, {tv[1]:.3f} after" in page
-    assert f"<td>image_cluster_1</td><td>3</td><td>yes</td><td>{alignment['image'][1]['nmi']:.3f}</td>" in page
+    assert (
+        f"<td>image_cluster_1</td><td>3</td><td>yes</td><td>{alignment['image'][1]['nmi']:.3f}</td>" in page
+    )
 
 
 def test_a_level_is_the_default_marginal(tmp_path):

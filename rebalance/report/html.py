@@ -184,7 +184,9 @@ def _shares_plot(column: str, values: list[str], shares: dict[str, Any]) -> byte
     order = np.argsort(-before, kind="stable")
     fig, ax = plt.subplots(figsize=(7, 3.2))
     x = np.arange(before.size)
-    ax.bar(x, before[order], color="#bbbbbb", label=f"before (TV to uniform {shares['tv_uniform_before']:.3f})")
+    ax.bar(
+        x, before[order], color="#bbbbbb", label=f"before (TV to uniform {shares['tv_uniform_before']:.3f})"
+    )
     ax.plot(x, after[order], "o", ms=4, color="#1f77b4",
             label=f"after (TV to uniform {shares['tv_uniform_after']:.3f})")  # fmt: skip
     ax.axhline(1 / before.size, color="#d62728", lw=1, ls="--", label=f"uniform 1/{before.size}")
