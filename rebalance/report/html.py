@@ -272,7 +272,9 @@ class _Media:
         return f"<img class='thumb' loading='eager' src='{_uri(thumb, 'image/webp')}' alt='{title}' title='{title}'>"
 
 
-def _card(column: str, rec: dict[str, Any], media: _Media) -> str:
+def _card(column: str, rec: dict[str, Any], media: _Media, kind: str = "cluster") -> str:
+    """One concept's card; ``kind`` (docs/report.md) names it: a cluster or carried value by its value, a
+    zero-shot prompt or vocabulary entry by its text, a near-duplicate group by its smallest key."""
     mean = rec["mean_weight"]
     arrow = "up" if mean > 1.0001 else "down" if mean < 0.9999 else "same"
     verb = {"up": "up-weighted", "down": "down-weighted", "same": "unchanged"}[arrow]
@@ -283,16 +285,29 @@ def _card(column: str, rec: dict[str, Any], media: _Media) -> str:
             f"<p class='truth'>mostly <b>{html.escape(rec['truth_value'])}</b>: purity "
             f"{100 * rec['purity']:.0f}%</p>"
         )
+    value = html.escape(str(rec["value"]))
+    title = {
+        "zero_shot": f"prompt <b>{value}</b>",
+        "concept": f"vocabulary entry <b>{value}</b>",
+        "dup_group": f"near-duplicate group <b>{value}</b>",
+    }.get(kind, f"{html.escape(column)} <b>{value}</b>")
+    rows = f"{rec['rows']:,} rows"
+    if kind == "concept":
+        rows = f"{rec['rows']:,} rows match it (keep probability {rec['probability']:.3g})"
+    elif kind == "dup_group":
+        rows = f"{rec['rows']:,} copies"
     images = "".join(media.img(k) for k in rec["central_keys"])
     randoms = "".join(media.img(k, " (random row)") for k in rec["random_keys"])
-    if randoms:
+    if randoms and images:
         images += f"<span class='sep' title='random rows'>|</span>{randoms}"
+    else:
+        images += randoms
     words = " · ".join(html.escape(w) for w, _ in rec.get("words", [])) or "<i>no captions</i>"
     return f"""<div class="card" id="{html.escape(f"c-{column}-{rec['value']}", quote=True)}">
-<h4>{html.escape(column)} <b>{html.escape(str(rec["value"]))}</b>
+<h4>{title}
 <span class="w {arrow}">{verb} ×{mean:.2f}</span></h4>{truth}
 <div class="thumbs">{images}</div>
-<p class="nums">{rec["rows"]:,} rows → {rec["weighted_rows"]:,.1f} weighted{target}</p>
+<p class="nums">{rows} → {rec["weighted_rows"]:,.1f} weighted{target}</p>
 <p class="words">{words}</p></div>"""
 
 
@@ -306,12 +321,14 @@ def _moved(report: dict[str, Any], media: _Media) -> str:
         ranked = sorted(cards, key=lambda r: r["mean_weight"])
         up = [r for r in ranked[::-1] if r["mean_weight"] > 1][:MOVED_CONCEPTS]
         down = [r for r in ranked if r["mean_weight"] < 1][:MOVED_CONCEPTS]
-        parts.append(
-            f"<h3>{html.escape(column)}: most up-weighted (rare concepts brought up)</h3>"
-            f"<div class='cards'>{''.join(_card(column, r, media) for r in up)}</div>"
-            f"<h3>{html.escape(column)}: most down-weighted (common concepts brought down)</h3>"
-            f"<div class='cards'>{''.join(_card(column, r, media) for r in down)}</div>"
-        )
+        kind = entry.get("kind", "cluster")
+        for chosen, what in ((up, "most up-weighted (rare concepts brought up)"),
+                             (down, "most down-weighted (common concepts brought down)")):  # fmt: skip
+            if chosen:
+                parts.append(
+                    f"<h3>{html.escape(column)}: {what}</h3>"
+                    f"<div class='cards'>{''.join(_card(column, r, media, kind) for r in chosen)}</div>"
+                )
     return "".join(parts)
 
 
@@ -448,24 +465,37 @@ def _cards_section(report: dict[str, Any], balance: dict[str, Any], media: _Medi
         dist = balance["marginal_distributions"].get(column)
         fig = ""
         if dist:
-            title = f"Sizes per {column} value, before and after"
+            title = f"Sizes per {column} value, before and after" + {
+                "concept": " (the values are the rows' keep probabilities)",
+                "dup_group": " (the values are group sizes)",
+            }.get(entry.get("kind"), "")
             plots[f"sizes_{column}.png"] = (title, _sizes_plot(column, dist))
             fig = _figure(title, plots[f"sizes_{column}.png"][1])
-        kind = (
+        kind = entry.get("kind", "cluster")
+        balanced = (
             "balanced marginal"
             if entry["balanced"]
             else "not balanced directly (weights come from the balanced marginals)"
         )
+        total = entry.get("values", len(records))
         more = (
             ""
-            if len(shown) == len(records)
-            else (f" Cards for the {len(shown)} most down- and up-weighted of its {len(records)} concepts.")
+            if len(shown) == total
+            else f" Cards for the {len(shown)} most down- and up-weighted of its {total:,} concepts."
         )
+        what = {
+            "zero_shot": "zero-shot prompts (each image's nearest prompt, <none> below the threshold)",
+            "concept": "matched vocabulary entries (a row matching several entries counts in each; the "
+            "balanced labels are the rows' MetaCLIP keep probabilities)",
+            "dup_group": "near-duplicate groups of two or more rows",
+        }.get(kind, "concepts")
+        if kind == "dup_group":
+            more = f" Cards for the {len(shown)} largest groups; their copies share one unit of mass."
         cards = "".join(
-            _card(column, r, media) for r in sorted(shown, key=lambda r: _natural(str(r["value"])))
+            _card(column, r, media, kind) for r in sorted(shown, key=lambda r: _natural(str(r["value"])))
         )
         out.append(f"""<details{" open" if entry["balanced"] else ""}><summary><b>{html.escape(column)}</b>:
-{len(records)} concepts, {kind}.</summary>{fig}<p class="note">{more}</p><div class="cards">{cards}</div></details>""")
+{total:,} {what}, {balanced}.</summary>{fig}<p class="note">{more}</p><div class="cards">{cards}</div></details>""")
     for column, dist in balance["marginal_distributions"].items():  # balanced columns without concept cards
         if f"sizes_{column}.png" not in plots:
             title = f"Sizes per {column} value, before and after"
