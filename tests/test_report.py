@@ -298,3 +298,24 @@ def test_cards_for_concepts_that_are_not_clusters(demo_copy, ray_local):
     page = (demo_copy / "report" / "report.html").read_text()
     assert "vocabulary entry <b>red circle</b>" in page and "prompt <b>a photo of a red circle</b>" in page
     assert f"near-duplicate group <b>{dup['concepts'][0]['value']}</b>" in page
+
+
+def test_min_ess_frontier_and_relax_on_the_page(demo_copy, ray_local):
+    """balance.min_ess: report.json carries balance.json's search and relax settings, and the page shows the
+    frontier (a plot and one table row per strength tried, in order) and the chosen strength."""
+    spec = rebalance.Spec.from_yaml(demo_copy / "spec.yaml").to_dict()
+    spec["balance"].update(min_ess=0.9, relax={"image_cluster": "exact"})
+    spec["report"] = {"html": True, "spectra_by": [], "thumbnails": 0}
+    report = rebalance.run(spec, demo_copy).report
+    balance = json.loads((demo_copy / "balance.json").read_text())
+    search = balance["min_ess"]
+    assert report["balance"]["min_ess"] == search and report["balance"]["relax"] == balance["relax"]
+    assert len(search["frontier"]) >= 2 and isinstance(search["rho"], float) and search["met"]
+    assert "min_ess_frontier.png" in report["files"]
+    assert (demo_copy / "report" / "min_ess_frontier.png").stat().st_size > 0
+    page = (demo_copy / "report" / "report.html").read_text()
+    assert "balance.relax: image_cluster exact." in page
+    assert f"chosen: rho = {search['rho']:.4g}, ESS {search['ess_fraction']:.3f}" in page
+    for i, point in enumerate(search["frontier"]):
+        rho = point["rho"] if isinstance(point["rho"], str) else f"rho = {point['rho']:.4g}"
+        assert f"<tr><td>{i + 1}</td><td>{rho}</td><td>{point['ess']:.3f}</td>" in page

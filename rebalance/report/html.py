@@ -30,6 +30,7 @@ __all__ = ["write_html", "MOVED_CONCEPTS", "SIZE_TICKS"]
 
 MOVED_CONCEPTS = 6  # concepts listed as most up- and as most down-weighted, per balanced column
 SIZE_TICKS = 64  # the sizes plot names every value up to this many values
+ERROR_FLOOR = 1e-12  # marginal errors below this (round-off of an exact fit) are drawn at it, log scale
 RANK_TOLERANCE = 1e-10  # eigenvalues below this fraction of the largest are round-off of exact zeros
 _DOCS = Path(__file__).resolve().parents[2] / "docs"
 
@@ -61,6 +62,10 @@ DEFINITIONS = {
     "tv_uniform": "TV to uniform: the total-variation distance 0.5 sum_t |s_t - 1/T| between the true "
     "labels' shares s and the uniform share 1/T over the T labels; 0 when every true label counts the same. "
     + _doc("report.md", "true-label-shares"),
+    "relax": "A relaxed marginal (strength rho) trades its target for smaller weights: the weights minimise "
+    "KL(q||p) + rho KL(q_m||t_m), so rho near 0 leaves the data as it is and rho to infinity is the exact "
+    "balancing; its marginal error is the distance to the target the relaxation keeps. "
+    + _doc("report.md", "balancing-strength-relax-and-min_ess"),
     "sqs": "Spectral quantile score (SQS): the median eigenvalue of a group's embedding covariance divided by "
     "the median of that over all groups; above 1 the group is more spread (more varied) than the typical "
     "group, below 1 more collapsed. " + _doc("spectra.md", "spectra-and-scores"),
@@ -130,6 +135,77 @@ def _error_plot(errors: list[float]) -> bytes:
     ax.set_xlabel("pass (0 = before balancing)")
     ax.set_ylabel("largest marginal error (TV)")
     return _png(fig)
+
+
+def _frontier_plot(search: dict[str, Any]) -> bytes:
+    """The ``balance.min_ess`` search: ESS fraction, largest weight and marginal error per strength rho
+    tried (log x; the exact balancing, rho = infinity, drawn right of the largest rho), the floor dashed and
+    the chosen strength marked."""
+    points = search["frontier"]
+    numeric = [p["rho"] for p in points if not isinstance(p["rho"], str)]
+    right = 10 * max(numeric, default=1.0)
+    x = np.array([right if isinstance(p["rho"], str) else p["rho"] for p in points], float)
+    order = np.argsort(x, kind="stable")
+    chosen = right if isinstance(search["rho"], str) else float(search["rho"])
+    fig, axes = plt.subplots(3, 1, figsize=(7, 6.4), sharex=True)
+    axes[0].plot(x[order], np.array([p["ess"] for p in points])[order], "o-", ms=4)
+    axes[0].axhline(search["floor"], color="#d62728", lw=1, ls="--", label=f"floor {search['floor']:g}")
+    axes[0].set_ylabel("ESS / rows")
+    axes[1].plot(x[order], np.array([p["max_weight"] for p in points])[order], "o-", ms=4, color="#8c564b")
+    axes[1].set_ylabel("largest weight")
+    for name in points[0]["marginal_error"]:
+        errors = np.array([p["marginal_error"][name] for p in points], float)[order]
+        axes[2].plot(x[order], np.maximum(errors, ERROR_FLOOR), "o-", ms=4, label=name)
+    axes[2].set_yscale("log")
+    axes[2].set_ylabel(f"marginal error (TV;\nbelow {ERROR_FLOOR:g} at {ERROR_FLOOR:g})", fontsize=8)
+    axes[2].set_xscale("log")
+    axes[2].set_xlabel("relaxation strength rho")
+    if any(isinstance(p["rho"], str) for p in points):  # the exact balancing, rho = infinity
+        ticks = [t for t in axes[2].get_xticks() if x.min() <= t < right]
+        axes[2].set_xticks([*ticks, right], [f"{t:g}" for t in ticks] + ["exact"])
+    for ax in axes:
+        ax.axvline(chosen, color="#2ca02c", lw=1, label="chosen")
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _rho(value: float | str) -> str:
+    """A strength of the min_ess search: ``exact`` / ``as relax`` as they are, a number as rho = x."""
+    return value if isinstance(value, str) else f"rho = {value:.4g}"
+
+
+def _strength_section(report: dict[str, Any], plots: dict) -> str:
+    """The balancing strength: ``balance.relax`` per marginal and, with ``balance.min_ess``, its search."""
+    b = report["balance"]
+    relax = b.get("relax") or {}
+    if not relax:
+        return ""
+    named = ", ".join(
+        f"{html.escape(m)} {'exact' if r == 'exact' else f'relaxed (rho = {r:g})'}" for m, r in relax.items()
+    )
+    out = [f"<p>balance.relax: {named}. {DEFINITIONS['relax']}</p>"]
+    search = b.get("min_ess")
+    if search:
+        rho = _rho(search["rho"])
+        met = "met" if search["met"] else "NOT met (even the weakest strength tried falls below it)"
+        title = "balance.min_ess: ESS, largest weight and marginal error per strength tried"
+        plots["min_ess_frontier.png"] = (title, _frontier_plot(search))
+        rows = "".join(
+            f"<tr><td>{i + 1}</td><td>{_rho(p['rho'])}</td><td>{p['ess']:.3f}</td><td>{p['max_weight']:.3g}</td>"
+            f"<td>{max(p['marginal_error'].values(), default=0.0):.2e}</td>"
+            f"<td>{'yes' if p['converged'] else 'no'}</td></tr>"
+            for i, p in enumerate(search["frontier"])
+        )
+        out.append(
+            f"<p>balance.min_ess {search['floor']:g}: the strongest balancing whose ESS stays at or above "
+            f"{search['floor']:g} of the rows; chosen: {html.escape(rho)}, ESS {search['ess_fraction']:.3f} "
+            f"of the rows, floor {met}. "
+            f"{_doc('report.md', 'balancing-strength-relax-and-min_ess')}</p>"
+            f"{_figure(title, plots['min_ess_frontier.png'][1])}"
+            "<table><tr><th>tried</th><th>strength</th><th>ESS / rows</th><th>largest weight</th>"
+            f"<th>largest marginal error</th><th>converged</th></tr>{rows}</table>"
+        )
+    return "".join(out)
 
 
 def _spectra_plot(title: str, entry: dict[str, Any]) -> bytes:
@@ -631,8 +707,8 @@ def write_html(
 {b["max_weight"]:.3f}.</p>
 <p>Balancing gives every row a weight (mean 1) so that the weighted rows of each value of the balanced
 columns ({html.escape(", ".join(b["marginals"]))}) meet the target. A <i>concept</i> below is one value of a
-column: an image or text cluster (k-means on the embeddings), a coarser cluster level, or a value of a
-carried column. {_doc("report.md", "reportreportjson", "What every number means")}.</p>
+column: an image or text cluster (k-means on the embeddings), a coarser cluster level, a value of a
+carried column, a zero-shot prompt, a vocabulary entry or a near-duplicate group. {_doc("report.md", "reportreportjson", "What every number means")}.</p>
 <h2>Imbalance before and after</h2>
 <table><tr><th>marginal</th><th>values</th><th>imbalance before</th><th>after</th><th>Gini before</th>
 <th>after</th><th>entropy before</th><th>after</th><th>marginal error</th></tr>{rows}</table>
@@ -652,6 +728,7 @@ caption words of its rows.{truth}</p>{note}
 {cards}
 <h2>Convergence</h2>
 {error_figure}
+{_strength_section(report, plots)}
 <h2>Covariance spectra</h2>
 <p>{DEFINITIONS["sqs"]} The red line SQS = 1 marks the median group; a group far below it is collapsed
 (near-duplicates, one template), far above it mixed. The spectra plot shows the eigenvalues of the

@@ -380,6 +380,8 @@ def build_report(
             "max_weight": balance["max_weight_value"],
             "min_weight": balance["min_weight_value"],
             "clipping": balance.get("clipping"),
+            "relax": balance.get("relax"),
+            "min_ess": balance.get("min_ess"),
         },
         "marginals": marginals,
         "joint": balance.get("joint", []),
