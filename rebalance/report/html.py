@@ -83,6 +83,18 @@ def _uri(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
+def _value_axis(ax, labels: list[str], name: str, by: str, rotate_above: int) -> None:
+    """Name every value on the x axis (up to SIZE_TICKS of them; vertical beyond ``rotate_above``) and say
+    how they are ordered."""
+    if len(labels) <= SIZE_TICKS:
+        rotation = 90 if len(labels) > rotate_above else 0
+        ax.set_xticks(np.arange(len(labels)), labels, rotation=rotation, fontsize=7)
+        ax.set_xlabel(f"{name} (ordered by {by})")
+    else:
+        ax.set_xticks([])
+        ax.set_xlabel(f"{len(labels)} {name} values, ordered by {by}")
+
+
 def _sizes_plot(name: str, dist: dict[str, Any]) -> bytes:
     """Rows per value before (bars), weighted rows after and the target, values ordered by size before and
     named on the x axis (by id / value, up to SIZE_TICKS values)."""
@@ -94,14 +106,7 @@ def _sizes_plot(name: str, dist: dict[str, Any]) -> bytes:
     ax.plot(x, np.array(dist["balanced"])[order], "o-", ms=3, color="#1f77b4", label="after (weighted rows)")
     ax.plot(x, np.array(dist["target"])[order], "--", color="#d62728", lw=1, label="target")
     ax.set_yscale("log")
-    if counts.size <= SIZE_TICKS:
-        ax.set_xticks(
-            x, [dist["values"][i] for i in order], rotation=90 if counts.size > 16 else 0, fontsize=7
-        )
-        ax.set_xlabel(f"{name} (ordered by rows before balancing)")
-    else:
-        ax.set_xticks([])
-        ax.set_xlabel(f"{counts.size} {name} values, ordered by rows before balancing")
+    _value_axis(ax, [dist["values"][i] for i in order], name, "rows before balancing", 16)
     ax.set_ylabel("rows")
     ax.legend(fontsize=8)
     return _png(fig)
@@ -266,12 +271,7 @@ def _shares_plot(column: str, values: list[str], shares: dict[str, Any]) -> byte
     ax.plot(x, after[order], "o", ms=4, color="#1f77b4",
             label=f"after (TV to uniform {shares['tv_uniform_after']:.3f})")  # fmt: skip
     ax.axhline(1 / before.size, color="#d62728", lw=1, ls="--", label=f"uniform 1/{before.size}")
-    if before.size <= SIZE_TICKS:
-        ax.set_xticks(x, [values[i] for i in order], rotation=90 if before.size > 12 else 0, fontsize=7)
-        ax.set_xlabel(f"{column} (ordered by share before balancing)")
-    else:
-        ax.set_xticks([])
-        ax.set_xlabel(f"{before.size} {column} values, ordered by share before balancing")
+    _value_axis(ax, [values[i] for i in order], column, "share before balancing", 12)
     ax.set_ylabel("share of the (weighted) rows")
     ax.legend(fontsize=8)
     return _png(fig)
