@@ -117,7 +117,7 @@ def _plan(ctx: StageContext) -> tuple[list[dict[str, Any]], list[str] | None, li
     entries: list[str] = []
     settings_file = ctx.run.path("concepts", "concepts.json")
     settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
-    if settings.get("zero_shot_counts"):  # the prompts, then <none>
+    if settings.get("zero_shot_counts"):  # the prompts and <none>, in concepts.json's (sorted) order
         prompts = list(settings["zero_shot_counts"])
         add("zero_shot", "zero_shot", "image", None, len(prompts), prompts)
     if settings.get("vocabulary") is not None:

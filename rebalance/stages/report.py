@@ -277,7 +277,8 @@ def compute_truth_alignment(ctx: StageContext) -> dict[str, Any] | None:
     :func:`~rebalance.kernels.alignment.truth_shares`), per side (``image``, ``text``, ``joint``) a list of
     levels (0: the base clusters), each ``level``, ``k``, ``balanced`` and :func:`alignment_scores` with true
     labels as indices of ``values``, and with zero-shot labels (``concepts.prompts``) ``zero_shot``: the
-    same for the prompts (``k`` prompts and ``<none>``, ``labels`` naming them)."""
+    same for the prompts (``k``: the prompts and ``<none>``, ``labels`` naming them in concepts.json's
+    sorted order)."""
     truth = ctx.spec.report.truth
     if truth is None:
         return None
