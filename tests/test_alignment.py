@@ -10,7 +10,7 @@ from test_cluster_stage import write_mixture
 
 import rebalance
 from rebalance.data.parts import read_parts
-from rebalance.kernels.alignment import alignment_scores
+from rebalance.kernels.alignment import alignment_scores, truth_shares
 from rebalance.spec import Spec, SpecError
 
 
@@ -37,13 +37,25 @@ def test_scores_match_scikit_learn_and_hand_counts():
     assert alignment_scores(np.array([[3.0]]))["nmi"] == 1.0
 
 
+def test_truth_shares_by_hand():
+    # 3 labels: rows 6, 3, 1 (shares 0.6, 0.3, 0.1); weighted rows 4, 4, 2 (0.4, 0.4, 0.2); uniform 1/3.
+    got = truth_shares(np.array([6, 3, 1]), np.array([4.0, 4.0, 2.0]))
+    np.testing.assert_allclose(got["share_before"], [0.6, 0.3, 0.1])
+    np.testing.assert_allclose(got["share_after"], [0.4, 0.4, 0.2])
+    assert got["tv_uniform_before"] == pytest.approx(0.5 * (0.6 - 1 / 3 + 1 / 3 - 0.3 + 1 / 3 - 0.1))
+    assert got["tv_uniform_after"] == pytest.approx(0.5 * (2 * (0.4 - 1 / 3) + 1 / 3 - 0.2))
+    assert truth_shares(np.ones(4), np.ones(4))["tv_uniform_after"] == 0.0
+    with pytest.raises(ValueError, match="positive sums"):
+        truth_shares(np.zeros(2), np.ones(2))
+
+
 def test_report_shows_every_level_against_the_truth(tmp_path, ray_local):
     truth = write_mixture(tmp_path / "data", n=600, d=16, shards=2)
     spec = {
         "data": {"path": str(tmp_path / "data"), "carry": ["label"]},
         "cluster": {"image": {"k": 8}, "text": {"k": 8}, "levels": [3], "sample_per_centroid": 100},
         "balance": {"marginals": ["image_cluster_1"]},
-        "report": {"html": False, "spectra_by": [], "truth": "label"},
+        "report": {"html": True, "spectra_by": [], "truth": "label", "thumbnails": 0},
     }
     rebalance.run(spec, tmp_path / "o")
     report = json.loads((tmp_path / "o" / "report" / "report.json").read_text())
@@ -59,6 +71,22 @@ def test_report_shows_every_level_against_the_truth(tmp_path, ray_local):
             c = pd.crosstab(labels, truth)
             assert entry["purity"] == pytest.approx(c.max(axis=1).sum() / 600)
             assert [s["clusters"] for s in entry["truth_spread"]] == (c > 0).sum(axis=0).tolist()
+            assert entry["balanced"] == (column == "image_cluster_1")
+    # The true labels' shares: rows and weighted rows per label, computed directly from the parts.
+    weights = read_parts(tmp_path / "o" / "weights").column("weight").to_numpy()
+    shares = alignment["shares"]
+    rows = np.bincount(truth, minlength=8)
+    weighted = np.bincount(truth, weights=weights, minlength=8)
+    assert shares["rows"] == rows.tolist()
+    np.testing.assert_allclose(shares["weighted_rows"], weighted, rtol=1e-12)
+    np.testing.assert_allclose(shares["share_after"], weighted / weighted.sum(), rtol=1e-12)
+    tv = [0.5 * np.abs(v / v.sum() - 1 / 8).sum() for v in (rows, weighted)]
+    assert [shares["tv_uniform_before"], shares["tv_uniform_after"]] == pytest.approx(tv, rel=1e-9)
+    page = (tmp_path / "o" / "report" / "report.html").read_text()
+    assert "Concepts against the ground truth" in page and f"{tv[0]:.3f} before, {tv[1]:.3f} after" in page
+    assert (
+        f"<td>image_cluster_1</td><td>3</td><td>yes</td><td>{alignment['image'][1]['nmi']:.3f}</td>" in page
+    )
 
 
 def test_a_level_is_the_default_marginal(tmp_path):

@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from sklearn.metrics import normalized_mutual_info_score
 
 import rebalance
 from rebalance.data.parts import read_parts
@@ -228,3 +229,96 @@ def test_spectra_survive_an_actor_lost_between_map_and_reduce(demo_copy, ray_loc
     assert killed == ["spectra"]
     assert "map outputs lost" in caplog.text
     assert after == before
+
+
+def test_cards_for_concepts_that_are_not_clusters(demo_copy, ray_local):
+    """Vocabulary entries (``concept``), zero-shot prompts and near-duplicate groups get cards: their
+    records against direct computations on the run directory, and the page names them by their text."""
+    import pyarrow.parquet as pq
+
+    from rebalance.data.synthetic import PROMPTS_FILE, VOCABULARY_FILE
+
+    spec = rebalance.Spec.from_yaml(demo_copy / "spec.yaml").to_dict()
+    spec["concepts"] = {"vocabulary": str(VOCABULARY_FILE), "field": "label", "cap": 30,
+                        "prompts": str(PROMPTS_FILE)}  # fmt: skip
+    spec["dedup"] = {"side": "text", "threshold": 0.99}
+    spec["balance"] = {"marginals": ["concept", "dup_group"], "tol": 1e-9}
+    spec["report"]["thumbnails"] = 4
+    report = rebalance.run(spec, demo_copy).report
+    columns = report["concepts"]["columns"]
+    weights = read_parts(demo_copy / "weights")
+    w, keys = weights.column("weight").to_numpy(), weights.column("key").to_pylist()
+    labels = read_parts(demo_copy / "concepts")
+    assert labels.column("key").to_pylist() == keys
+
+    vocabulary = [*VOCABULARY_FILE.read_text().splitlines(), "<none>"]
+    matches = [m or [len(vocabulary) - 1] for m in labels.column("concept_entries").to_pylist()]
+    probability = pq.read_table(demo_copy / "concepts" / "entries.parquet").column("probability").to_numpy()
+    concept = columns["concept"]
+    assert concept["kind"] == "concept" and concept["balanced"]
+    matched = {e for m in matches for e in m}
+    assert concept["values"] == len(matched) == len(concept["concepts"])  # at most 48: every one a card
+    for rec in concept["concepts"]:
+        e = vocabulary.index(rec["value"])
+        rows = np.array([e in m for m in matches])
+        assert rec["rows"] == rows.sum() and rec["card"] and rec["central_keys"] == []
+        assert rec["weighted_rows"] == pytest.approx(w[rows].sum(), rel=1e-12)
+        assert rec["probability"] == probability[e] and rec["target"] is None
+        assert len(rec["random_keys"]) == min(4, rows.sum())
+        assert set(rec["random_keys"]) <= {k for k, r in zip(keys, rows, strict=True) if r}
+
+    zero_shot = np.array(labels.column("zero_shot").to_pylist())
+    prompts = columns["zero_shot"]
+    assert prompts["kind"] == "zero_shot" and not prompts["balanced"]
+    assert {r["value"] for r in prompts["concepts"]} == set(zero_shot)
+    truth = np.array(read_parts(demo_copy / "embeddings").column("label").to_pylist())
+    for rec in prompts["concepts"]:
+        rows = zero_shot == rec["value"]
+        assert rec["rows"] == rows.sum()
+        assert rec["weighted_rows"] == pytest.approx(w[rows].sum(), rel=1e-12)
+        values, counts = np.unique(truth[rows], return_counts=True)
+        assert rec["purity"] == pytest.approx(counts.max() / rows.sum())
+    (aligned,) = report["truth_alignment"]["zero_shot"]  # the prompts against the truth, as a concept column
+    assert aligned["labels"] == sorted(
+        [*PROMPTS_FILE.read_text().splitlines(), "<none>"]
+    )  # concepts.json's order
+    assert not aligned["balanced"]
+    assert aligned["nmi"] == pytest.approx(normalized_mutual_info_score(truth, zero_shot), rel=1e-9)
+
+    a = read_parts(demo_copy / "assignments").to_pandas()
+    a["weight"] = w
+    groups = a[a.dup_size > 1].groupby("dup_group").agg(size=("dup_size", "max"), weight=("weight", "sum"))
+    groups = groups.reset_index().sort_values(["size", "dup_group"], ascending=[False, True]).head(48)
+    dup = columns["dup_group"]
+    assert dup["values"] == a.loc[a.dup_size > 1, "dup_group"].nunique()
+    assert [r["value"] for r in dup["concepts"]] == groups["dup_group"].tolist()
+    assert [r["rows"] for r in dup["concepts"]] == groups["size"].tolist()
+    np.testing.assert_allclose([r["weighted_rows"] for r in dup["concepts"]], groups["weight"], rtol=1e-12)
+    for rec in dup["concepts"]:
+        members = set(a.key[a.dup_group == rec["value"]])
+        assert len(rec["random_keys"]) == min(4, len(members)) and set(rec["random_keys"]) <= members
+
+    page = (demo_copy / "report" / "report.html").read_text()
+    assert "vocabulary entry <b>red circle</b>" in page and "prompt <b>a photo of a red circle</b>" in page
+    assert f"near-duplicate group <b>{dup['concepts'][0]['value']}</b>" in page
+
+
+def test_min_ess_frontier_and_relax_on_the_page(demo_copy, ray_local):
+    """balance.min_ess: report.json carries balance.json's search and relax settings, and the page shows the
+    frontier (a plot and one table row per strength tried, in order) and the chosen strength."""
+    spec = rebalance.Spec.from_yaml(demo_copy / "spec.yaml").to_dict()
+    spec["balance"].update(min_ess=0.9, relax={"image_cluster": "exact"})
+    spec["report"] = {"html": True, "spectra_by": [], "thumbnails": 0}
+    report = rebalance.run(spec, demo_copy).report
+    balance = json.loads((demo_copy / "balance.json").read_text())
+    search = balance["min_ess"]
+    assert report["balance"]["min_ess"] == search and report["balance"]["relax"] == balance["relax"]
+    assert len(search["frontier"]) >= 2 and isinstance(search["rho"], float) and search["met"]
+    assert "min_ess_frontier.png" in report["files"]
+    assert (demo_copy / "report" / "min_ess_frontier.png").stat().st_size > 0
+    page = (demo_copy / "report" / "report.html").read_text()
+    assert "balance.relax: image_cluster exact." in page
+    assert f"chosen: rho = {search['rho']:.4g}, ESS {search['ess_fraction']:.3f}" in page
+    for i, point in enumerate(search["frontier"]):
+        rho = point["rho"] if isinstance(point["rho"], str) else f"rho = {point['rho']:.4g}"
+        assert f"<tr><td>{i + 1}</td><td>{rho}</td><td>{point['ess']:.3f}</td>" in page

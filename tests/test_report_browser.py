@@ -63,6 +63,13 @@ def test_report_html_in_chromium(demo_run, tmp_path):
     assert hover_size[0] > 0 and "weight" in hover_size[1]
     assert "3000 rows" in text and "converged" in text
     for term in ("Imbalance ratio", "Gini coefficient", "Normalized entropy", "Effective sample size",
-                 "Spectral quantile score", "SQS = 1", "Before and after coincide"):  # fmt: skip
+                 "Spectral quantile score", "SQS = 1", "Before and after coincide",
+                 "Concepts against the ground truth", "Normalized mutual information", "TV to uniform",
+                 "balance.relax: image_cluster exact"):  # fmt: skip
         assert term in text, term
+    shares = report["truth_alignment"]["shares"]
+    assert (
+        f"TV to uniform {shares['tv_uniform_before']:.3f} before, {shares['tv_uniform_after']:.3f} after"
+        in text
+    )
     assert (tmp_path / "report.png").stat().st_size > 0

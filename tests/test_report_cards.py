@@ -101,3 +101,19 @@ def test_truth_must_be_a_carried_column():
     assert Spec.from_dict(raw).report.truth == "label"
     with pytest.raises(SpecError, match="report.truth"):
         Spec.from_dict({**raw, "report": {"truth": "source"}})
+
+
+def test_cards_go_to_the_most_down_and_up_weighted_larger_first_among_ties():
+    from rebalance.stages.concepts import CARDS_PER_COLUMN, _shown
+
+    rng = np.random.default_rng(2)
+    n = 100
+    rows = rng.integers(1, 50, n)
+    rows[[3, 7]] = 0  # empty: never a card
+    mean_weight = rng.choice([0.5, 1.0, 2.0, 3.0], n)  # many ties
+    present = [g for g in range(n) if rows[g] > 0]
+    down = sorted(present, key=lambda g: (mean_weight[g], -rows[g], g))[: CARDS_PER_COLUMN // 2]
+    up = sorted(present, key=lambda g: (-mean_weight[g], -rows[g], g))[: CARDS_PER_COLUMN // 2]
+    assert _shown(rows, mean_weight).tolist() == sorted(down + up)
+    few = np.array([0, 4, 1])
+    assert _shown(few, np.ones(3)).tolist() == [1, 2]  # up to CARDS_PER_COLUMN: every non-empty group

@@ -8,6 +8,10 @@ C (K, T): C[k, t] rows in cluster k with true label t. With n = sum C, p = C / n
 - per true label t: the clusters holding its rows, and its effective number of clusters
   exp(H(cluster | truth = t)) (1: all its rows in one cluster; m: spread evenly over m);
 - per cluster k: its most common label and that label's share of the cluster.
+
+The true labels' shares before and after balancing (:func:`truth_shares`): with r_t rows and w_t weighted
+rows (sum of the row weights) of true label t, share_before_t = r_t / sum r, share_after_t = w_t / sum w, and
+each one's total-variation distance to uniform over the T labels, 0.5 sum_t |share_t - 1 / T|.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["alignment_scores"]
+__all__ = ["alignment_scores", "truth_shares"]
 
 
 def _entropy(p: np.ndarray) -> float:
@@ -61,4 +65,24 @@ def alignment_scores(contingency: np.ndarray) -> dict[str, Any]:
         "purity": float(c.max(axis=1).sum() / n),
         "truth_spread": spread,
         "clusters": clusters,
+    }
+
+
+def truth_shares(rows: np.ndarray, weighted: np.ndarray) -> dict[str, Any]:
+    """Shares of the T true labels before (``rows`` (T,), row counts) and after balancing (``weighted``
+    (T,), summed row weights): ``share_before``, ``share_after`` (T,) and ``tv_uniform_before``,
+    ``tv_uniform_after``: 0.5 sum_t |share_t - 1 / T| (0: every label equally represented; at most
+    1 - 1 / T)."""
+    rows, weighted = np.asarray(rows, np.float64), np.asarray(weighted, np.float64)
+    if rows.ndim != 1 or rows.shape != weighted.shape or rows.sum() <= 0 or weighted.sum() <= 0:
+        raise ValueError("rows and weighted must be (T,) non-negative totals with positive sums")
+    if (rows < 0).any() or (weighted < 0).any():
+        raise ValueError("rows and weighted must be non-negative")
+    before, after = rows / rows.sum(), weighted / weighted.sum()
+    uniform = 1.0 / rows.size
+    return {
+        "share_before": before.tolist(),
+        "share_after": after.tolist(),
+        "tv_uniform_before": float(0.5 * np.abs(before - uniform).sum()),
+        "tv_uniform_after": float(0.5 * np.abs(after - uniform).sum()),
     }

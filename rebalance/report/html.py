@@ -30,6 +30,7 @@ __all__ = ["write_html", "MOVED_CONCEPTS", "SIZE_TICKS"]
 
 MOVED_CONCEPTS = 6  # concepts listed as most up- and as most down-weighted, per balanced column
 SIZE_TICKS = 64  # the sizes plot names every value up to this many values
+ERROR_FLOOR = 1e-12  # marginal errors below this (round-off of an exact fit) are drawn at it, log scale
 RANK_TOLERANCE = 1e-10  # eigenvalues below this fraction of the largest are round-off of exact zeros
 _DOCS = Path(__file__).resolve().parents[2] / "docs"
 
@@ -52,6 +53,19 @@ DEFINITIONS = {
     "error": "Marginal error: total-variation distance 0.5 sum_v |q(v) - t(v)| between the weighted share q "
     "and the target share t of each value; 0 means the target is met exactly. "
     + _doc("report.md", "marginal-error"),
+    "nmi": "Normalized mutual information (NMI) between a concept column and the ground truth: their mutual "
+    "information divided by the mean of their entropies; 1 when the concepts are exactly the true labels, 0 "
+    "when they tell nothing about them. " + _doc("report.md", "nmi-and-purity"),
+    "purity": "Purity: the share of rows whose concept's most common true label is their own; 1 when every "
+    "concept holds a single true label (more concepts than labels can still be pure). "
+    + _doc("report.md", "nmi-and-purity"),
+    "tv_uniform": "TV to uniform: the total-variation distance 0.5 sum_t |s_t - 1/T| between the true "
+    "labels' shares s and the uniform share 1/T over the T labels; 0 when every true label counts the same. "
+    + _doc("report.md", "true-label-shares"),
+    "relax": "A relaxed marginal (strength rho) trades its target for smaller weights: the weights minimise "
+    "KL(q||p) + rho KL(q_m||t_m), so rho near 0 leaves the data as it is and rho to infinity is the exact "
+    "balancing; its marginal error is the distance to the target the relaxation keeps. "
+    + _doc("report.md", "balancing-strength-relax-and-min_ess"),
     "sqs": "Spectral quantile score (SQS): the median eigenvalue of a group's embedding covariance divided by "
     "the median of that over all groups; above 1 the group is more spread (more varied) than the typical "
     "group, below 1 more collapsed. " + _doc("spectra.md", "spectra-and-scores"),
@@ -69,6 +83,18 @@ def _uri(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
+def _value_axis(ax, labels: list[str], name: str, by: str, rotate_above: int) -> None:
+    """Name every value on the x axis (up to SIZE_TICKS of them; vertical beyond ``rotate_above``) and say
+    how they are ordered."""
+    if len(labels) <= SIZE_TICKS:
+        rotation = 90 if len(labels) > rotate_above else 0
+        ax.set_xticks(np.arange(len(labels)), labels, rotation=rotation, fontsize=7)
+        ax.set_xlabel(f"{name} (ordered by {by})")
+    else:
+        ax.set_xticks([])
+        ax.set_xlabel(f"{len(labels)} {name} values, ordered by {by}")
+
+
 def _sizes_plot(name: str, dist: dict[str, Any]) -> bytes:
     """Rows per value before (bars), weighted rows after and the target, values ordered by size before and
     named on the x axis (by id / value, up to SIZE_TICKS values)."""
@@ -80,14 +106,7 @@ def _sizes_plot(name: str, dist: dict[str, Any]) -> bytes:
     ax.plot(x, np.array(dist["balanced"])[order], "o-", ms=3, color="#1f77b4", label="after (weighted rows)")
     ax.plot(x, np.array(dist["target"])[order], "--", color="#d62728", lw=1, label="target")
     ax.set_yscale("log")
-    if counts.size <= SIZE_TICKS:
-        ax.set_xticks(
-            x, [dist["values"][i] for i in order], rotation=90 if counts.size > 16 else 0, fontsize=7
-        )
-        ax.set_xlabel(f"{name} (ordered by rows before balancing)")
-    else:
-        ax.set_xticks([])
-        ax.set_xlabel(f"{counts.size} {name} values, ordered by rows before balancing")
+    _value_axis(ax, [dist["values"][i] for i in order], name, "rows before balancing", 16)
     ax.set_ylabel("rows")
     ax.legend(fontsize=8)
     return _png(fig)
@@ -121,6 +140,77 @@ def _error_plot(errors: list[float]) -> bytes:
     ax.set_xlabel("pass (0 = before balancing)")
     ax.set_ylabel("largest marginal error (TV)")
     return _png(fig)
+
+
+def _frontier_plot(search: dict[str, Any]) -> bytes:
+    """The ``balance.min_ess`` search: ESS fraction, largest weight and marginal error per strength rho
+    tried (log x; the exact balancing, rho = infinity, drawn right of the largest rho), the floor dashed and
+    the chosen strength marked."""
+    points = search["frontier"]
+    numeric = [p["rho"] for p in points if not isinstance(p["rho"], str)]
+    right = 10 * max(numeric, default=1.0)
+    x = np.array([right if isinstance(p["rho"], str) else p["rho"] for p in points], float)
+    order = np.argsort(x, kind="stable")
+    chosen = right if isinstance(search["rho"], str) else float(search["rho"])
+    fig, axes = plt.subplots(3, 1, figsize=(7, 6.4), sharex=True)
+    axes[0].plot(x[order], np.array([p["ess"] for p in points])[order], "o-", ms=4)
+    axes[0].axhline(search["floor"], color="#d62728", lw=1, ls="--", label=f"floor {search['floor']:g}")
+    axes[0].set_ylabel("ESS / rows")
+    axes[1].plot(x[order], np.array([p["max_weight"] for p in points])[order], "o-", ms=4, color="#8c564b")
+    axes[1].set_ylabel("largest weight")
+    for name in points[0]["marginal_error"]:
+        errors = np.array([p["marginal_error"][name] for p in points], float)[order]
+        axes[2].plot(x[order], np.maximum(errors, ERROR_FLOOR), "o-", ms=4, label=name)
+    axes[2].set_yscale("log")
+    axes[2].set_ylabel(f"marginal error (TV;\nbelow {ERROR_FLOOR:g} at {ERROR_FLOOR:g})", fontsize=8)
+    axes[2].set_xscale("log")
+    axes[2].set_xlabel("relaxation strength rho")
+    if any(isinstance(p["rho"], str) for p in points):  # the exact balancing, rho = infinity
+        ticks = [t for t in axes[2].get_xticks() if x.min() <= t < right]
+        axes[2].set_xticks([*ticks, right], [f"{t:g}" for t in ticks] + ["exact"])
+    for ax in axes:
+        ax.axvline(chosen, color="#2ca02c", lw=1, label="chosen")
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _rho(value: float | str) -> str:
+    """A strength of the min_ess search: ``exact`` / ``as relax`` as they are, a number as rho = x."""
+    return value if isinstance(value, str) else f"rho = {value:.4g}"
+
+
+def _strength_section(report: dict[str, Any], plots: dict) -> str:
+    """The balancing strength: ``balance.relax`` per marginal and, with ``balance.min_ess``, its search."""
+    b = report["balance"]
+    relax = b.get("relax") or {}
+    if not relax:
+        return ""
+    named = ", ".join(
+        f"{html.escape(m)} {'exact' if r == 'exact' else f'relaxed (rho = {r:g})'}" for m, r in relax.items()
+    )
+    out = [f"<p>balance.relax: {named}. {DEFINITIONS['relax']}</p>"]
+    search = b.get("min_ess")
+    if search:
+        rho = _rho(search["rho"])
+        met = "met" if search["met"] else "NOT met (even the weakest strength tried falls below it)"
+        title = "balance.min_ess: ESS, largest weight and marginal error per strength tried"
+        plots["min_ess_frontier.png"] = (title, _frontier_plot(search))
+        rows = "".join(
+            f"<tr><td>{i + 1}</td><td>{_rho(p['rho'])}</td><td>{p['ess']:.3f}</td><td>{p['max_weight']:.3g}</td>"
+            f"<td>{max(p['marginal_error'].values(), default=0.0):.2e}</td>"
+            f"<td>{'yes' if p['converged'] else 'no'}</td></tr>"
+            for i, p in enumerate(search["frontier"])
+        )
+        out.append(
+            f"<p>balance.min_ess {search['floor']:g}: the strongest balancing whose ESS stays at or above "
+            f"{search['floor']:g} of the rows; chosen: {html.escape(rho)}, ESS {search['ess_fraction']:.3f} "
+            f"of the rows, floor {met}. "
+            f"{_doc('report.md', 'balancing-strength-relax-and-min_ess')}</p>"
+            f"{_figure(title, plots['min_ess_frontier.png'][1])}"
+            "<table><tr><th>tried</th><th>strength</th><th>ESS / rows</th><th>largest weight</th>"
+            f"<th>largest marginal error</th><th>converged</th></tr>{rows}</table>"
+        )
+    return "".join(out)
 
 
 def _spectra_plot(title: str, entry: dict[str, Any]) -> bytes:
@@ -168,6 +258,71 @@ def _scores_plot(title: str, entry: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
+def _shares_plot(column: str, values: list[str], shares: dict[str, Any]) -> bytes:
+    """Share of every true label before (bars) and after balancing (dots), labels ordered by share before,
+    the uniform share 1/T dashed."""
+    before, after = np.array(shares["share_before"]), np.array(shares["share_after"])
+    order = np.argsort(-before, kind="stable")
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    x = np.arange(before.size)
+    ax.bar(
+        x, before[order], color="#bbbbbb", label=f"before (TV to uniform {shares['tv_uniform_before']:.3f})"
+    )
+    ax.plot(x, after[order], "o", ms=4, color="#1f77b4",
+            label=f"after (TV to uniform {shares['tv_uniform_after']:.3f})")  # fmt: skip
+    ax.axhline(1 / before.size, color="#d62728", lw=1, ls="--", label=f"uniform 1/{before.size}")
+    _value_axis(ax, [values[i] for i in order], column, "share before balancing", 12)
+    ax.set_ylabel("share of the (weighted) rows")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _truth_section(report: dict[str, Any], plots: dict) -> str:
+    """Every concept column against the ``report.truth`` column (NMI, purity) and the true labels' shares
+    before and after balancing; empty without ``report.truth``."""
+    align = report.get("truth_alignment")
+    if not align:
+        return ""
+    column, values, shares = align["column"], align["values"], align["shares"]
+    rows = []
+    for side in ("image", "text", "joint", "zero_shot"):
+        for entry in align.get(side, []):
+            if side == "zero_shot":
+                name = "zero_shot"
+            else:
+                name = f"{side}_cluster" + (f"_{entry['level']}" if entry["level"] else "")
+            rows.append(
+                f"<tr><td>{html.escape(name)}</td><td>{entry['k']}</td>"
+                f"<td>{'yes' if entry['balanced'] else ''}</td><td>{entry['nmi']:.3f}</td>"
+                f"<td>{entry['purity']:.3f}</td></tr>"
+            )
+    title = f"Share of each {column} value, before and after balancing"
+    plots[f"truth_shares_{column}.png"] = (title, _shares_plot(column, values, shares))
+    table = ""
+    if len(values) <= SIZE_TICKS:
+        order = np.argsort(-np.array(shares["share_before"]), kind="stable")
+        cells = "".join(
+            f"<tr><td>{html.escape(values[i])}</td><td>{shares['rows'][i]:,}</td>"
+            f"<td>{shares['share_before'][i]:.4f}</td><td>{shares['weighted_rows'][i]:,.1f}</td>"
+            f"<td>{shares['share_after'][i]:.4f}</td></tr>"
+            for i in order
+        )
+        table = (
+            f"<table class='shares'><tr><th>{html.escape(column)}</th><th>rows</th><th>share before</th>"
+            f"<th>weighted rows</th><th>share after</th></tr>{cells}</table>"
+        )
+    return f"""<p>The carried column <b>{html.escape(column)}</b> holds the ground truth ({len(values)} values,
+<code>report.truth</code>). How well each concept column recovers it:</p>
+<table class='align'><tr><th>concept column</th><th>concepts</th><th>balanced</th><th>NMI</th><th>purity</th></tr>
+{"".join(rows)}</table>
+<dl><dt>NMI</dt><dd>{DEFINITIONS["nmi"]}</dd><dt>purity</dt><dd>{DEFINITIONS["purity"]}</dd></dl>
+<p>Share of each true value in the rows before and in the weighted rows after balancing: TV to uniform
+{shares["tv_uniform_before"]:.3f} before, {shares["tv_uniform_after"]:.3f} after
+({"closer to" if shares["tv_uniform_after"] < shares["tv_uniform_before"] else "not closer to"} equal
+representation of the true concepts). {DEFINITIONS["tv_uniform"]}</p>
+{_figure(title, plots[f"truth_shares_{column}.png"][1])}{table}"""
+
+
 def _figure(title: str, data: bytes, note: str = "") -> str:
     note = f"<p class='note'>{note}</p>" if note else ""
     return (
@@ -193,7 +348,9 @@ class _Media:
         return f"<img class='thumb' loading='eager' src='{_uri(thumb, 'image/webp')}' alt='{title}' title='{title}'>"
 
 
-def _card(column: str, rec: dict[str, Any], media: _Media) -> str:
+def _card(column: str, rec: dict[str, Any], media: _Media, kind: str = "cluster") -> str:
+    """One concept's card; ``kind`` (docs/report.md) names it: a cluster or carried value by its value, a
+    zero-shot prompt or vocabulary entry by its text, a near-duplicate group by its smallest key."""
     mean = rec["mean_weight"]
     arrow = "up" if mean > 1.0001 else "down" if mean < 0.9999 else "same"
     verb = {"up": "up-weighted", "down": "down-weighted", "same": "unchanged"}[arrow]
@@ -204,16 +361,29 @@ def _card(column: str, rec: dict[str, Any], media: _Media) -> str:
             f"<p class='truth'>mostly <b>{html.escape(rec['truth_value'])}</b>: purity "
             f"{100 * rec['purity']:.0f}%</p>"
         )
+    value = html.escape(str(rec["value"]))
+    title = {
+        "zero_shot": f"prompt <b>{value}</b>",
+        "concept": f"vocabulary entry <b>{value}</b>",
+        "dup_group": f"near-duplicate group <b>{value}</b>",
+    }.get(kind, f"{html.escape(column)} <b>{value}</b>")
+    rows = f"{rec['rows']:,} rows"
+    if kind == "concept":
+        rows = f"{rec['rows']:,} rows match it (keep probability {rec['probability']:.3g})"
+    elif kind == "dup_group":
+        rows = f"{rec['rows']:,} copies"
     images = "".join(media.img(k) for k in rec["central_keys"])
     randoms = "".join(media.img(k, " (random row)") for k in rec["random_keys"])
-    if randoms:
+    if randoms and images:
         images += f"<span class='sep' title='random rows'>|</span>{randoms}"
+    else:
+        images += randoms
     words = " · ".join(html.escape(w) for w, _ in rec.get("words", [])) or "<i>no captions</i>"
     return f"""<div class="card" id="{html.escape(f"c-{column}-{rec['value']}", quote=True)}">
-<h4>{html.escape(column)} <b>{html.escape(str(rec["value"]))}</b>
+<h4>{title}
 <span class="w {arrow}">{verb} ×{mean:.2f}</span></h4>{truth}
 <div class="thumbs">{images}</div>
-<p class="nums">{rec["rows"]:,} rows → {rec["weighted_rows"]:,.1f} weighted{target}</p>
+<p class="nums">{rows} → {rec["weighted_rows"]:,.1f} weighted{target}</p>
 <p class="words">{words}</p></div>"""
 
 
@@ -227,12 +397,14 @@ def _moved(report: dict[str, Any], media: _Media) -> str:
         ranked = sorted(cards, key=lambda r: r["mean_weight"])
         up = [r for r in ranked[::-1] if r["mean_weight"] > 1][:MOVED_CONCEPTS]
         down = [r for r in ranked if r["mean_weight"] < 1][:MOVED_CONCEPTS]
-        parts.append(
-            f"<h3>{html.escape(column)}: most up-weighted (rare concepts brought up)</h3>"
-            f"<div class='cards'>{''.join(_card(column, r, media) for r in up)}</div>"
-            f"<h3>{html.escape(column)}: most down-weighted (common concepts brought down)</h3>"
-            f"<div class='cards'>{''.join(_card(column, r, media) for r in down)}</div>"
-        )
+        kind = entry.get("kind", "cluster")
+        for chosen, what in ((up, "most up-weighted (rare concepts brought up)"),
+                             (down, "most down-weighted (common concepts brought down)")):  # fmt: skip
+            if chosen:
+                parts.append(
+                    f"<h3>{html.escape(column)}: {what}</h3>"
+                    f"<div class='cards'>{''.join(_card(column, r, media, kind) for r in chosen)}</div>"
+                )
     return "".join(parts)
 
 
@@ -369,24 +541,37 @@ def _cards_section(report: dict[str, Any], balance: dict[str, Any], media: _Medi
         dist = balance["marginal_distributions"].get(column)
         fig = ""
         if dist:
-            title = f"Sizes per {column} value, before and after"
+            title = f"Sizes per {column} value, before and after" + {
+                "concept": " (the values are the rows' keep probabilities)",
+                "dup_group": " (the values are group sizes)",
+            }.get(entry.get("kind"), "")
             plots[f"sizes_{column}.png"] = (title, _sizes_plot(column, dist))
             fig = _figure(title, plots[f"sizes_{column}.png"][1])
-        kind = (
+        kind = entry.get("kind", "cluster")
+        balanced = (
             "balanced marginal"
             if entry["balanced"]
             else "not balanced directly (weights come from the balanced marginals)"
         )
+        total = entry.get("values", len(records))
         more = (
             ""
-            if len(shown) == len(records)
-            else (f" Cards for the {len(shown)} most down- and up-weighted of its {len(records)} concepts.")
+            if len(shown) == total
+            else f" Cards for the {len(shown)} most down- and up-weighted of its {total:,} concepts."
         )
+        what = {
+            "zero_shot": "zero-shot prompts (each image's nearest prompt, <none> below the threshold)",
+            "concept": "matched vocabulary entries (a row matching several entries counts in each; the "
+            "balanced labels are the rows' MetaCLIP keep probabilities)",
+            "dup_group": "near-duplicate groups of two or more rows",
+        }.get(kind, "concepts")
+        if kind == "dup_group":
+            more = f" Cards for the {len(shown)} largest groups; their copies share one unit of mass."
         cards = "".join(
-            _card(column, r, media) for r in sorted(shown, key=lambda r: _natural(str(r["value"])))
+            _card(column, r, media, kind) for r in sorted(shown, key=lambda r: _natural(str(r["value"])))
         )
         out.append(f"""<details{" open" if entry["balanced"] else ""}><summary><b>{html.escape(column)}</b>:
-{len(records)} concepts, {kind}.</summary>{fig}<p class="note">{more}</p><div class="cards">{cards}</div></details>""")
+{total:,} {what}, {balanced}.</summary>{fig}<p class="note">{more}</p><div class="cards">{cards}</div></details>""")
     for column, dist in balance["marginal_distributions"].items():  # balanced columns without concept cards
         if f"sizes_{column}.png" not in plots:
             title = f"Sizes per {column} value, before and after"
@@ -488,6 +673,8 @@ def write_html(
         _weights_plot(balance["weight_histogram"], concepts.get("weights", {}).get("percentiles")),
     )
     spectra = _spectra_section(report, plots)
+    truth_section = _truth_section(report, plots)
+    truth_section = f"<h2>Concepts against the ground truth</h2>{truth_section}" if truth_section else ""
     rows = "".join(
         f"<tr><td>{html.escape(name)}</td><td>{m['before']['values']}</td>"
         f"<td>{m['before']['imbalance_ratio']:.1f}</td><td>{m['after']['imbalance_ratio']:.2f}</td>"
@@ -520,13 +707,14 @@ def write_html(
 {b["max_weight"]:.3f}.</p>
 <p>Balancing gives every row a weight (mean 1) so that the weighted rows of each value of the balanced
 columns ({html.escape(", ".join(b["marginals"]))}) meet the target. A <i>concept</i> below is one value of a
-column: an image or text cluster (k-means on the embeddings), a coarser cluster level, or a value of a
-carried column. {_doc("report.md", "reportreportjson", "What every number means")}.</p>
+column: an image or text cluster (k-means on the embeddings), a coarser cluster level, a value of a
+carried column, a zero-shot prompt, a vocabulary entry or a near-duplicate group. {_doc("report.md", "reportreportjson", "What every number means")}.</p>
 <h2>Imbalance before and after</h2>
 <table><tr><th>marginal</th><th>values</th><th>imbalance before</th><th>after</th><th>Gini before</th>
 <th>after</th><th>entropy before</th><th>after</th><th>marginal error</th></tr>{rows}</table>
 <dl><dt>imbalance</dt><dd>{DEFINITIONS["imbalance"]}</dd><dt>Gini</dt><dd>{DEFINITIONS["gini"]}</dd>
 <dt>entropy</dt><dd>{DEFINITIONS["entropy"]}</dd><dt>marginal error</dt><dd>{DEFINITIONS["error"]}</dd></dl>
+{truth_section}
 <h2>What moved</h2>
 <p>Mean weight ×2 means the concept now counts twice its rows, ×0.5 half. Thumbnails: the rows nearest
 the concept's centre first, then (after |) random rows; hover one for its caption. Words: the most frequent
@@ -540,6 +728,7 @@ caption words of its rows.{truth}</p>{note}
 {cards}
 <h2>Convergence</h2>
 {error_figure}
+{_strength_section(report, plots)}
 <h2>Covariance spectra</h2>
 <p>{DEFINITIONS["sqs"]} The red line SQS = 1 marks the median group; a group far below it is collapsed
 (near-duplicates, one template), far above it mixed. The spectra plot shows the eigenvalues of the

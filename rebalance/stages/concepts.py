@@ -1,15 +1,23 @@
 """Concept cards of the report: who is in each concept, and how balancing reweighted it.
 
 A *concept* is one value of a concept column: a cluster of each side (``image_cluster``, ``text_cluster``,
-``joint_cluster`` with ``cluster.joint``) and of each coarser level (``image_cluster_L``), and each value
-of a carried column with at most :data:`MAX_CARRIED_VALUES` distinct values. Two streamed passes over the run directory (parts in a pool):
+``joint_cluster`` with ``cluster.joint``) and of each coarser level (``image_cluster_L``), each value of a
+carried column with at most :data:`MAX_CARRIED_VALUES` distinct values, and the concepts that are not
+clusters: each prompt of ``zero_shot`` (``concepts.prompts``), each vocabulary entry of ``concept``
+(``concepts.vocabulary``; a row matching several entries belongs to each) and each near-duplicate group of
+``dup_group`` (``dedup``; only the :data:`CARDS_PER_COLUMN` largest groups of two or more rows). Two
+streamed passes over the run directory (parts in a pool):
 
 1. per part and concept: rows, summed weight, summed embedding, the rows of smallest key priority (a
    seeded random sample, :func:`~rebalance.kernels.sampling.key_priorities`), the rows nearest the
    centroid for level-0 clusters (``assignments`` distances), the contingency against ``report.truth``;
    and over all rows a bounded random sample for the embedding map and weight percentiles, and the rows
    of the largest weights;
-2. for the other concepts (levels, carried values): the rows nearest the concept's mean embedding.
+   for vocabulary entries only rows and summed weight (a vocabulary has up to millions of entries), for
+   near-duplicate groups the part's largest groups (the global :data:`CARDS_PER_COLUMN` largest are among
+   every part's, since a group's size is global) with their sums and sampled rows;
+2. for the other concepts (levels, carried values, prompts): the rows nearest the concept's mean
+   embedding; for the vocabulary entries that get a card: their seeded random rows.
 
 The chosen rows are then read back from the input shards by key (:mod:`rebalance.data.thumbnails`):
 ``report.thumbnails`` thumbnails per shown concept and up to :data:`CAPTIONS_PER_CONCEPT` captions for its
@@ -44,7 +52,7 @@ from rebalance.report.cards import (
     weight_percentiles,
 )
 from rebalance.runtime.pool import ActorPool, ShardWorker
-from rebalance.spec import SpecError
+from rebalance.spec import DUP_GROUP, SpecError
 from rebalance.stages.context import StageContext
 
 __all__ = [
@@ -81,20 +89,23 @@ def _carried_vocab(run_root: str, column: str) -> list[str] | None:
     return sorted(values)
 
 
-def _plan(ctx: StageContext) -> tuple[list[dict[str, Any]], list[str] | None, list[str]]:
-    """(concept columns, the truth column's vocabulary or None, carried columns left out)."""
+def _plan(ctx: StageContext) -> tuple[list[dict[str, Any]], list[str] | None, list[str], list[str]]:
+    """(concept columns, the truth column's vocabulary or None, carried columns left out, the vocabulary's
+    entry names (empty without one)). A column's ``kind``: ``cluster`` (labels in ``assignments``),
+    ``carried`` (``embeddings``), ``zero_shot`` (``concepts``), ``concept`` (the entries each row matches,
+    ``concepts``) or ``dup_group`` (``assignments``)."""
     clusters = json.loads(ctx.run.path("clusters", "clusters.json").read_text())
     plan: list[dict[str, Any]] = []
+
+    def add(column: str, kind: str, side: str, level: int | None, groups: int, vocab=None, **extra) -> None:
+        plan.append({"column": column, "kind": kind, "side": side, "level": level, "groups": groups,
+                     "vocab": vocab, **extra})  # fmt: skip
+
     for side in [*ctx.sides, *(["joint"] if "joint" in clusters else [])]:
         info = clusters[side]
-        plan.append(
-            {"column": f"{side}_cluster", "side": side, "level": 0, "groups": info["k"], "vocab": None}
-        )
+        add(f"{side}_cluster", "cluster", side, 0, info["k"])
         for level in info.get("levels", []):
-            column = f"{side}_cluster_{level['level']}"
-            plan.append(
-                {"column": column, "side": side, "level": level["level"], "groups": level["k"], "vocab": None}
-            )
+            add(f"{side}_cluster_{level['level']}", "cluster", side, level["level"], level["k"])
     skipped = []
     root = str(ctx.run.root)
     vocabs = {c: _carried_vocab(root, c) for c in ctx.spec.data.carry}
@@ -102,11 +113,22 @@ def _plan(ctx: StageContext) -> tuple[list[dict[str, Any]], list[str] | None, li
         if vocab is None:
             skipped.append(column)
         else:
-            plan.append(
-                {"column": column, "side": ctx.sides[0], "level": None, "groups": len(vocab), "vocab": vocab}
-            )
+            add(column, "carried", ctx.sides[0], None, len(vocab), vocab)
+    entries: list[str] = []
+    settings_file = ctx.run.path("concepts", "concepts.json")
+    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    if settings.get("zero_shot_counts"):  # the prompts and <none>, in concepts.json's (sorted) order
+        prompts = list(settings["zero_shot_counts"])
+        add("zero_shot", "zero_shot", "image", None, len(prompts), prompts)
+    if settings.get("vocabulary") is not None:
+        entries = read_table(ctx.run.path("concepts", "entries.parquet"), columns=["entry"])
+        entries = entries.column("entry").to_pylist()
+        none = len(entries) - 1 if settings["unmatched"] == "entry" else None
+        add("concept", "concept", ctx.sides[0], None, len(entries), none_entry=none)
+    if ctx.run.path("clusters", "dedup.json").is_file():
+        add(DUP_GROUP, DUP_GROUP, ctx.sides[0], None, CARDS_PER_COLUMN)
     truth = ctx.spec.report.truth
-    return plan, (vocabs.get(truth) if truth else None), skipped
+    return plan, (vocabs.get(truth) if truth else None), skipped, entries
 
 
 def _codes(table: pa.Table, column: str, vocab: list[str]) -> np.ndarray:
@@ -122,17 +144,41 @@ def _matrix(table: pa.Table, side: str) -> np.ndarray:
     return vectors.flatten().to_numpy().reshape(len(vectors), vectors.type.list_size)
 
 
+def _entry_pairs(table: pa.Table, none_entry: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(row, entry) pairs of a concepts part's ``concept_entries``; a row matching nothing pairs with
+    ``none_entry`` (the ``<none>`` pseudo-entry) when there is one."""
+    lists = table.column("concept_entries").combine_chunks()
+    lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
+    rows = np.repeat(np.arange(len(lists)), lengths)
+    entries = pc.list_flatten(lists).to_numpy(zero_copy_only=False).astype(np.int64)
+    if none_entry is not None:
+        empty = np.flatnonzero(lengths == 0)
+        rows, entries = (
+            np.concatenate([rows, empty]),
+            np.concatenate([entries, np.full(empty.size, none_entry)]),
+        )
+    return rows, entries
+
+
 def _read(run_root: str, index: int, plan: list[dict], truth: str | None, truth_vocab: list[str] | None):
     emb = read_part(join(run_root, "embeddings"), index)
     assignments = read_part(join(run_root, "assignments"), index)
     weights = read_part(join(run_root, "weights"), index, columns=["weight"]).column("weight").to_numpy()
+    kinds = {item["kind"] for item in plan}
+    labels = read_part(join(run_root, "concepts"), index) if kinds & {"zero_shot", "concept"} else None
     codes = {}
     for item in plan:
-        column = item["column"]
-        if item["vocab"] is None:
+        column, kind = item["column"], item["kind"]
+        if kind == "cluster":
             codes[column] = assignments.column(column).to_numpy().astype(np.int64)
-        else:
+        elif kind == "carried":
             codes[column] = _codes(emb, column, item["vocab"])
+        elif kind == "zero_shot":
+            codes[column] = _codes(labels, column, item["vocab"])
+        elif kind == "concept":  # several entries per row: the (row, entry) pairs
+            codes[column] = _entry_pairs(labels, item["none_entry"])
+        else:  # dup_group: the group key and its size
+            codes[column] = assignments.select([DUP_GROUP, "dup_size"])
     truth_codes = _codes(emb, truth, truth_vocab) if truth_vocab is not None else None
     sides = {item["side"] for item in plan}
     vectors = {side: _matrix(emb, side) for side in sides - {"joint"}}
@@ -160,6 +206,33 @@ def _concat_picks(picks: list[dict], n_groups: int, k: int) -> dict:
     return {"score": score[idx], "group": group[idx], "key": [keys[i] for i in idx], "part": part[idx]}
 
 
+def _largest_groups(
+    groups: pa.Table, weights: np.ndarray, priority: np.ndarray, keys: list[str], part: int, k: int
+) -> dict[str, Any]:
+    """The part's CARDS_PER_COLUMN largest near-duplicate groups of two or more rows (by global size, then
+    group key): ``group`` keys, ``size``, the part's ``rows`` and summed ``weight`` of each, and ``random``:
+    up to max(k, CAPTIONS_PER_CONCEPT) rows of each by key priority (``group`` as an index into them)."""
+    size = groups.column("dup_size").to_numpy()
+    dup = np.flatnonzero(size > 1)
+    key_of = np.asarray(groups.column(DUP_GROUP).to_pylist(), dtype=object)[dup]
+    names, local = np.unique(key_of.astype(str), return_inverse=True) if dup.size else (np.array([]), dup)
+    group_size = np.zeros(names.size, np.int64)
+    group_size[local] = size[dup]
+    chosen = np.lexsort((names, -group_size))[:CARDS_PER_COLUMN]
+    index = np.full(names.size, -1, np.int64)
+    index[chosen] = np.arange(chosen.size)
+    g = np.full(len(keys), -1, np.int64)
+    g[dup] = index[local]
+    ok = g >= 0
+    return {
+        "group": names[chosen].tolist(),
+        "size": group_size[chosen],
+        "rows": np.bincount(g[ok], minlength=chosen.size),
+        "weight": np.bincount(g[ok], weights=weights[ok], minlength=chosen.size),
+        "random": _picks(priority, g, chosen.size, max(k, CAPTIONS_PER_CONCEPT), keys, part),
+    }
+
+
 def concepts_part(
     run_root: str,
     index: int,
@@ -177,6 +250,16 @@ def concepts_part(
     out: dict[str, Any] = {"columns": {}}
     for item in plan:
         column, groups, n = item["column"], codes[item["column"]], item["groups"]
+        if item["kind"] == "concept":
+            rows, entries = groups
+            out["columns"][column] = {
+                "rows": np.bincount(entries, minlength=n),
+                "weight": np.bincount(entries, weights=weights[rows], minlength=n),
+            }
+            continue
+        if item["kind"] == DUP_GROUP:
+            out["columns"][column] = _largest_groups(groups, weights, priority, keys, index, k)
+            continue
         ok = groups >= 0
         entry = {
             "rows": np.bincount(groups[ok], minlength=n),
@@ -195,6 +278,7 @@ def concepts_part(
     zeros = np.zeros(len(keys), np.int64)
     sample = smallest_per_group(priority, zeros, 1, MAP_POINTS)
     side = plan[0]["side"]
+    codes = {c: g for c, g in codes.items() if isinstance(g, np.ndarray)}  # single-label columns
     out["map"] = {
         "priority": priority[sample],
         "key": [keys[i] for i in sample],
@@ -216,12 +300,30 @@ def concepts_part(
     return out
 
 
-def central_part(run_root: str, index: int, plan: list[dict], means: dict[str, np.ndarray], k: int) -> dict:
+def central_part(
+    run_root: str,
+    index: int,
+    plan: list[dict],
+    means: dict[str, np.ndarray],
+    k: int,
+    shown_entries: np.ndarray | None = None,
+    seed: int = 0,
+) -> dict:
     """Pass 2 over part ``index``: for each column of ``means``, the ``k`` rows of each group nearest the
-    group's mean embedding (squared L2)."""
+    group's mean embedding (squared L2); with ``shown_entries`` (vocabulary entry ids), ``concept``: the
+    rows of each of those entries of smallest key priority (``group``: the position in ``shown_entries``)."""
     emb, _, _, codes, _, vectors = _read(run_root, index, plan, None, None)
     keys = emb.column("key").to_pylist()
     out = {}
+    if shown_entries is not None:
+        rows, entries = codes["concept"]
+        position = np.searchsorted(shown_entries, entries)
+        hit = (position < shown_entries.size) & (shown_entries[np.minimum(position, shown_entries.size - 1)]
+                                                 == entries)  # fmt: skip
+        priority = key_priorities(keys, seed)[rows[hit]]
+        pair_keys = [keys[i] for i in rows[hit]]
+        n = max(k, CAPTIONS_PER_CONCEPT)
+        out["concept"] = _picks(priority, position[hit], shown_entries.size, n, pair_keys, index)
     for item in plan:
         column = item["column"]
         if column not in means:
@@ -283,17 +385,55 @@ def _input_shards(ctx: StageContext):
 
 def _shown(rows: np.ndarray, mean_weight: np.ndarray) -> np.ndarray:
     """Groups that get a card with thumbnails: every non-empty one, or, beyond CARDS_PER_COLUMN, the most
-    down- and up-weighted halves of that many."""
+    down- and up-weighted halves of that many (among equal mean weights the larger groups first)."""
     present = np.flatnonzero(rows > 0)
     if present.size <= CARDS_PER_COLUMN:
         return present
-    order = present[np.argsort(mean_weight[present], kind="stable")]
-    half = CARDS_PER_COLUMN // 2
-    return np.sort(np.concatenate([order[:half], order[-half:]]))
+    down = present[np.lexsort((-rows[present], mean_weight[present]))]
+    up = present[np.lexsort((-rows[present], -mean_weight[present]))]
+    chosen = dict.fromkeys(down[: CARDS_PER_COLUMN // 2].tolist())
+    for g in up.tolist():
+        if len(chosen) == CARDS_PER_COLUMN:
+            break
+        chosen.setdefault(g)
+    return np.sort(np.fromiter(chosen, np.int64))
 
 
 def _label(item: dict, group: int) -> str:
     return str(group) if item["vocab"] is None else item["vocab"][group]
+
+
+NO_PICKS = {"score": np.zeros(0), "group": np.zeros(0, np.int64), "key": [], "part": np.zeros(0, np.int64)}
+
+
+def _merge_groups(entries: list[dict], k: int) -> dict[str, Any]:
+    """The CARDS_PER_COLUMN largest near-duplicate groups over the parts' :func:`_largest_groups`: ``names``
+    (group keys), ``size``, ``rows``, ``weight`` and ``random`` picks (``group``: position in ``names``)."""
+    size: dict[str, int] = {}
+    for e in entries:
+        size.update(zip(e["group"], e["size"].tolist(), strict=True))
+    names = sorted(size, key=lambda g: (-size[g], g))[:CARDS_PER_COLUMN]
+    position = {g: i for i, g in enumerate(names)}
+    rows, weight = np.zeros(len(names), np.int64), np.zeros(len(names))
+    picks = []
+    for e in entries:
+        local = np.array([position.get(g, -1) for g in e["group"]], np.int64)
+        ok = local >= 0
+        np.add.at(rows, local[ok], e["rows"][ok])
+        np.add.at(weight, local[ok], e["weight"][ok])
+        p = e["random"]
+        mapped = local[p["group"]] if p["group"].size else p["group"]
+        keep = mapped >= 0
+        picks.append({"score": p["score"][keep], "group": mapped[keep],
+                      "key": [key for key, kept in zip(p["key"], keep, strict=True) if kept],
+                      "part": p["part"][keep]})  # fmt: skip
+    return {
+        "names": names,
+        "size": np.array([size[g] for g in names], np.int64),
+        "rows": rows,
+        "weight": weight,
+        "random": _concat_picks(picks, len(names), max(k, CAPTIONS_PER_CONCEPT)),
+    }
 
 
 def _fetch_media(
@@ -328,8 +468,10 @@ def _fetch_media(
 def compute_concepts(ctx: StageContext) -> tuple[dict[str, Any], dict[str, dict]]:
     """(the ``concepts`` section of report.json, media) where media maps a row key to its ``thumbnail``
     (WebP bytes or None) and ``caption``, for the rows the page shows."""
-    plan, truth_vocab, skipped = _plan(ctx)
+    plan, truth_vocab, skipped, entry_names = _plan(ctx)
     truth = ctx.spec.report.truth
+    dedup = ctx.run.path("clusters", "dedup.json")
+    dup_groups = json.loads(dedup.read_text())["groups_with_duplicates"] if dedup.is_file() else 0
     n_thumbs = ctx.spec.report.thumbnails
     n_random = n_thumbs // 4
     n_central = n_thumbs - n_random
@@ -342,11 +484,28 @@ def compute_concepts(ctx: StageContext) -> tuple[dict[str, Any], dict[str, dict]
     )
     with ActorPool(ShardWorker, ctx.workers(len(ctx.shards))) as pool:
         parts = pool.map("call", [(one, s.index) for s in ctx.shards], "concepts")
-        means, merged = {}, {}
+        means, merged, names = {}, {}, {}
+        shown_entries = None
         for item in plan:
             column, n = item["column"], item["groups"]
             entries = [p["columns"][column] for p in parts]
-            m = {name: sum(e[name] for e in entries) for name in ("rows", "weight", "sum")}
+            if item["kind"] == DUP_GROUP:
+                m = _merge_groups(entries, k)
+                m["central"], names[column] = NO_PICKS, m.pop("names")
+                merged[column] = m
+                continue
+            m = {name: sum(e[name] for e in entries) for name in ("rows", "weight")}
+            if item["kind"] == "concept":  # the entries with a card only (up to millions of entries)
+                rows = m["rows"]
+                shown_entries = _shown(rows, np.where(rows > 0, m["weight"] / np.maximum(rows, 1), np.nan))
+                probability = read_table(ctx.run.path("concepts", "entries.parquet"), columns=["probability"])
+                m = {"rows": rows[shown_entries], "weight": m["weight"][shown_entries], "central": NO_PICKS,
+                     "values": int((rows > 0).sum()),
+                     "probability": probability.column(0).to_numpy()[shown_entries]}  # fmt: skip
+                names[column] = [entry_names[i] for i in shown_entries.tolist()]
+                merged[column] = m
+                continue
+            m["sum"] = sum(e["sum"] for e in entries)
             m["random"] = _concat_picks([e["random"] for e in entries], n, max(k, CAPTIONS_PER_CONCEPT))
             if "central" in entries[0]:
                 m["central"] = _concat_picks([e["central"] for e in entries], n, k)
@@ -354,15 +513,22 @@ def compute_concepts(ctx: StageContext) -> tuple[dict[str, Any], dict[str, dict]
                 means[column] = m["sum"] / np.maximum(m["rows"], 1)[:, None]
             if truth_vocab is not None:
                 m["truth"] = sum(e["truth"] for e in entries)
+            names[column] = [_label(item, g) for g in range(n)]
             merged[column] = m
-        if means:
-            two = functools.partial(central_part, root, plan=plan, means=means, k=k)
+        if means or shown_entries is not None:
+            two = functools.partial(
+                central_part, root, plan=plan, means=means, k=k, shown_entries=shown_entries, seed=seed
+            )
             centres = pool.map("call", [(two, s.index) for s in ctx.shards], "concept centres")
             for item in plan:
                 if item["column"] in means:
                     merged[item["column"]]["central"] = _concat_picks(
                         [c[item["column"]] for c in centres], item["groups"], k
                     )
+            if shown_entries is not None:
+                merged["concept"]["random"] = _concat_picks(
+                    [c["concept"] for c in centres], shown_entries.size, max(k, CAPTIONS_PER_CONCEPT)
+                )
         sample = _bottom([p["map"] for p in parts], MAP_POINTS, "priority")
         weight_sample = _bottom([p["weights"] for p in parts], WEIGHT_SAMPLE, "priority")["weight"]
         largest = _bottom([p["largest"] for p in parts], LARGEST_WEIGHTS, "score")
@@ -376,14 +542,18 @@ def compute_concepts(ctx: StageContext) -> tuple[dict[str, Any], dict[str, dict]
                 (thumbs if thumbnail and n_thumbs else captions).add(key)
 
         for item in plan:
-            column, m = item["column"], merged[item["column"]]
+            column, m, kind = item["column"], merged[item["column"]], item["kind"]
             rows = m["rows"].astype(np.int64)
             mean_weight = np.where(rows > 0, m["weight"] / np.maximum(rows, 1), np.nan)
             shown = set(_shown(rows, mean_weight).tolist())
-            dist = balance["marginal_distributions"].get(column)
+            dist = (
+                balance["marginal_distributions"].get(column) if kind not in ("concept", DUP_GROUP) else None
+            )
             targets = dict(zip(dist["values"], dist["target"], strict=True)) if dist else {}
-            if truth_vocab is not None:
+            with_truth = truth_vocab is not None and "truth" in m
+            if with_truth:
                 majority, pure = purity(m["truth"])
+            n_shown_random = n_thumbs if kind in ("concept", DUP_GROUP) else n_random  # no central rows
             records = []
             for g in np.flatnonzero(rows > 0).tolist():
                 pick = {name: np.flatnonzero(m[name]["group"] == g) for name in ("central", "random")}
@@ -391,17 +561,20 @@ def compute_concepts(ctx: StageContext) -> tuple[dict[str, Any], dict[str, dict]
                 randoms = [
                     key for key in (m["random"]["key"][i] for i in pick["random"]) if key not in central
                 ]
+                value = names[column][g]
                 record = {
-                    "value": _label(item, g),
+                    "value": value,
                     "rows": int(rows[g]),
                     "weighted_rows": float(m["weight"][g]),
                     "mean_weight": float(mean_weight[g]),
-                    "target": targets.get(_label(item, g)),
+                    "target": targets.get(value),
                     "central_keys": central,
-                    "random_keys": randoms[:n_random],
+                    "random_keys": randoms[:n_shown_random],
                     "card": g in shown,
                 }
-                if truth_vocab is not None:
+                if kind == "concept":
+                    record["probability"] = float(m["probability"][g])
+                if with_truth:
                     record["truth_value"] = truth_vocab[int(majority[g])]
                     record["purity"] = float(pure[g])
                 records.append(record)
@@ -419,9 +592,11 @@ def compute_concepts(ctx: StageContext) -> tuple[dict[str, Any], dict[str, dict]
                     )
                     record["caption_keys"] = random_keys
             columns[column] = {
+                "kind": kind,
                 "side": item["side"],
                 "level": item["level"],
                 "balanced": column in balance["marginals"],
+                "values": m.get("values", len(records)) if kind != DUP_GROUP else dup_groups,
                 "concepts": records,
             }
         want(sample["key"], sample["part"], True)
@@ -435,7 +610,7 @@ def compute_concepts(ctx: StageContext) -> tuple[dict[str, Any], dict[str, dict]
             record["words"] = [[w, c] for w, c in caption_words(captions)]
             record["captions_read"] = len(captions)
     coords, method, explained = _project(sample["x"], seed)
-    colour = next((c for c in balance["marginals"] if c in columns), plan[0]["column"])
+    colour = next((c for c in balance["marginals"] if c in sample["codes"]), plan[0]["column"])
     item = next(i for i in plan if i["column"] == colour)
     codes = sample["codes"][colour]
     summary = {
@@ -454,7 +629,7 @@ def compute_concepts(ctx: StageContext) -> tuple[dict[str, Any], dict[str, dict]
                     "weight": float(w),
                     "concepts": {
                         c: _label(i, int(largest["codes"][c][j]))
-                        for c, i in ((p["column"], p) for p in plan)
+                        for c, i in ((p["column"], p) for p in plan if p["column"] in largest["codes"])
                         if largest["codes"][c][j] >= 0
                     },
                 }

@@ -37,7 +37,7 @@ import ray
 from rebalance.data.atomic import atomic_write_json
 from rebalance.data.fs import join, read_table
 from rebalance.data.parts import list_parts, read_part
-from rebalance.kernels.alignment import alignment_scores
+from rebalance.kernels.alignment import alignment_scores, truth_shares
 from rebalance.kernels.sampling import key_priorities
 from rebalance.kernels.spectra import GroupMoments, GroupSample, spectral_scores
 from rebalance.kernels.stats import imbalance_stats
@@ -249,21 +249,36 @@ def compute_spectra(ctx: StageContext) -> dict[str, Any]:
 
 
 TRUTH = "__truth__"
+ZERO_SHOT = "zero_shot"
 
 
-def truth_part(run_root: str, index: int, columns: list[str], truth: str) -> list[pa.Table]:
-    """Rows per (cluster, true label) of one part for every cluster column: tables of the column,
-    ``__truth__`` (the carried ``truth`` as a string, null as ``<missing>``) and ``count_all``."""
-    labels = read_part(join(run_root, "assignments"), index, columns=columns)
+def truth_part(run_root: str, index: int, columns: list[str], truth: str) -> tuple[list[pa.Table], pa.Table]:
+    """Rows per (concept, true label) of one part for every concept column (cluster columns from
+    ``assignments``, ``zero_shot`` from ``concepts``): tables of the column, ``__truth__`` (the carried
+    ``truth`` as a string, null as ``<missing>``) and ``count_all``; and the rows and summed weights per true
+    label (``__truth__``, ``count_all``, ``weight_sum``)."""
+    clusters = [c for c in columns if c != ZERO_SHOT]
+    labels = read_part(join(run_root, "assignments"), index, columns=clusters)
+    if ZERO_SHOT in columns:
+        zero_shot = read_part(join(run_root, "concepts"), index, columns=[ZERO_SHOT]).column(ZERO_SHOT)
+        labels = labels.append_column(ZERO_SHOT, zero_shot)
     values = read_part(join(run_root, "embeddings"), index, columns=[truth]).column(truth)
     labels = labels.append_column(TRUTH, pc.fill_null(pc.cast(values, pa.string()), "<missing>"))
-    return [labels.group_by([c, TRUTH]).aggregate([([], "count_all")]) for c in columns]
+    weights = read_part(join(run_root, "weights"), index, columns=["weight"]).column("weight")
+    shares = labels.select([TRUTH]).append_column("weight", weights)
+    shares = shares.group_by(TRUTH).aggregate([([], "count_all"), ("weight", "sum")])
+    return [labels.group_by([c, TRUTH]).aggregate([([], "count_all")]) for c in columns], shares
 
 
 def compute_truth_alignment(ctx: StageContext) -> dict[str, Any] | None:
-    """How every side's clusters, at every level, spread over the ``report.truth`` column (None without
-    it): ``column``, ``values`` (the sorted true labels) and per side a list of levels (0: the base
-    clusters), each ``level``, ``k`` and :func:`alignment_scores` with true labels as indices of ``values``."""
+    """How every concept column spreads over the ``report.truth`` column, and the true labels' shares
+    before and after balancing (None without ``report.truth``): ``column``, ``values`` (the sorted true
+    labels), ``shares`` (per label in that order ``rows`` and ``weighted_rows``, and
+    :func:`~rebalance.kernels.alignment.truth_shares`), per side (``image``, ``text``, ``joint``) a list of
+    levels (0: the base clusters), each ``level``, ``k``, ``balanced`` and :func:`alignment_scores` with true
+    labels as indices of ``values``, and with zero-shot labels (``concepts.prompts``) ``zero_shot``: the
+    same for the prompts (``k``: the prompts and ``<none>``, ``labels`` naming them in concepts.json's
+    sorted order)."""
     truth = ctx.spec.report.truth
     if truth is None:
         return None
@@ -275,24 +290,48 @@ def compute_truth_alignment(ctx: StageContext) -> dict[str, Any] | None:
     columns = [
         f"{side}_cluster" + (f"_{lv}" if lv else "") for side, ks in levels.items() for lv in range(len(ks))
     ]
+    concepts_json = ctx.run.path("concepts", "concepts.json")
+    prompts = None
+    if concepts_json.is_file():
+        prompts = list(json.loads(concepts_json.read_text()).get("zero_shot_counts") or []) or None
+    if prompts is not None:
+        columns.append(ZERO_SHOT)
     root = str(ctx.run.root)
     with ActorPool(ShardWorker, ctx.workers(len(ctx.shards))) as pool:
         parts = pool.map("call", [(truth_part, root, s.index, columns, truth) for s in ctx.shards], "truth")
     merged = [
-        pa.concat_tables([p[i] for p in parts]).group_by([c, TRUTH]).aggregate([("count_all", "sum")])
+        pa.concat_tables([p[0][i] for p in parts]).group_by([c, TRUTH]).aggregate([("count_all", "sum")])
         for i, c in enumerate(columns)
     ]
-    values = sorted(set().union(*(m.column(TRUTH).to_pylist() for m in merged)))
-    out: dict[str, Any] = {"column": truth, "values": values}
+    shares = pa.concat_tables([p[1] for p in parts]).group_by(TRUTH)
+    shares = shares.aggregate([("count_all", "sum"), ("weight_sum", "sum")]).sort_by(TRUTH)
+    values = shares.column(TRUTH).to_pylist()
+    rows, weighted = (shares.column(c).to_numpy() for c in ("count_all_sum", "weight_sum_sum"))
+    out: dict[str, Any] = {
+        "column": truth,
+        "values": values,
+        "shares": {"rows": rows.tolist(), "weighted_rows": weighted.tolist(), **truth_shares(rows, weighted)},
+    }
+    balanced = set(ctx.spec.balance.marginals)
+
+    def scores(column: str, k: int, names: list | None) -> dict[str, Any]:
+        table = merged[columns.index(column)]
+        c = np.zeros((k, len(values)))
+        cols = pc.index_in(table.column(TRUTH), value_set=pa.array(values, pa.string())).to_numpy()
+        if names is None:
+            rows_ = table.column(0).to_numpy()
+        else:
+            rows_ = pc.index_in(table.column(0), value_set=pa.array(names, pa.string())).to_numpy()
+        np.add.at(c, (rows_, cols), table.column("count_all_sum").to_numpy())
+        return {"k": k, "balanced": column in balanced, **alignment_scores(c)}
+
     for side, ks in levels.items():
-        out[side] = []
-        for lv, k in enumerate(ks):
-            table = merged[columns.index(f"{side}_cluster" + (f"_{lv}" if lv else ""))]
-            c = np.zeros((k, len(values)))
-            cols = pc.index_in(table.column(TRUTH), value_set=pa.array(values, pa.string())).to_numpy()
-            rows = table.column(0).to_numpy()
-            np.add.at(c, (rows, cols), table.column("count_all_sum").to_numpy())
-            out[side].append({"level": lv, "k": k, **alignment_scores(c)})
+        out[side] = [
+            {"level": lv, **scores(f"{side}_cluster" + (f"_{lv}" if lv else ""), k, None)}
+            for lv, k in enumerate(ks)
+        ]
+    if prompts is not None:
+        out[ZERO_SHOT] = [{"level": 0, "labels": prompts, **scores(ZERO_SHOT, len(prompts), prompts)}]
     return out
 
 
@@ -342,6 +381,8 @@ def build_report(
             "max_weight": balance["max_weight_value"],
             "min_weight": balance["min_weight_value"],
             "clipping": balance.get("clipping"),
+            "relax": balance.get("relax"),
+            "min_ess": balance.get("min_ess"),
         },
         "marginals": marginals,
         "joint": balance.get("joint", []),
