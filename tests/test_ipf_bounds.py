@@ -210,3 +210,23 @@ def test_warm_started_search_finds_the_same_strength_in_fewer_passes():
         np.testing.assert_allclose(warm.scaling.weights(cells), cold.scaling.weights(cells), rtol=1e-7)
         passes = [sum(p["passes"] for p in f) for f in (cold_frontier, warm_frontier)]
         assert passes[1] < passes[0]
+
+
+@pytest.mark.parametrize(
+    ("bounds", "reason"),
+    [
+        ([1.0, 2.0], "0 <= lo < 1 < hi"),
+        ([0.5, 1.0], "0 <= lo < 1 < hi"),
+        ([0.5], r"must be \[lo, hi\]"),
+        ([None, 2.0], r"must be \[lo, hi\]"),
+    ],
+)
+def test_spec_bounds_are_checked(tmp_path, bounds, reason):
+    from rebalance.spec import Spec, SpecError
+
+    base = {"data": {"path": str(tmp_path)}}
+    with pytest.raises(SpecError, match=f"balance.bounds.*{reason}"):
+        Spec.from_dict({**base, "balance": {"bounds": bounds}})
+    with pytest.raises(SpecError, match="balance.bounds': needs the cell path"):
+        Spec.from_dict({**base, "balance": {"bounds": [0.5, 2.0], "path": "rows"}})
+    assert Spec.from_dict({**base, "balance": {"bounds": [0.5, None]}}).balance.bounds == (0.5, None)

@@ -44,6 +44,11 @@ never over-relaxed. The stopping rule measures, per marginal, the total variatio
 right after its own step and at the end of the pass (both over the end-of-pass total): for an exact
 marginal that is the error to t_m, for a relaxed one the fixed-point residual; ``errors`` always reports
 the distance to the targets, which a relaxed marginal keeps by design.
+
+*Bounded weights* (``bounds``: lo <= q_c / p_c <= hi, cell path only) make the box a constraint of the
+projection: the weight is clip(exp(sum_m log f_m), lo, hi), the truncated-exponential calibration of
+Deville and Sarndal (1992), found by block-coordinate ascent on the dual with one exact monotone 1-D solve
+per label (:func:`ipf_bounded`, where the math is).
 """
 
 from __future__ import annotations
