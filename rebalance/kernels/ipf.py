@@ -482,17 +482,18 @@ def _solve_labels(
     piece_of_y = None  # (at lo, at hi) counts of the piece each y was computed on; None: not a piece root
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         log_t = np.log(target)
+        p_lo, p_hi, slots = p * lo, p * hi, 3 * labels
         for _ in range(max_rounds):
             z = y[labels] + v
             high, low = z >= log_hi, z <= log_lo
-            middle = ~(high | low)
-            a_sum = np.bincount(labels, weights=p * np.where(high, hi, np.where(low, lo, 0.0)), minlength=k)
-            b_sum = np.bincount(labels, weights=np.where(middle, p * np.exp(z), 0.0), minlength=k)  # B e^y
+            state = low + 2 * high  # 0 between the bounds, 1 at lo, 2 at hi
+            a_sum = np.bincount(labels, weights=np.where(high, p_hi, np.where(low, p_lo, 0.0)), minlength=k)
+            b_sum = np.bincount(
+                labels, weights=np.where(state == 0, p * np.exp(z), 0.0), minlength=k
+            )  # B e^y
             s = a_sum + b_sum
-            piece = (
-                np.bincount(labels, weights=low, minlength=k),
-                np.bincount(labels, weights=high, minlength=k),
-            )
+            per_state = np.bincount(slots + state, minlength=3 * k).reshape(k, 3)
+            piece = (per_state[:, 1], per_state[:, 2])
             phi = coef * y + np.log(s) - log_t
             if piece_of_y is not None:
                 done |= (piece[0] == piece_of_y[0]) & (piece[1] == piece_of_y[1])

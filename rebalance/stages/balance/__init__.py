@@ -103,6 +103,11 @@ def run_balance(ctx: StageContext) -> dict[str, Any]:
     }
     log.info("balance: IPF on the %s path over %s (%s)", found.path, marginals, found.reason)
     try:
+        if spec.bounds is not None and found.path == "rows":
+            raise BalanceError(
+                f"balance.bounds needs the cell path, but {found.reason}: raise balance.max_cells (the driver "
+                "then holds the cell table) or drop balance.bounds"
+            )
         targets = targets_for(values, counts, marginals, spec)
         if found.path == "cell":
             cells = found.cells(marginals)

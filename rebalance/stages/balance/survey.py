@@ -163,18 +163,12 @@ def merge_values(surveys: list[dict], marginals: list[str]) -> tuple[list[pa.Arr
 
 
 def choose_path(spec: BalanceSpec, surveys: list[dict]) -> tuple[str, str]:
-    """The IPF path (``cell`` or ``rows``) and the reason, from ``balance.path`` and the parts' cells;
-    ``balance.bounds`` needs the cell path (a :class:`BalanceError` when auto would take the rows)."""
+    """The IPF path (``cell`` or ``rows``) and the reason, from ``balance.path`` and the parts' cells."""
     bound = sum(s["n_cells"] for s in surveys)
     if spec.path != "auto":
         return spec.path, f"balance.path: {spec.path}"
     if bound <= spec.max_cells:
         return "cell", f"the parts hold {bound} cells in all <= balance.max_cells = {spec.max_cells}"
-    if spec.bounds is not None:
-        raise BalanceError(
-            f"balance.bounds needs the cell path, but the parts hold {bound} cells in all > balance.max_cells "
-            f"= {spec.max_cells}: raise balance.max_cells (the driver holds the cell table) or drop balance.bounds"
-        )
     return "rows", f"the parts hold {bound} cells in all > balance.max_cells = {spec.max_cells}"
 
 
