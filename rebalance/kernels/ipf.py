@@ -185,33 +185,13 @@ def ipf(
         if codes.size and (codes[:, m].min() < 0 or codes[:, m].max() >= t.size):
             raise ValueError(f"codes of marginal {m} must lie in [0, {t.size})")
     q = q / q.sum()
+    shared = {"iterations": iterations, "tol": tol, "max_iter": max_iter, "relax": relax, "init": init}
     if bounds is not None:
-        return ipf_bounded(
-            codes,
-            q,
-            targets,
-            bounds,
-            offset=offset,
-            iterations=iterations,
-            tol=tol,
-            max_iter=max_iter,
-            relax=relax,
-            init=init,
-        )
+        return ipf_bounded(codes, q, targets, bounds, offset=offset, **shared)
     if offset is not None:
         raise ValueError("offset is the fixed log factor inside the bounds: only with bounds")
     cells = _PairCells(codes, q, targets) if len(targets) == 2 else _Cells(codes, q, targets)
-    result = ipf_driver(
-        cells.step,
-        cells.counts,
-        targets,
-        iterations=iterations,
-        tol=tol,
-        max_iter=max_iter,
-        omega=omega,
-        relax=relax,
-        init=init,
-    )
+    result = ipf_driver(cells.step, cells.counts, targets, omega=omega, **shared)
     balanced = cells.mass()
     result.mass = balanced / balanced.sum()
     return result
