@@ -29,6 +29,11 @@ Each timing is the best of --repeat runs (POT's log-domain Sinkhorn, minutes, ru
     to tol) against relaxed marginals (``relax = [rho, rho]``, to the same tol on the fixed-point residual):
     passes, time, time per pass, ESS, largest weight, final marginal errors, and the image concepts starved
     (weighted share below a tenth of their raw share).
+(f) ``--min-ess FLOOR [FLOOR ...]`` (instead of (a) to (e)): the ``balance.min_ess`` search
+    (:func:`strongest_within`, relaxed strengths only, the exact attempt skipped) on the same pair, each
+    solve from the data ("cold", before warm starts) against warm-started from the strengths already
+    solved ("warm", what the stage does): the strength found, passes summed over the search, time; with
+    ``--bounds LO HI`` (HI 0: none) every solve bounds the weights (:func:`ipf_bounded`).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from typing import Any
 import numpy as np
 import ot
 
-from rebalance.kernels.ipf import apply_ratio_and_sum, ess, ipf, ipf_rows, prepare_codes
+from rebalance.kernels.ipf import apply_ratio_and_sum, ess, ipf, ipf_rows, prepare_codes, strongest_within
 from rebalance.kernels.sinkhorn import soft_sinkhorn, soft_sinkhorn_parts
 
 
@@ -255,6 +260,44 @@ def relaxed(args: argparse.Namespace) -> None:
         )
 
 
+def min_ess_search(args: argparse.Namespace) -> None:
+    a, b = make_labels(args.rows, args.k, args.seed, args.independent)
+    ids, counts = np.unique(a * args.k + b, return_counts=True)
+    codes = np.stack([ids // args.k, ids % args.k], axis=1)
+    targets = [np.full(args.k, 1 / args.k)] * 2
+    bounds = None if args.bounds is None else (args.bounds[0], args.bounds[1] or None)
+    print(
+        f"(f) {args.rows:,} rows, K = {args.k}, {len(ids):,} cells; min_ess search, tol {args.tol:g}, "
+        f"bounds {bounds}"
+    )
+    print(f"{'floor':>6} {'arm':>5} {'rho':>10} {'ESS':>6} {'solves':>6} {'passes':>7} {'time s':>8}")
+    for floor in args.min_ess:
+        for warm in (False, True):
+
+            def solve(rho, start, warm=warm):
+                return ipf(
+                    codes,
+                    counts.astype(float),
+                    targets,
+                    tol=args.tol,
+                    max_iter=args.max_iter,
+                    relax=[rho, rho],
+                    bounds=bounds,
+                    init=start if warm else None,
+                )
+
+            def ess_of(result):
+                return ess(result.scaling.weights(codes), counts) / args.rows
+
+            start = time.perf_counter()
+            rho, result, frontier = strongest_within(solve, ess_of, floor, exact=False)
+            elapsed = time.perf_counter() - start
+            print(
+                f"{floor:>6.2f} {'warm' if warm else 'cold':>5} {rho:>10.4g} {ess_of(result):>6.3f} "
+                f"{len(frontier):>6} {sum(p['passes'] for p in frontier):>7} {elapsed:>8.2f}"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -274,7 +317,16 @@ def main() -> None:
     parser.add_argument("--skip-soft", action="store_true", help="skip (d)")
     parser.add_argument("--skip-categorical", action="store_true", help="skip (a) to (c)")
     parser.add_argument("--relaxed", type=float, nargs="+", help="(e) only: relaxed strengths rho to compare")
+    parser.add_argument("--min-ess", type=float, nargs="+", help="(f) only: ESS floors to search")
+    parser.add_argument(
+        "--bounds", type=float, nargs=2, help="(f): bound the weights to [LO, HI] (HI 0: none)"
+    )
     args = parser.parse_args()
+    if args.min_ess:
+        print(f"load average (1 min) at start: {os.getloadavg()[0]:.2f}")
+        min_ess_search(args)
+        print(f"load average (1 min) at end: {os.getloadavg()[0]:.2f}")
+        return
     if args.relaxed:
         print(f"load average (1 min) at start: {os.getloadavg()[0]:.2f}")
         relaxed(args)

@@ -346,6 +346,9 @@ class BalanceSpec:
     ``min_ess``: a floor on the ESS as a fraction of the rows: the balancing is the strongest whose ESS
     stays at or above it, ``relax`` as given if that meets it, else one strength rho for every marginal,
     the largest in [1e-3, 1e3] found by bisection on log rho (the frontier tried is in ``balance.json``).
+    ``bounds``: [lo, hi] with 0 <= lo < 1 < hi (hi null: none above): every row's weight (mean 1) stays in
+    [lo, hi] as a constraint of the balancing, not a clip afterwards (bounded raking, Deville and Sarndal
+    1992; :func:`rebalance.kernels.ipf.ipf_bounded`); the cell path only.
     """
 
     marginals: tuple[str, ...] | None = None
@@ -363,6 +366,7 @@ class BalanceSpec:
     overrelaxation: float | Literal["auto"] = "auto"
     relax: float | Literal["exact", "auto"] | dict[str, float | Literal["exact"]] = "auto"
     min_ess: float | None = None
+    bounds: tuple[float | None, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.level < 0:
@@ -397,6 +401,22 @@ class BalanceSpec:
             raise SpecError(
                 "balance.min_ess", "must be a fraction of the rows in (0, 1] or null", self.min_ess
             )
+        if self.bounds is not None:
+            if len(self.bounds) != 2 or self.bounds[0] is None:
+                raise SpecError(
+                    "balance.bounds", "must be [lo, hi] (hi null: no upper bound) or null", list(self.bounds)
+                )
+            lo, hi = self.bounds
+            if not (0 <= lo < 1 and (hi is None or hi > 1)):
+                raise SpecError(
+                    "balance.bounds", "must satisfy 0 <= lo < 1 < hi (weights have mean 1)", list(self.bounds)
+                )
+            if self.path == "rows":
+                raise SpecError(
+                    "balance.bounds",
+                    "needs the cell path: set balance.path to auto or cell",
+                    list(self.bounds),
+                )
         strengths = self.relax if isinstance(self.relax, dict) else {}
         for name, rho in strengths.items():
             if name not in self.marginals:

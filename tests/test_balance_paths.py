@@ -135,3 +135,37 @@ def test_min_ess_finds_the_strongest_balancing_above_the_floor(demo_copy, ray_lo
     stronger = [p["ess"] for p in frontier if p["rho"] > search["rho"]]
     assert stronger and all(e < floor for e in stronger)
     assert set(frontier[1]["marginal_error"]) == {"image_cluster", "text_cluster"}
+
+
+def test_bounded_weights_end_to_end_and_served_alike(demo_copy, ray_local):
+    from rebalance.serve.weigher import Sample, Weigher
+
+    balance = {
+        "marginals": ["image_cluster", "text_cluster"],
+        "relax": 1.0,
+        "bounds": [0.5, 2.0],
+        "tol": 1e-9,
+    }
+    weights, record = _balance(demo_copy, balance)
+    w = np.array(list(weights.values()))
+    assert record["converged"] and record["path"] == "cell"
+    assert (w >= 0.5 - 1e-12).all() and (w <= 2.0 + 1e-12).all() and w.mean() == pytest.approx(1.0, abs=1e-9)
+    bounds = record["bounds"]
+    assert (bounds["lo"], bounds["hi"]) == (0.5, 2.0) and record["scaling"]["bounds"] == [0.5, 2.0]
+    assert bounds["rows_at_hi"] == pytest.approx((w >= 2.0 - 1e-9).mean()) and bounds["rows_at_hi"] > 0
+    # the endpoint computes every row's weight from the balance.json scaling alone: the same weights
+    emb = read_parts(demo_copy / "embeddings")
+    image, text = (vector_matrix(emb.column(side).combine_chunks()) for side in ("image", "text"))
+    samples = [
+        Sample(key=k, image_embedding=a.tolist(), text_embedding=b.tolist())
+        for k, a, b in zip(emb.column("key").to_pylist(), image, text, strict=True)
+    ]
+    weigher = Weigher(demo_copy, load_model=False)
+    served = [r for s in range(0, len(samples), 500) for r in weigher.weigh(samples[s : s + 500])]
+    np.testing.assert_allclose([r["weight"] for r in served], [weights[r["key"]] for r in served], rtol=1e-12)
+    # exact targets outside the bounds fail before any pass, naming the values and the weight they need
+    with pytest.raises(BalanceError, match=r"balance.bounds \[0.9, 1.1\].*'image_cluster'.*needs"):
+        _balance(demo_copy, {"marginals": ["image_cluster"], "bounds": [0.9, 1.1]})
+    # the row path has no cell table to bound
+    with pytest.raises(BalanceError, match=r"cells in all > balance.max_cells = 10"):
+        _balance(demo_copy, {**balance, "max_cells": 10})

@@ -158,8 +158,9 @@ def test_strongest_within_an_ess_floor():
     cells, counts = np.unique(rows, axis=0, return_counts=True)
     targets = [np.full(12, 1 / 12), np.full(9, 1 / 9)]
 
-    def solve(rho):
-        return ipf(cells, counts.astype(float), targets, relax=None if rho is None else [rho, rho], tol=1e-10)
+    def solve(rho, start=None):
+        relax = None if rho is None else [rho, rho]
+        return ipf(cells, counts.astype(float), targets, relax=relax, tol=1e-10, init=start)
 
     def ess_of(result):
         return ess(result.mass / counts, counts) / counts.sum()

@@ -44,10 +44,16 @@ never over-relaxed. The stopping rule measures, per marginal, the total variatio
 right after its own step and at the end of the pass (both over the end-of-pass total): for an exact
 marginal that is the error to t_m, for a relaxed one the fixed-point residual; ``errors`` always reports
 the distance to the targets, which a relaxed marginal keeps by design.
+
+*Bounded weights* (``bounds``: lo <= q_c / p_c <= hi, cell path only) make the box a constraint of the
+projection: the weight is clip(exp(sum_m log f_m), lo, hi), the truncated-exponential calibration of
+Deville and Sarndal (1992), found by block-coordinate ascent on the dual with one exact monotone 1-D solve
+per label (:func:`ipf_bounded`, where the math is).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -61,6 +67,7 @@ Omega = float | Literal["auto"]
 """Over-relaxation of the projections: a factor in [1, 2) (1 = plain IPF) or ``"auto"``."""
 
 __all__ = [
+    "BoundsError",
     "IPFResult",
     "MissingMassError",
     "Omega",
@@ -69,6 +76,7 @@ __all__ = [
     "clip_weights",
     "ess",
     "ipf",
+    "ipf_bounded",
     "apply_ratio",
     "apply_ratio_and_sum",
     "ipf_driver",
@@ -147,6 +155,9 @@ def ipf(
     max_iter: int = 1000,
     omega: Omega = "auto",
     relax: Sequence[float | None] | None = None,
+    bounds: tuple[float, float | None] | None = None,
+    offset: np.ndarray | None = None,
+    init: Scaling | None = None,
 ) -> IPFResult:
     """Balance ``mass`` on cells toward ``targets``.
 
@@ -157,6 +168,11 @@ def ipf(
     strength rho >= 0 (a relaxed marginal) or None (exact); None for all exact. Raises
     :class:`MissingMassError` when an exact target is positive on a label whose cells have no mass. The iteration
     is :func:`ipf_driver`'s, with the cell table as the one part (a sparse matrix when M = 2).
+    bounds: (lo, hi), 0 <= lo < 1 < hi (hi None: no upper bound): every cell's weight q_c / p_c stays in
+    [lo, hi] (:func:`ipf_bounded`, which runs instead; never over-relaxed); offset: with bounds, a fixed
+    log factor per cell (C,) inside the clip (a fixed marginal: ``dup_group``). init: start from these log
+    factors instead of from the data (a warm start: the solution of a nearby problem); a fixed number of
+    ``iterations`` then counts from there.
     """
     codes = np.asarray(codes, dtype=np.int64)
     q = np.asarray(mass, dtype=np.float64)
@@ -169,17 +185,13 @@ def ipf(
         if codes.size and (codes[:, m].min() < 0 or codes[:, m].max() >= t.size):
             raise ValueError(f"codes of marginal {m} must lie in [0, {t.size})")
     q = q / q.sum()
+    shared = {"iterations": iterations, "tol": tol, "max_iter": max_iter, "relax": relax, "init": init}
+    if bounds is not None:
+        return ipf_bounded(codes, q, targets, bounds, offset=offset, **shared)
+    if offset is not None:
+        raise ValueError("offset is the fixed log factor inside the bounds: only with bounds")
     cells = _PairCells(codes, q, targets) if len(targets) == 2 else _Cells(codes, q, targets)
-    result = ipf_driver(
-        cells.step,
-        cells.counts,
-        targets,
-        iterations=iterations,
-        tol=tol,
-        max_iter=max_iter,
-        omega=omega,
-        relax=relax,
-    )
+    result = ipf_driver(cells.step, cells.counts, targets, omega=omega, **shared)
     balanced = cells.mass()
     result.mass = balanced / balanced.sum()
     return result
@@ -237,6 +249,273 @@ class _PairCells:
     def mass(self) -> np.ndarray:
         u, v = self.factors
         return self.initial * u[self.codes[:, 0]] * v[self.codes[:, 1]]
+
+
+# ------------------------------------------------------------------------------------------ bounded weights
+
+
+class BoundsError(ValueError):
+    """Exact targets that no weighting within the bounds can meet: t(l) outside [lo p(l), hi p(l)]."""
+
+    def __init__(
+        self, marginal: int, labels: np.ndarray, needed: np.ndarray, bounds: tuple[float, float | None]
+    ):
+        self.marginal = marginal
+        self.labels = labels
+        self.needed = needed
+        self.bounds = bounds
+        super().__init__(
+            f"marginal {marginal}: labels {labels.tolist()[:20]} need mean weights {needed.tolist()[:20]}, "
+            f"outside the bounds [{bounds[0]}, {bounds[1]}]"
+        )
+
+
+def ipf_bounded(
+    codes: np.ndarray,
+    mass: np.ndarray,
+    targets: Sequence[np.ndarray],
+    bounds: tuple[float, float | None],
+    *,
+    offset: np.ndarray | None = None,
+    iterations: int | None = None,
+    tol: float = 1e-6,
+    max_iter: int = 1000,
+    relax: Sequence[float | None] | None = None,
+    init: Scaling | None = None,
+) -> IPFResult:
+    """Balance ``mass`` (p, summing to 1) on cells with every weight q_c / p_c in [lo, hi].
+
+    The weight of cell c is w_c = clip(exp(u_c), lo, hi), u_c = o_c + log f_T + sum_m log f_m(l_m(c))
+    (o = ``offset``, 0 without): the truncated-exponential calibration function of Deville and Sarndal
+    (1992) (R ``survey::calibrate(calfun="raking", bounds=)``). It solves
+
+        min_q  sum_c q_c log(q_c / p_c) - q_c + p_c  +  sum_{m relaxed} rho_m KL(q_m || t_m)
+        s.t.   q_m = t_m (m exact),  lo p_c <= q_c <= hi p_c,  sum_c q_c = 1 (with a relaxed marginal),
+
+    whose dual is concave in the log factors; this is block-coordinate ascent on it. A block is one
+    marginal: for each label l it solves one monotone equation in y = log f_m(l), with
+    S_l(y) = sum_{c in l} p_c clip(exp(y + v_c), lo, hi) (v_c: u_c without the label's factor):
+    exact, S_l(y) = t_l; relaxed, y / rho + log S_l(y) = log t_l (without an active bound S_l = e^y r_l and
+    this is the unbounded relaxed step y = a (log t_l - log r_l), a = rho / (1 + rho)). With a relaxed
+    marginal the weights' total is no longer fixed by a target, so one more block, the single label "all
+    cells" with the exact target 1 (the factor f_T, recorded as the normaliser L = -log f_T), keeps the
+    weights relative to the mean (mean 1 after every pass). Without bounds the unbounded solution's
+    normalised weights solve this constrained problem too, so inactive bounds give :func:`ipf`'s weights.
+    S_l is piecewise linear in e^y: each label is solved by an active-set Newton iteration on all labels at
+    once (:func:`_solve_labels`), exact once the set of clipped cells stops changing.
+
+    codes: (C, M); mass: (C,) summing to 1; targets: M arrays (K_m,) summing to 1; bounds: (lo, hi),
+    0 <= lo < 1 < hi, hi None for none. An exact label with t_l outside [lo p_l, hi p_l] (p_l its data
+    share) is a :class:`BoundsError` naming the labels and the mean weight t_l / p_l each needs, as is a
+    relaxed label with target 0 on cells with mass when lo > 0; a positive exact target on no mass a
+    :class:`MissingMassError`. Errors and stopping as in :func:`ipf` (relaxed: the fixed-point residual);
+    passes are never over-relaxed. The returned scaling holds bounds, log factors and L, not ``offset``
+    (the caller's fixed factor): its weights are clip(exp(o_c + sum_m log f_m - L), lo, hi).
+    """
+    lo, hi = _check_bounds(bounds)
+    p = np.asarray(mass, dtype=np.float64)
+    n_marginals = len(targets)
+    offset = np.zeros(p.size) if offset is None else np.asarray(offset, dtype=np.float64)
+    if offset.shape != p.shape or np.isnan(offset).any() or (offset == np.inf).any():
+        raise ValueError(f"offset must be ({p.size},) log factors, finite or -inf")
+    exponents = _relax_exponents(relax, n_marginals)
+    rhos = [None if a == 1.0 else a / (1.0 - a) for a in exponents]
+    shares = [np.bincount(codes[:, m], weights=p, minlength=t.size) for m, t in enumerate(targets)]
+    for m, (share, t) in enumerate(zip(shares, targets, strict=True)):
+        missing = np.flatnonzero((t > 0) & (share <= 0))
+        if missing.size and rhos[m] is None:
+            raise MissingMassError(m, missing)
+        slack = 1e-12 * share
+        if rhos[m] is None:
+            bad = (share > 0) & (
+                (t < lo * share - slack) | (t > (np.inf if hi is None else hi) * share + slack)
+            )
+        else:
+            bad = (share > 0) & (t == 0) & (lo > 0)
+        if bad.any():
+            labels = np.flatnonzero(bad)
+            raise BoundsError(m, labels, t[labels] / share[labels], (lo, hi))
+    relaxed = any(r is not None for r in rhos)
+    factors = [np.zeros(t.size) for t in targets] if init is None else _start_factors(init, targets)
+    for m, rho in enumerate(rhos):
+        if rho == 0:
+            factors[m][:] = 0.0  # rho = 0: the factor stays 1
+    log_total = np.zeros(1) if init is None or not relaxed else np.array([-init.log_normalizer])
+    cells = codes[p > 0]
+    p_live, o_live = p[p > 0], offset[p > 0]
+    everything = np.zeros(cells.shape[0], dtype=np.int64)
+    clip = (lo, np.inf if hi is None else hi)
+
+    def others(skip: int | None) -> np.ndarray:
+        v = o_live + log_total[0]
+        for m, f in enumerate(factors):
+            if m != skip:
+                v = v + f[cells[:, m]]
+        return v
+
+    def weights() -> np.ndarray:
+        with np.errstate(over="ignore"):
+            return np.clip(np.exp(others(None)), *clip)
+
+    def tv(post: list[np.ndarray], total: float) -> np.ndarray:
+        return np.array([0.5 * np.abs(q / total - t).sum() for q, t in zip(post, targets, strict=True)])
+
+    def marginals(w: np.ndarray) -> list[np.ndarray]:
+        return [np.bincount(cells[:, m], weights=p_live * w, minlength=t.size) for m, t in enumerate(targets)]
+
+    w = weights()
+    post = marginals(w)
+    errors = [tv(post, float(post[0].sum()))]
+    residual = errors[-1]
+    stepped = list(post)
+    limit = max_iter if iterations is None else iterations
+    passes = 0
+    while passes < limit and (iterations is not None or residual.max() >= tol):
+        for m, t in enumerate(targets):
+            if rhos[m] == 0:
+                continue
+            factors[m], stepped[m] = _solve_labels(
+                cells[:, m], p_live, others(m), t, 0.0 if rhos[m] is None else 1.0 / rhos[m], factors[m], clip
+            )
+        if relaxed:
+            log_total, _ = _solve_labels(
+                everything, p_live, others(None) - log_total[0], np.ones(1), 0.0, log_total, clip
+            )
+        w = weights()
+        post = marginals(w)
+        total = float(post[0].sum())
+        passes += 1
+        errors.append(tv(post, total))
+        residual = np.array(
+            [
+                e if rho is None else 0.0 if rho == 0 else 0.5 * np.abs(q - s).sum() / total
+                for e, rho, q, s in zip(errors[-1], rhos, post, stepped, strict=True)
+            ]
+        )
+    total = float(post[0].sum())
+    worst = []
+    for m, t in enumerate(targets):
+        gap = post[m] / total - t
+        order = np.argsort(-np.abs(gap))[:5]
+        worst.append({"marginal": m, "labels": order.tolist(), "gap": gap[order].tolist()})
+    balanced = np.zeros(p.size)
+    balanced[p > 0] = p_live * w
+    scaling = Scaling(tuple(factors), -float(log_total[0]), bounds=(lo, hi))
+    return IPFResult(
+        scaling,
+        np.array(errors),
+        bool(residual.max() < tol),
+        passes,
+        tol,
+        worst,
+        omegas=np.ones(passes),
+        mass=balanced / total,
+    )
+
+
+def _check_bounds(bounds: tuple[float, float | None]) -> tuple[float, float | None]:
+    """(lo, hi) as floats, with 0 <= lo < 1 < hi (hi None: none), else a ValueError."""
+    if len(bounds) != 2:
+        raise ValueError(f"bounds must be (lo, hi), got {bounds!r}")
+    lo, hi = bounds
+    if not (0 <= lo < 1) or not (hi is None or hi > 1):
+        raise ValueError(f"bounds must satisfy 0 <= lo < 1 < hi (hi None: no upper bound), got {bounds!r}")
+    return float(lo), None if hi is None else float(hi)
+
+
+def _solve_labels(
+    labels: np.ndarray,
+    p: np.ndarray,
+    v: np.ndarray,
+    target: np.ndarray,
+    coef: float,
+    start: np.ndarray,
+    clip: tuple[float, float],
+    *,
+    max_rounds: int = 200,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Solve every label's block equation phi_l(y) = coef y + log S_l(y) - log t_l = 0 (coef 0: exact;
+    1 / rho: relaxed), S_l(y) = sum_{c in l} p_c clip(exp(y + v_c), lo, hi); returns (y, S_l(y)), (K,).
+
+    labels, p, v: (C,) label, mass > 0 and other log factors (-inf allowed) of each cell. start: (K,) the
+    previous factors. phi_l is increasing; on a *piece* (a fixed set of cells at lo, at hi and between)
+    S_l = A + B e^y with A, B >= 0, so the root there is closed-form (exact: y = log((t - A) / B)) or, for
+    a relaxed label, the limit of Newton's iteration on a convex increasing function started to the right
+    of the root (monotone, quadratic). Each round evaluates S_l at the current y of every label (O(C)),
+    narrows the label's bracket, and jumps to the root of its current piece; a jump out of the bracket
+    bisects it (or, while one side is open, steps out by a doubling length). A label is solved once the
+    piece at its new y is the one its y was computed on (exact), or phi_l(y) = 0 in floating point.
+    Labels with target 0 get y = -inf; labels without cells keep ``start``.
+    """
+    lo, hi = clip
+    log_lo = np.log(lo) if lo > 0 else -np.inf
+    log_hi = np.log(hi)
+    k = target.size
+    rows = np.bincount(labels, minlength=k)
+    y = np.where(np.isfinite(start), start, 0.0)
+    y[target <= 0] = -np.inf
+    stuck = np.bincount(labels, weights=np.isneginf(v), minlength=k)  # cells at lo whatever y is
+    done = (target <= 0) | (rows == 0) | (stuck == rows)
+    y[rows == 0] = start[rows == 0]
+    left, right = np.full(k, -np.inf), np.full(k, np.inf)
+    reach = np.ones(k)
+    piece_of_y = None  # (at lo, at hi) counts of the piece each y was computed on; None: not a piece root
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        log_t = np.log(target)
+        p_lo, p_hi, slots = p * lo, p * hi, 3 * labels
+        for _ in range(max_rounds):
+            z = y[labels] + v
+            high, low = z >= log_hi, z <= log_lo
+            state = low + 2 * high  # 0 between the bounds, 1 at lo, 2 at hi
+            a_sum = np.bincount(labels, weights=np.where(high, p_hi, np.where(low, p_lo, 0.0)), minlength=k)
+            b_sum = np.bincount(
+                labels, weights=np.where(state == 0, p * np.exp(z), 0.0), minlength=k
+            )  # B e^y
+            s = a_sum + b_sum
+            per_state = np.bincount(slots + state, minlength=3 * k).reshape(k, 3)
+            piece = (per_state[:, 1], per_state[:, 2])
+            phi = coef * y + np.log(s) - log_t
+            if piece_of_y is not None:
+                done |= (piece[0] == piece_of_y[0]) & (piece[1] == piece_of_y[1])
+            done |= phi == 0
+            if coef == 0:  # exact: nothing left to move toward t (all movable cells at hi, or all at lo)
+                done |= ((piece[1] + stuck == rows) & (phi < 0)) | ((piece[0] == rows) & (phi > 0))
+            if done.all():
+                break
+            left = np.where(phi < 0, np.maximum(left, y), left)
+            right = np.where(phi > 0, np.minimum(right, y), right)
+            closed = np.isfinite(left) & np.isfinite(right)
+            done |= closed & (
+                right - left <= 4e-16 * np.maximum(np.abs(left), np.abs(right))
+            )  # a float apart
+            # the root of the current piece, d = y_new - y
+            if coef == 0:
+                d = np.log(target - a_sum) - np.log(b_sum)
+            else:
+                log_b = np.log(b_sum) - y  # log B
+                d = np.minimum(
+                    (log_t - coef * y - y - log_b) / (1 + coef), (log_t - np.log(a_sum)) / coef - y
+                )
+                for _ in range(
+                    60
+                ):  # Newton on g(d) = coef (y + d) + log(A + B e^(y + d)) - log t, from the right
+                    share = b_sum * np.exp(d)
+                    g = coef * (y + d) + np.log(a_sum + share) - log_t
+                    step = np.where(np.isfinite(d), g / (coef + share / (a_sum + share)), 0.0)
+                    d = d - step
+                    if not (np.abs(step) > 1e-15 * (1 + np.abs(y + d))).any():
+                        break
+            new = y + d
+            inside = np.isfinite(new) & (new > left) & (new < right)
+            bisect = 0.5 * (left + right)
+            outward = np.where(np.isinf(left), right - reach, left + reach)
+            fallback = np.where(np.isfinite(bisect), bisect, outward)
+            reach = np.where(inside | np.isfinite(bisect), reach, 2 * reach)
+            y = np.where(done, y, np.where(inside, new, fallback))
+            piece_of_y = (np.where(inside, piece[0], -1), np.where(inside, piece[1], -1))
+        else:
+            raise RuntimeError("bounded IPF: a label's equation did not settle")  # a bug, not bad input
+    return y, s
 
 
 def clip_scale(above: Callable[[float], tuple[float, float]], total: float, max_weight: float) -> float:
@@ -372,6 +651,7 @@ def ipf_driver(
     max_iter: int = 1000,
     omega: Omega = "auto",
     relax: Sequence[float | None] | None = None,
+    init: Scaling | None = None,
 ) -> IPFResult:
     """The iteration of :func:`ipf`, driven from per-label reductions over parts that hold the rows.
 
@@ -384,8 +664,9 @@ def ipf_driver(
     the errors after a pass use the last marginal's sums (ratio * q_m) and the first marginal's from the
     last step; M > 2 needs M - 2 more calls per pass for the others.
     Afterwards the parts divide their weights by ``exp(log_normalizer) / N`` (mean 1, as ipf_rows does).
-    Stopping, ``iterations``, ``max_iter``, ``omega``, ``relax`` and :class:`MissingMassError` are those of
-    :func:`ipf`. With omega > 1 the ratio sent to the parts is (t_m / q_m)^omega; the measure's total then
+    Stopping, ``iterations``, ``max_iter``, ``omega``, ``relax``, ``init`` and :class:`MissingMassError` are
+    those of :func:`ipf`; ``init``'s log factors reach the parts as one step per marginal before the first
+    pass (its normaliser is not used: errors are measured on the normalised marginals). With omega > 1 the ratio sent to the parts is (t_m / q_m)^omega; the measure's total then
     drifts from 1, so errors are measured on the normalised marginals.
     """
     targets = [np.asarray(t, dtype=np.float64) for t in targets]
@@ -414,6 +695,12 @@ def ipf_driver(
     post = [c / n_rows for c in counts]  # the marginals of the current measure
     stepped = list(targets)  # each marginal right after its own step
     log_factors = [np.zeros(t.size) for t in targets]
+    if init is not None:
+        log_factors = _start_factors(init, targets)
+        for m in range(n_marginals):
+            post[(m + 1) % n_marginals] = np.asarray(
+                step(m, np.exp(log_factors[m]), (m + 1) % n_marginals), dtype=np.float64
+            )
     errors = [tv(post)]
     residual = errors[-1]
     limit = max_iter if iterations is None else iterations
@@ -457,6 +744,14 @@ def ipf_driver(
     converged = bool(residual.max() < tol)
     scaling = Scaling(tuple(log_factors), float(np.log(total)))
     return IPFResult(scaling, errors, converged, passes, tol, worst, omegas=relax_omega.history())
+
+
+def _start_factors(init: Scaling, targets: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Copies of the first len(targets) log factors of ``init`` (a warm start), checked against the targets."""
+    factors = [np.array(f, dtype=np.float64) for f in init.log_factors[: len(targets)]]
+    if len(factors) != len(targets) or any(f.shape != t.shape for f, t in zip(factors, targets, strict=True)):
+        raise ValueError("init must hold one log factor per label of every marginal")
+    return factors
 
 
 def _relax_exponents(relax: Sequence[float | None] | None, n_marginals: int) -> list[float]:
@@ -634,7 +929,7 @@ def ipf_rows(
 
 
 def strongest_within(
-    solve: Callable[[float | None], IPFResult],
+    solve: Callable[[float | None, Scaling | None], IPFResult],
     ess_of: Callable[[IPFResult], float],
     floor: float,
     *,
@@ -646,8 +941,9 @@ def strongest_within(
     """The strongest balancing whose ESS fraction stays at or above ``floor``: exact if it does, else the
     largest relaxation strength rho in [lo, hi] found by bisection on log rho (ESS falls as rho grows).
 
-    solve(rho): the balancing with every marginal at strength rho (None: exact). ess_of(result): its ESS
-    as a fraction of the rows. Returns (rho or None, that result, the frontier: one record per strength
+    solve(rho, start): the balancing with every marginal at strength rho (None: exact), from the scaling
+    ``start`` (a warm start, :func:`_warm_start`; None for the first strength and the exact attempt).
+    ess_of(result): its ESS as a fraction of the rows. Returns (rho or None, that result, the frontier: one record per strength
     tried, {rho, ess, max_weight?, marginal_error, converged} in the order tried; ``max_weight`` is left
     to the caller). When even ``lo`` is below the floor, returns ``lo``'s result (the floor cannot be met
     by balancing at all; the caller reports it). ``exact=False`` skips the exact attempt (targets known
@@ -656,9 +952,12 @@ def strongest_within(
     if not 0 < floor <= 1:
         raise ValueError(f"the ESS floor must be in (0, 1], got {floor}")
     frontier: list[dict] = []
+    solved: dict[float, Scaling] = {}  # log rho -> the scaling found there
 
     def attempt(rho: float | None) -> tuple[IPFResult, float]:
-        result = solve(rho)
+        result = solve(rho, None if rho is None else _warm_start(solved, float(np.log(rho))))
+        if rho is not None:
+            solved[float(np.log(rho))] = result.scaling
         value = ess_of(result)
         frontier.append(
             {
@@ -689,3 +988,25 @@ def strongest_within(
         else:
             log_hi = mid
     return best[0], best[1], frontier
+
+
+def _warm_start(solved: dict[float, Scaling], log_rho: float) -> Scaling | None:
+    """The start of a solve at log rho from the scalings ``solved`` at other log strengths: between two
+    solved strengths, their log factors and normalisers interpolated linearly in log rho (the bisection's
+    case: fewer passes than the nearer end alone, docs/performance.md); else the nearest; None if none."""
+    if not solved:
+        return None
+    below = [r for r in solved if r < log_rho]
+    above = [r for r in solved if r > log_rho]
+    if not below or not above:
+        return solved[min(solved, key=lambda r: abs(r - log_rho))]
+    a, b = max(below), min(above)
+    x = (log_rho - a) / (b - a)
+    lower, upper = solved[a], solved[b]
+    return dataclasses.replace(
+        lower,
+        log_factors=tuple(
+            (1 - x) * f + x * g for f, g in zip(lower.log_factors, upper.log_factors, strict=True)
+        ),
+        log_normalizer=(1 - x) * lower.log_normalizer + x * upper.log_normalizer,
+    )

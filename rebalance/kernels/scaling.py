@@ -3,11 +3,13 @@
 IPF scales the measure of a cell by one factor per label of each marginal, so after balancing the weight
 of a row with labels l = (l_1, ..., l_M) (its cell, seen offline or not) is
 
-    w(l) = min(clip * exp(sum_m f_m(l_m) - L), max_weight)
+    w(l) = min(clip * b(exp(sum_m f_m(l_m) - L)), max_weight),    b(x) = min(max(x, lo), hi)
 
 with f_m = ``log_factors[m]`` (K_m,) (-inf where the target is 0: weight 0), L = ``log_normalizer`` (the
-weights have mean 1 over the balanced rows) and, when ``max_weight`` is set, the scale ``clip`` >= 1 that
-keeps that mean at 1 after capping (:func:`rebalance.kernels.ipf.clip_scale`); without it w = exp(...).
+weights have mean 1 over the balanced rows), b the clip to ``bounds`` = (lo, hi) when the balancing bounded
+the weights inside its iteration (``balance.bounds``; hi None: no upper bound; without bounds b(x) = x)
+and, when ``max_weight`` is set, the scale ``clip`` >= 1 that keeps that mean at 1 after capping
+(:func:`rebalance.kernels.ipf.clip_scale`); without it w = b(exp(...)).
 This module is the one place that formula is written: the balance stage weighs its rows with it, the
 online endpoint its requests, from the same ``balance.json`` ``scaling`` record (:meth:`Scaling.to_dict`,
 :meth:`Scaling.from_dict`; docs/run-directory.md).
@@ -31,7 +33,8 @@ class Scaling:
     """Per-label log factors and the normaliser, cap and labels that turn a row's label codes into its weight.
 
     log_factors: M arrays (K_m,) float64, -inf for a label whose target is 0. log_normalizer: L.
-    clip, max_weight: the cap (``max_weight`` None: none; ``clip`` is then 1). marginals, values: the name
+    clip, max_weight: the cap (``max_weight`` None: none; ``clip`` is then 1). bounds: (lo, hi) the weights
+    were bounded to inside the iteration (hi None: none above), or None. marginals, values: the name
     of each marginal and the label each code stands for (values[m][c] is code c of marginal m), needed by
     :meth:`to_dict` and filled by :meth:`from_dict`; empty where only codes matter (the kernels).
     """
@@ -42,6 +45,7 @@ class Scaling:
     max_weight: float | None = None
     marginals: tuple[str, ...] = ()
     values: tuple[tuple[str, ...], ...] = ()
+    bounds: tuple[float, float | None] | None = None
 
     def weights(self, codes: np.ndarray) -> np.ndarray:
         """Weights (n,) float64 of rows (or cells) with label codes (n, M): codes[:, m] in [0, K_m)."""
@@ -51,6 +55,9 @@ class Scaling:
             log_w += np.asarray(f, dtype=np.float64)[codes[:, m]]
         with np.errstate(over="ignore"):  # a cell no row had may lie far above the cap: inf, then capped
             w = np.exp(log_w)
+        if self.bounds is not None:
+            lo, hi = self.bounds
+            w = np.clip(w, lo, np.inf if hi is None else hi)
         return w if self.max_weight is None else np.minimum(self.clip * w, self.max_weight)
 
     def capped(self, clip: float, max_weight: float) -> Scaling:
@@ -72,7 +79,8 @@ class Scaling:
 
     def to_dict(self) -> dict[str, Any]:
         """The ``balance.json`` ``scaling`` record: ``marginals``, ``values`` and ``log_factors`` per marginal
-        (null for -inf), ``log_normalizer``, ``clip`` ({scale, max_weight} or null)."""
+        (null for -inf), ``log_normalizer``, ``bounds`` ([lo, hi], hi null for none, or null), ``clip``
+        ({scale, max_weight} or null)."""
         if len(self.marginals) != len(self.log_factors):
             raise ValueError("a scaling needs its marginals' names and values to be recorded (see labelled)")
         return {
@@ -83,14 +91,17 @@ class Scaling:
                 for m, f in zip(self.marginals, self.log_factors, strict=True)
             },
             "log_normalizer": float(self.log_normalizer),
+            "bounds": None if self.bounds is None else [float(self.bounds[0]), self.bounds[1]],
             "clip": None if self.max_weight is None else {"scale": self.clip, "max_weight": self.max_weight},
         }
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> Scaling:
-        """The scaling of a ``balance.json`` ``scaling`` record (:meth:`to_dict`)."""
+        """The scaling of a ``balance.json`` ``scaling`` record (:meth:`to_dict`; a record without ``bounds``,
+        from before they existed, has none)."""
         marginals = tuple(str(m) for m in record["marginals"])
         clip = record.get("clip")
+        bounds = record.get("bounds")
         return cls(
             log_factors=tuple(
                 np.array([-math.inf if x is None else float(x) for x in record["log_factors"][m]])
@@ -101,4 +112,7 @@ class Scaling:
             max_weight=None if clip is None else float(clip["max_weight"]),
             marginals=marginals,
             values=tuple(tuple(str(v) for v in record["values"][m]) for m in marginals),
+            bounds=None
+            if bounds is None
+            else (float(bounds[0]), None if bounds[1] is None else float(bounds[1])),
         )

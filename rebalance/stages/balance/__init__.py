@@ -37,7 +37,7 @@ from rebalance.data.atomic import atomic_write_json
 from rebalance.kernels.scaling import Scaling
 from rebalance.spec import DUP_GROUP, cluster_marginal
 from rebalance.stages.balance.diagnostics import diagnose
-from rebalance.stages.balance.fit import CellParts, Labelled, RowParts, check, fit, fit_record
+from rebalance.stages.balance.fit import CellParts, Labelled, RowParts, bounds_record, check, fit, fit_record
 from rebalance.stages.balance.soft import soft_labels
 from rebalance.stages.balance.survey import (
     BalanceError,
@@ -103,6 +103,11 @@ def run_balance(ctx: StageContext) -> dict[str, Any]:
     }
     log.info("balance: IPF on the %s path over %s (%s)", found.path, marginals, found.reason)
     try:
+        if spec.bounds is not None and found.path == "rows":
+            raise BalanceError(
+                f"balance.bounds needs the cell path, but {found.reason}: raise balance.max_cells (the driver "
+                "then holds the cell table) or drop balance.bounds"
+            )
         targets = targets_for(values, counts, marginals, spec)
         if found.path == "cell":
             cells = found.cells(marginals)
@@ -116,13 +121,14 @@ def run_balance(ctx: StageContext) -> dict[str, Any]:
             record["feasibility"] = check(parts, spec, values, counts, targets)
             flow = record["feasibility"]["flow"]
             result, search = fit(parts, spec, values, counts, targets, flow.get("feasible", True))
+            bounds = bounds_record(parts, result)
             scaling = scaling_of(result, parts, spec, n_rows)
             diagnostics = diagnose(parts, scaling, spec, values, targets, result.passes)
     except BalanceError as err:
         atomic_write_json({**record, "converged": False, "error": str(err)}, ctx.run.path("balance.json"))
         raise
     labelled = scaling.labelled(marginals, [v.to_pylist() for v in values])
-    record.update(fit_record(result, spec, values), scaling=labelled.to_dict(), **diagnostics)
+    record.update(fit_record(result, spec, values), bounds=bounds, scaling=labelled.to_dict(), **diagnostics)
     if DUP_GROUP in marginals:  # not fitted: its error per group size, from the weights
         record["final_marginal_error"][DUP_GROUP] = record.pop("dup_group_error")
     if search is not None:

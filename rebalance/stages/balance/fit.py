@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from rebalance.kernels.feasibility import needed_weights, support_flow
 from rebalance.kernels.ipf import (
+    BoundsError,
     IPFResult,
     MissingMassError,
     apply_ratio_and_sum,
@@ -40,7 +41,16 @@ from rebalance.runtime.resident import ResidentParts
 from rebalance.spec import DUP_GROUP, BalanceSpec
 from rebalance.stages.balance.survey import BalanceError, dup_base, encode_labels, load_labels, marginal_order
 
-__all__ = ["NEEDED_WEIGHT_WARNING", "CellParts", "Labelled", "RowParts", "check", "fit", "fit_record"]
+__all__ = [
+    "NEEDED_WEIGHT_WARNING",
+    "CellParts",
+    "Labelled",
+    "RowParts",
+    "bounds_record",
+    "check",
+    "fit",
+    "fit_record",
+]
 
 NEEDED_WEIGHT_WARNING = 100.0
 """An exact marginal whose values need a mean weight above this (t(l) / p(l)) is reported before IPF."""
@@ -75,9 +85,12 @@ class CellParts:
     ) -> IPFResult:
         """:func:`~rebalance.kernels.ipf.ipf` on the cells (``counts``, the per-label rows, are theirs) of the
         first len(targets) marginals; with ``base``, a cell's starting mass is its rows times
-        exp(base[l]) of its label l of the last marginal (``dup_group``)."""
+        exp(base[l]) of its label l of the last marginal (``dup_group``); with ``bounds`` that factor is the
+        fixed ``offset`` inside the clip instead, the bounds being on the rows' weights."""
         codes, mass = self.state.codes, self.state.counts
-        if base is not None:
+        if base is not None and options.get("bounds") is not None:
+            options["offset"] = base[codes[:, -1]]
+        elif base is not None:
             mass = mass * np.exp(base[codes[:, -1]])
         return ipf(codes[:, : len(targets)], mass, targets, **options)
 
@@ -262,16 +275,23 @@ def fit(
     :class:`BalanceError` naming the labels. With ``dup_group``, its fixed factor joins the scaling. With
     ``min_ess``, the strongest balancing above the floor (:func:`~rebalance.kernels.ipf.strongest_within`)
     and its ``balance.json`` ``min_ess`` record (else None); ``feasible=False`` (the flow check failed)
-    skips the search's exact attempt."""
+    skips the search's exact attempt. ``balance.bounds`` (cell path only) bound every row's weight inside
+    the iteration; exact targets they cannot meet are a :class:`BalanceError` naming the values and the mean
+    weight each needs. The search warm-starts each strength (:func:`~rebalance.kernels.ipf.strongest_within`)
+    when iterating to a tolerance; fixed ``iterations`` (the k-step measure) always start from the data."""
     marginals = marginal_order(spec)
     fitted = [m for m in marginals if m != DUP_GROUP]
     base = dup_base(spec, values, marginals)
+    if not fitted and spec.bounds is not None:
+        raise BalanceError("balance.bounds needs a marginal to fit besides dup_group (its factor is fixed)")
     if not fitted:  # dup_group alone: nothing to fit, its factor is the whole scaling
         result = IPFResult(Scaling((), 0.0), np.zeros((1, 0)), True, 0, spec.tol)
         return _with_base(result, parts, base, counts), None
     total = float(counts[0].sum()) if base is None else float(np.exp(base) @ counts[-1])
 
-    def solve(rho: float | None) -> IPFResult:
+    bounded = {} if spec.bounds is None else {"bounds": tuple(spec.bounds)}
+
+    def solve(rho: float | None, start: Scaling | None = None) -> IPFResult:
         parts.reduce(_reset, total, base)  # the row path's masses start afresh for every solve
         result = parts.ipf(
             counts,
@@ -282,6 +302,8 @@ def fit(
             max_iter=spec.max_iter,
             omega=spec.overrelaxation,
             relax=[spec.relax_for(m) for m in fitted] if rho is None else [rho] * len(fitted),
+            init=start if spec.iterations == "auto" else None,
+            **bounded,
         )
         return result if base is None else _with_base(result, parts, base, counts)
 
@@ -296,6 +318,16 @@ def fit(
         raise BalanceError(
             f"balance target of marginal {marginals[err.marginal]!r} is positive on values with "
             f"no rows (missing mass): {labels[:20]}"
+        ) from None
+    except BoundsError as err:
+        labels = values[err.marginal].take(pa.array(err.labels)).to_pylist()
+        needs = ", ".join(f"{v!r} needs {w:.4g}" for v, w in zip(labels[:20], err.needed[:20], strict=False))
+        lo, hi = err.bounds
+        raise BalanceError(
+            f"balance.bounds [{lo}, {hi}]: the target of marginal {marginals[err.marginal]!r} needs mean "
+            f"weights outside them on values {needs}{' ...' if len(labels) > 20 else ''} (t / p, the mean "
+            "weight of the value's rows). Widen balance.bounds, change those targets, or relax the marginal "
+            "(balance.relax)"
         ) from None
     omega = float(result.omegas.max()) if result.passes else 1.0
     log.info(
@@ -347,11 +379,35 @@ def _with_base(
     result: IPFResult, parts: CellParts | RowParts, base: np.ndarray, counts: list[np.ndarray]
 ) -> IPFResult:
     """``result`` with the fixed ``dup_group`` factor as its last marginal and the normaliser that gives
-    the rows (sum of counts[0]) mean weight 1."""
+    the rows (sum of counts[0]) mean weight 1 (a bounded result's already does: the factor was inside)."""
     log_factors = (*result.scaling.log_factors, base)
+    if result.scaling.bounds is not None:
+        return dataclasses.replace(
+            result, scaling=dataclasses.replace(result.scaling, log_factors=log_factors)
+        )
     log_total = parts.reduce(_log_total, log_factors, combine=np.logaddexp)
     scaling = Scaling(log_factors, float(log_total - np.log(counts[0].sum())))
     return dataclasses.replace(result, scaling=scaling)
+
+
+def _at_bounds(state: Labelled, scaling: Scaling) -> np.ndarray:
+    """[rows, rows at lo, rows at hi] of the part under a bounded scaling (to 1e-9 relative)."""
+    w = scaling.weights(state.codes)
+    n = np.ones_like(w) if state.counts is None else np.asarray(state.counts, dtype=np.float64)
+    lo, hi = scaling.bounds
+    at_hi = np.zeros_like(w, dtype=bool) if hi is None else w >= hi * (1 - 1e-9)
+    return np.array([n.sum(), n[w <= lo * (1 + 1e-9)].sum(), n[at_hi].sum()])
+
+
+def bounds_record(parts: CellParts | RowParts, result: IPFResult) -> dict[str, Any] | None:
+    """The ``balance.json`` ``bounds`` record of a bounded balancing (else None): ``lo``, ``hi`` and the
+    share of rows whose weight sits at each (``rows_at_lo``, ``rows_at_hi``); the marginal error the
+    bounds leave is ``final_marginal_error``."""
+    if result.scaling.bounds is None:
+        return None
+    rows, at_lo, at_hi = parts.reduce(_at_bounds, result.scaling, combine=np.add)
+    lo, hi = result.scaling.bounds
+    return {"lo": lo, "hi": hi, "rows_at_lo": float(at_lo / rows), "rows_at_hi": float(at_hi / rows)}
 
 
 def fit_record(result: IPFResult, spec: BalanceSpec, values: list[pa.Array]) -> dict[str, Any]:
