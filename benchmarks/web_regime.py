@@ -46,15 +46,36 @@ from downstream import summarise, write_balanced_set  # noqa: E402
 
 from rebalance.data.atomic import atomic_write_json  # noqa: E402
 from rebalance.data.parts import read_parts  # noqa: E402
-from rebalance.data.synthetic import CONCEPTS, LABELS, generate_web_dataset  # noqa: E402
+from rebalance.data.synthetic import CONCEPTS, LABELS, VOCABULARY_FILE, generate_web_dataset  # noqa: E402
 from rebalance.losses import balanced_clip_loss, logit_adjusted_loss  # noqa: E402
 from rebalance.samplers import draw_weighted  # noqa: E402
 
-SPECS = {
-    "image": ["image_cluster"],
-    "levels": ["image_cluster_1"],
-    "joint": ["joint_cluster"],
-    "image-text": ["image_cluster", "text_cluster"],
+# Each arm is one balance run over the same pool: the spec sections it sets (``balance`` always; ``dedup``
+# and ``concepts`` where the arm needs that stage). ``dedup`` last: its section reruns the cluster stage
+# (the groups are written with the assignments), so an arm after it would rerun it again. Near-duplicate groups: the tiny model's image vectors do
+# not separate a concept's renders (docs/downstream.md, "Web regime"), so at DEDUP_THRESHOLD a group is a
+# connected component of near-copies inside an image cluster, not one render. MetaCLIP's cap t is
+# METACLIP_CAP of the pool (1,000 rows at 100,000: about the rarest concept's 605 rows, so the tail's
+# entries are kept whole and the head's sampled down).
+DEDUP_THRESHOLD = 0.95
+METACLIP_CAP = 0.01
+EXACT_IMAGE_TEXT = {"marginals": ["image_cluster", "text_cluster"]}
+SPECS: dict[str, dict] = {
+    "image": {"balance": {"marginals": ["image_cluster"]}},
+    "levels": {"balance": {"marginals": ["image_cluster_1"]}},
+    "levels-rho1": {"balance": {"marginals": ["image_cluster_1"], "relax": 1.0}},
+    "joint": {"balance": {"marginals": ["joint_cluster"]}},
+    "image-text": {"balance": EXACT_IMAGE_TEXT},
+    "image-text-rho1": {"balance": EXACT_IMAGE_TEXT | {"relax": 1.0}},
+    "image-text-rho3": {"balance": EXACT_IMAGE_TEXT | {"relax": 3.0}},
+    "metaclip": {
+        "concepts": {"vocabulary": str(VOCABULARY_FILE), "field": "txt", "cap": METACLIP_CAP},
+        "balance": {"marginals": ["concept"]},
+    },
+    "dedup": {
+        "dedup": {"threshold": DEDUP_THRESHOLD},
+        "balance": {"marginals": ["dup_group", "image_cluster_1"]},
+    },
 }
 METRICS = (
     "probe_balanced",
@@ -65,10 +86,15 @@ METRICS = (
     "retrieval_r1",
 )
 PROMPT = "a photo of a {colour} {shape}"
+# carried into embeddings/: the true concept, the near-duplicate group (render), the caption (MetaCLIP's field)
+CARRY = ["label", "render", "txt"]
 
 
-def pipeline_spec(data: Path, marginals: list[str], k: int, level: int, carry: list[str]) -> dict:
-    return {
+def pipeline_spec(data: Path, arm: dict, k: int, level: int, carry: list[str], rows: int) -> dict:
+    """The pipeline's spec for one arm (``SPECS`` entry): its balance section over uniform targets (exact
+    arms ``allow_partial``, so a run that does not converge still gives its weights), its ``dedup`` and
+    ``concepts`` sections when set (a concepts ``cap`` below 1 is a fraction of ``rows``)."""
+    spec = {
         "data": {"path": str(data), "format": "parquet", "carry": carry},
         "embed": {"model": "rebalance-tiny", "pretrained": "synthetic", "batch_size": 512},
         "cluster": {
@@ -79,10 +105,18 @@ def pipeline_spec(data: Path, marginals: list[str], k: int, level: int, carry: l
             "niter": 20,
             "seed": 0,
         },
-        "balance": {"marginals": marginals, "target": "uniform", "tol": 1.0e-6, "allow_partial": True},
+        "balance": {"target": "uniform", "tol": 1.0e-6, "allow_partial": True} | arm["balance"],
         "report": {"spectra_by": ["image_cluster"], "html": False},
         "ray": {"address": "local"},
     }
+    if "dedup" in arm:
+        spec["dedup"] = dict(arm["dedup"])
+    if "concepts" in arm:
+        concepts = dict(arm["concepts"])
+        if concepts.get("cap", 1) < 1:
+            concepts["cap"] = max(1, round(concepts["cap"] * rows))
+        spec["concepts"] = concepts
+    return spec
 
 
 def load_embeddings(run: Path) -> dict[str, np.ndarray]:
@@ -217,14 +251,15 @@ def main(argv: list[str] | None = None) -> dict:
     with ray_session(RaySpec(address="local")):
         run = out / "run"
         weights: dict[str, np.ndarray] = {}
+        weight_keys: dict[str, np.ndarray] = {}
         balance_info = {}
         for name in args.specs:
             t0 = time.time()
             saved = out / f"weights-{name}"
-            marker = {"rows": args.rows, "k": args.k, "level": args.level, "marginals": SPECS[name]}
+            marker = {"rows": args.rows, "k": args.k, "level": args.level, "arm": SPECS[name]}
             if not (saved / "done.json").is_file() or json.loads((saved / "done.json").read_text()) != marker:
                 rebalance.run(
-                    pipeline_spec(pool, SPECS[name], args.k, args.level, ["label", "render"]),
+                    pipeline_spec(pool, SPECS[name], args.k, args.level, CARRY, args.rows),
                     run,
                     until="balance",
                 )
@@ -232,15 +267,26 @@ def main(argv: list[str] | None = None) -> dict:
                 shutil.copytree(run / "weights", saved)
                 shutil.copy(run / "balance.json", saved / "balance.json")
                 atomic_write_json(marker, saved / "done.json")
-            weights[name] = read_parts(saved, columns=["weight"]).column("weight").to_numpy()
+            table = read_parts(saved, columns=["key", "weight"])
+            weight_keys[name] = table.column("key").to_numpy(zero_copy_only=False)
+            weights[name] = table.column("weight").to_numpy()
             b = json.loads((saved / "balance.json").read_text())
-            balance_info[name] = {k: b.get(k) for k in ("converged", "ess_fraction", "max_weight_value")}
+            balance_info[name] = {
+                k: b.get(k) for k in ("converged", "passes", "ess_fraction", "max_weight_value")
+            }
             timings[f"run-{name}"] = time.time() - t0
         test_dir = write_balanced_set(out / "test-data", args.test, seed=1002)
         rebalance.run(
-            pipeline_spec(test_dir, ["image_cluster"], 8, 4, ["label"]), out / "test-run", until="embed"
+            pipeline_spec(
+                test_dir, {"balance": {"marginals": ["image_cluster"]}}, 8, 4, ["label"], args.test
+            ),
+            out / "test-run",
+            until="embed",
         )
     emb = load_embeddings(run)
+    for name, keys in weight_keys.items():  # the weights parts list the rows in the embeddings' order
+        if not np.array_equal(keys, emb["key"]):
+            raise RuntimeError(f"weights of {name} are not in the order of {run / 'embeddings'}")
     test = load_embeddings(out / "test-run")
     caps = pa.concat_tables(
         pq.read_table(p, columns=["key", "txt"]) for p in sorted(test_dir.glob("part-*.parquet"))
@@ -272,6 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
     for arm, w in weights.items():
         shares = np.bincount(emb["label"], weights=w, minlength=len(LABELS)) / w.sum()
         results.setdefault("concept_share", {})[arm] = shares.tolist()
+        results.setdefault("concept_tv", {})[arm] = float(0.5 * np.abs(shares - 1 / len(LABELS)).sum())
         for seed in args.seeds:
             t0 = time.time()
             idx = draw_weighted(w, n_draws, seed, 0)
@@ -321,7 +368,16 @@ def main(argv: list[str] | None = None) -> dict:
     for arm, row in paired.items():
         print(f"  {arm:15s} " + " ".join(f"{row[m]['mean']:+.4f} ± {row[m]['std']:.4f}" for m in METRICS))
     print(f"frozen towers without heads: {json.dumps(results['frozen_towers'])}")
-    print(f"\nbalance runs: {json.dumps(balance_info)}")
+    print("\nbalance runs (concept TV to uniform: of the weights, of the draws averaged over seeds):")
+    print(
+        f"  {'arm':15s} {'converged':>9s} {'passes':>6s} {'ESS':>6s} {'max w':>8s} {'TV w':>6s} {'TV draws':>8s}"
+    )
+    for arm, b in balance_info.items():
+        print(
+            f"  {arm:15s} {b['converged']!s:>9s} {b['passes']!s:>6s} {b['ess_fraction']:6.3f}"
+            f" {b['max_weight_value']:8.2f} {results['concept_tv'][arm]:6.3f}"
+            f" {table[arm]['draw_tv_to_uniform']['mean']:8.3f}"
+        )
     print(
         f"seconds: {json.dumps({k: round(v) for k, v in timings.items()})}; results: {out / 'results.json'}"
     )
