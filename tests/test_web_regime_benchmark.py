@@ -38,6 +38,7 @@ def test_quick_web_regime_benchmark(tmp_path):
     arms = ["plain", "oracle", *module.SPECS, "logit-adjusted"]
     assert set(results["summary"]) == set(arms)
     assert set(results["paired_difference_to_plain"]) == set(arms) - {"plain"}
+    assert set(results["paired_difference_to_default"]) == set(arms) - {module.DEFAULT_ARM}
     seeds = results["config"]["seeds"]
     assert len(seeds) == 2 and results["config"]["rows"] == 6000
     draws = results["config"]["draws"]
