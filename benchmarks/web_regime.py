@@ -365,6 +365,29 @@ def main(argv: list[str] | None = None) -> dict:
     results["summary"], results["paired_difference_to_plain"] = table, paired
     if DEFAULT_ARM in by_arm:  # every arm against the spec default's marginals (the candidates' before/after)
         results["paired_difference_to_default"] = paired_to(DEFAULT_ARM)
+    # per concept: the paired difference to plain of each concept's accuracy, mean and std over seeds; the
+    # concept that falls most, and how many fall by more than twice their own seed spread
+    drops = {}
+    for arm in arms:
+        if arm == "plain":
+            continue
+        drops[arm] = {}
+        for kind in ("probe", "zeroshot"):
+            d = np.array(
+                [
+                    np.subtract(by_arm[arm][s][f"{kind}_per_class"], by_arm["plain"][s][f"{kind}_per_class"])
+                    for s in args.seeds
+                ]
+            )
+            mean, std = d.mean(0), d.std(0, ddof=1) if len(args.seeds) > 1 else np.zeros(d.shape[1])
+            worst = int(np.argmin(mean))
+            drops[arm][kind] = {
+                "worst_concept": LABELS[worst],
+                "mean": float(mean[worst]),
+                "std": float(std[worst]),
+                "concepts_below_2std": int(np.sum(mean < -2 * std)),
+            }
+    results["concept_drop_to_plain"] = drops
     timings["total"] = time.time() - t_start
     results["seconds"] = timings
     atomic_write_json(results, out / "results.json")
@@ -386,6 +409,18 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"\npaired difference to {ref} (same seed), mean ± std:")
         for arm, row in rows.items():
             print(f"  {arm:15s} " + " ".join(f"{row[m]['mean']:+.4f} ± {row[m]['std']:.4f}" for m in METRICS))
+    print(
+        "\nper concept, paired difference to plain: the concept that falls most (mean ± std over seeds) and"
+    )
+    print("the concepts whose mean fall exceeds twice their seed std, probe | zero-shot:")
+    for arm, row in drops.items():
+        print(
+            f"  {arm:15s} "
+            + " | ".join(
+                f"{r['worst_concept']:>15s} {r['mean']:+.3f} ± {r['std']:.3f} ({r['concepts_below_2std']})"
+                for r in row.values()
+            )
+        )
     print(f"frozen towers without heads: {json.dumps(results['frozen_towers'])}")
     print("\nbalance runs (concept TV to uniform: of the weights, of the draws averaged over seeds):")
     print(
