@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/downstream.py --out runs/downstream            # everything, ~15-25 min on 2 cores
     .venv/bin/python benchmarks/downstream.py --out runs/downstream --arms sup-plain sup-rebalanced --seeds 0
-    .venv/bin/python benchmarks/downstream.py --out runs/downstream-relaxed --balance-yaml relax.yaml  # {relax: 1}
+    .venv/bin/python benchmarks/downstream.py --out runs/downstream-exact --balance-yaml exact.yaml  # relax: exact
 
 What it does, all on the built-in long-tailed dataset (3000 rows, 24 concepts, head/tail 63):
 
@@ -16,8 +16,9 @@ What it does, all on the built-in long-tailed dataset (3000 rows, 24 concepts, h
 
    - ``sup-plain``: ``train_longtail --loss ce``, rows drawn uniformly (with replacement);
    - ``sup-rebalanced``: ``train_longtail --loss ce --weights RUN``: rows drawn by the rebalance weights
-     (``--balance-yaml FILE``: a YAML mapping laid over that run's balance section, e.g. ``relax: 1.0``, to
-     compare a candidate default with the exact one);
+     (the spec's default balancing: ``relax: auto``, rho 1 on both cluster marginals; ``--balance-yaml
+     FILE``: a YAML mapping laid over that run's balance section, e.g. ``relax: exact``, to compare
+     balancing settings);
    - ``sup-image-rebalanced``: the same with the weights of a run that balances ``image_cluster`` only;
    - ``sup-label-balanced``: the same with the weights of a run that balances the true ``label`` column
      (the oracle: what re-sampling could give if the clusters were exactly the concepts);
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         "--balance-yaml",
         type=Path,
         default=None,
-        help="YAML mapping laid over the balance section of the *-rebalanced arms' run (e.g. relax: 1.0)",
+        help="YAML mapping laid over the balance section of the *-rebalanced arms' run (e.g. relax: exact)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -21,8 +21,8 @@ Arms: ``plain`` (uniform), ``oracle`` (uniform over the true concepts: weight 1 
 ``logit-adjusted`` (uniform draws, probe trained with ``logit_adjusted_loss``; its CLIP heads equal
 plain's), and the product's weights under each ``--specs`` entry (``image``: ``image_cluster``;
 ``levels``: the coarse level ``image_cluster_1`` of ``cluster.levels``, Vo et al.; ``joint``:
-``joint_cluster`` of ``cluster.joint``; ``image-text``: the spec default ``[image_cluster,
-text_cluster]``, ``allow_partial``; ``image-text-rho1`` / ``-rho3``, ``levels-rho1``: the same relaxed,
+``joint_cluster`` of ``cluster.joint``; ``image-text``: ``[image_cluster, text_cluster]`` exact (the spec
+default before ``relax: auto``), ``allow_partial``; ``image-text-rho1`` / ``-rho3``, ``levels-rho1``: the same relaxed,
 ``balance.relax`` 1 or 3; ``dedup``: near-duplicate groups balanced (``dedup``, ``[dup_group,
 image_cluster_1]``); ``metaclip``: MetaCLIP curation of the captions, ``concepts.vocabulary`` = the 24
 concepts and their words, marginal ``concept``). Prints mean ± sample std over seeds, the per-seed paired
@@ -100,9 +100,10 @@ CARRY = ["label", "render", "txt"]
 
 
 def pipeline_spec(data: Path, arm: dict, k: int, level: int, carry: list[str], rows: int) -> dict:
-    """The pipeline's spec for one arm (``SPECS`` entry): its balance section over uniform targets (exact
-    arms ``allow_partial``, so a run that does not converge still gives its weights), its ``dedup`` and
-    ``concepts`` sections when set (a concepts ``cap`` below 1 is a fraction of ``rows``)."""
+    """The pipeline's spec for one arm (``SPECS`` entry): its balance section over uniform targets, exact
+    (``relax: exact``) unless the arm sets ``relax`` (``allow_partial``, so an exact run that does not
+    converge still gives its weights), its ``dedup`` and ``concepts`` sections when set (a concepts ``cap``
+    below 1 is a fraction of ``rows``)."""
     spec = {
         "data": {"path": str(data), "format": "parquet", "carry": carry},
         "embed": {"model": "rebalance-tiny", "pretrained": "synthetic", "batch_size": 512},
@@ -114,7 +115,9 @@ def pipeline_spec(data: Path, arm: dict, k: int, level: int, carry: list[str], r
             "niter": 20,
             "seed": 0,
         },
-        "balance": {"target": "uniform", "tol": 1.0e-6, "allow_partial": True} | arm["balance"],
+        # exact unless the arm relaxes (the spec default relaxes cluster marginals)
+        "balance": {"target": "uniform", "tol": 1.0e-6, "allow_partial": True, "relax": "exact"}
+        | arm["balance"],
         "report": {"spectra_by": ["image_cluster"], "html": False},
         "ray": {"address": "local"},
     }
