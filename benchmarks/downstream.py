@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/downstream.py --out runs/downstream            # everything, ~15-25 min on 2 cores
     .venv/bin/python benchmarks/downstream.py --out runs/downstream --arms sup-plain sup-rebalanced --seeds 0
+    .venv/bin/python benchmarks/downstream.py --out runs/downstream-exact --balance-yaml exact.yaml  # relax: exact
 
 What it does, all on the built-in long-tailed dataset (3000 rows, 24 concepts, head/tail 63):
 
@@ -14,7 +15,10 @@ What it does, all on the built-in long-tailed dataset (3000 rows, 24 concepts, h
    arm through the real jobs on Ray Train:
 
    - ``sup-plain``: ``train_longtail --loss ce``, rows drawn uniformly (with replacement);
-   - ``sup-rebalanced``: ``train_longtail --loss ce --weights RUN``: rows drawn by the rebalance weights;
+   - ``sup-rebalanced``: ``train_longtail --loss ce --weights RUN``: rows drawn by the rebalance weights
+     (the spec's default balancing: ``relax: auto``, rho 1 on both cluster marginals; ``--balance-yaml
+     FILE``: a YAML mapping laid over that run's balance section, e.g. ``relax: exact``, to compare
+     balancing settings);
    - ``sup-image-rebalanced``: the same with the weights of a run that balances ``image_cluster`` only;
    - ``sup-label-balanced``: the same with the weights of a run that balances the true ``label`` column
      (the oracle: what re-sampling could give if the clusters were exactly the concepts);
@@ -96,9 +100,16 @@ def write_balanced_set(out_dir: Path, per_concept: int, seed: int) -> Path:
     return out_dir
 
 
-def rebalance_run(dataset: Path, out: Path, pretrained: str | None, marginals: tuple[str, ...] = ()) -> Path:
+def rebalance_run(
+    dataset: Path,
+    out: Path,
+    pretrained: str | None,
+    marginals: tuple[str, ...] = (),
+    balance: dict | None = None,
+) -> Path:
     """The demo's pipeline (16 image x 16 text clusters, uniform targets) on ``dataset``; ``marginals``
-    replaces the balanced columns (``("label",)``: the oracle that balances the true concepts)."""
+    replaces the balanced columns (``("label",)``: the oracle that balances the true concepts), ``balance``
+    is laid over the balance section (``{"relax": 1.0}``)."""
     import rebalance
 
     spec = {
@@ -113,7 +124,8 @@ def rebalance_run(dataset: Path, out: Path, pretrained: str | None, marginals: t
             "target": "uniform",
             "tol": 1.0e-6,
             "allow_partial": True,
-        },
+        }
+        | (balance or {}),
         "report": {"spectra_by": ["image_cluster"], "html": False},
         "ray": {"address": "local"},
     }
@@ -198,9 +210,22 @@ def main(argv: list[str] | None = None) -> int:
         default=str(SHIPPED) if SHIPPED.is_file() else "none",
         help="the pipeline's embedding checkpoint ('none' = random weights; default: the shipped one if present)",
     )
+    parser.add_argument(
+        "--balance-yaml",
+        type=Path,
+        default=None,
+        help="YAML mapping laid over the balance section of the *-rebalanced arms' run (e.g. relax: exact)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     import ray
+    import yaml
+
+    balance_override = None
+    if args.balance_yaml is not None:
+        balance_override = yaml.safe_load(args.balance_yaml.read_text())
+        if not isinstance(balance_override, dict):
+            parser.error(f"--balance-yaml {args.balance_yaml}: not a YAML mapping")
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -211,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         generate_dataset(data, n_rows=3000, n_shards=4, seed=0)
     pretrained = None if args.embed_pretrained == "none" else args.embed_pretrained
     runs = {
-        "rebalanced": rebalance_run(data, out / "run", pretrained),
+        "rebalanced": rebalance_run(data, out / "run", pretrained, balance=balance_override),
         "image-rebalanced": rebalance_run(data, out / "run-image", pretrained, ("image_cluster",)),
         "label-balanced": rebalance_run(data, out / "run-label", pretrained, ("label",)),
     }
@@ -237,10 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     results: dict = {
-        "config": {k: v for k, v in vars(args).items()},
+        "config": {k: v for k, v in vars(args).items()} | {"balance_yaml": balance_override},
         "weight_share_by_concept": shares,
         "raw_share_by_concept": {lab: counts[lab] / 3000 for lab in LABELS},
-        "rebalance_run": {k: balance[k] for k in ("converged", "ess_fraction", "max_weight_value")},
+        "rebalance_run": {k: balance[k] for k in ("converged", "ess_fraction", "max_weight_value")}
+        | {"tv_to_uniform_raw": float(0.5 * np.abs(raw_share - 1 / 24).sum())}
+        | {"tv_to_uniform_weighted": float(0.5 * np.abs(weighted_share - 1 / 24).sum())},
         "runs": [],
     }
     # Resume: keep the finished (arm, seed) records of an earlier invocation with the same budget.
@@ -252,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         "probe_train",
         "probe_test",
         "embed_pretrained",
+        "balance_yaml",
     )
     previous = out / "results.json"
     if previous.is_file():

@@ -21,9 +21,14 @@ Arms: ``plain`` (uniform), ``oracle`` (uniform over the true concepts: weight 1 
 ``logit-adjusted`` (uniform draws, probe trained with ``logit_adjusted_loss``; its CLIP heads equal
 plain's), and the product's weights under each ``--specs`` entry (``image``: ``image_cluster``;
 ``levels``: the coarse level ``image_cluster_1`` of ``cluster.levels``, Vo et al.; ``joint``:
-``joint_cluster`` of ``cluster.joint``; ``image-text``: the spec default ``[image_cluster,
-text_cluster]``, ``allow_partial``). Prints mean ± sample std over seeds and the per-seed paired difference
-of every arm to ``plain``; writes ``OUT/results.json``.
+``joint_cluster`` of ``cluster.joint``; ``image-text``: ``[image_cluster, text_cluster]`` exact (the spec
+default before ``relax: auto``), ``allow_partial``; ``image-text-rho1`` / ``-rho3``, ``levels-rho1``: the same relaxed,
+``balance.relax`` 1 or 3; ``dedup``: near-duplicate groups balanced (``dedup``, ``[dup_group,
+image_cluster_1]``); ``metaclip``: MetaCLIP curation of the captions, ``concepts.vocabulary`` = the 24
+concepts and their words, marginal ``concept``). Prints mean ± sample std over seeds, the per-seed paired
+difference of every arm to ``plain`` and to ``image-text``, and per arm its balance run (converged, passes,
+ESS, largest weight) and the concept distribution's total variation to uniform (weights and draws); writes
+``OUT/results.json``.
 """
 
 from __future__ import annotations
@@ -46,15 +51,40 @@ from downstream import summarise, write_balanced_set  # noqa: E402
 
 from rebalance.data.atomic import atomic_write_json  # noqa: E402
 from rebalance.data.parts import read_parts  # noqa: E402
-from rebalance.data.synthetic import CONCEPTS, LABELS, generate_web_dataset  # noqa: E402
+from rebalance.data.synthetic import CONCEPTS, LABELS, VOCABULARY_FILE, generate_web_dataset  # noqa: E402
 from rebalance.losses import balanced_clip_loss, logit_adjusted_loss  # noqa: E402
 from rebalance.samplers import draw_weighted  # noqa: E402
 
-SPECS = {
-    "image": ["image_cluster"],
-    "levels": ["image_cluster_1"],
-    "joint": ["joint_cluster"],
-    "image-text": ["image_cluster", "text_cluster"],
+# Each arm is one balance run over the same pool: the spec sections it sets (``balance`` always; ``dedup``
+# and ``concepts`` where the arm needs that stage). ``dedup`` last: its section reruns the cluster stage
+# (the groups are written with the assignments), so an arm after it would rerun it again.
+# DEDUP_THRESHOLD: chosen on the 100,000-row pool's image vectors (docs/downstream.md, "Web regime"): the
+# tiny model hardly separates a concept's renders (47 % of the pairs inside a render and 14 % of the pairs
+# of different renders of a concept reach cosine 0.95), so below 0.99 the groups chain into whole clusters;
+# at 0.998 they agree best with the renders (adjusted Rand 0.18, 85 % of rows in their group's majority
+# render, the largest group 202 rows, about one head render, and no group mixes two concepts).
+# METACLIP_CAP: MetaCLIP's t as a fraction of the pool (1,000 rows at 100,000: above the rarest concept's
+# 605 rows, so the tail's entries are kept whole and the head's sampled down).
+DEDUP_THRESHOLD = 0.998
+METACLIP_CAP = 0.01
+EXACT_IMAGE_TEXT = {"marginals": ["image_cluster", "text_cluster"]}
+DEFAULT_ARM = "image-text"  # the spec default's marginals, exact: every arm is also compared with it
+SPECS: dict[str, dict] = {
+    "image": {"balance": {"marginals": ["image_cluster"]}},
+    "levels": {"balance": {"marginals": ["image_cluster_1"]}},
+    "levels-rho1": {"balance": {"marginals": ["image_cluster_1"], "relax": 1.0}},
+    "joint": {"balance": {"marginals": ["joint_cluster"]}},
+    "image-text": {"balance": EXACT_IMAGE_TEXT},
+    "image-text-rho1": {"balance": EXACT_IMAGE_TEXT | {"relax": 1.0}},
+    "image-text-rho3": {"balance": EXACT_IMAGE_TEXT | {"relax": 3.0}},
+    "metaclip": {
+        "concepts": {"vocabulary": str(VOCABULARY_FILE), "field": "txt", "cap": METACLIP_CAP},
+        "balance": {"marginals": ["concept"]},
+    },
+    "dedup": {
+        "dedup": {"threshold": DEDUP_THRESHOLD},
+        "balance": {"marginals": ["dup_group", "image_cluster_1"]},
+    },
 }
 METRICS = (
     "probe_balanced",
@@ -65,10 +95,16 @@ METRICS = (
     "retrieval_r1",
 )
 PROMPT = "a photo of a {colour} {shape}"
+# carried into embeddings/: the true concept, the near-duplicate group (render), the caption (MetaCLIP's field)
+CARRY = ["label", "render", "txt"]
 
 
-def pipeline_spec(data: Path, marginals: list[str], k: int, level: int, carry: list[str]) -> dict:
-    return {
+def pipeline_spec(data: Path, arm: dict, k: int, level: int, carry: list[str], rows: int) -> dict:
+    """The pipeline's spec for one arm (``SPECS`` entry): its balance section over uniform targets, exact
+    (``relax: exact``) unless the arm sets ``relax`` (``allow_partial``, so an exact run that does not
+    converge still gives its weights), its ``dedup`` and ``concepts`` sections when set (a concepts ``cap``
+    below 1 is a fraction of ``rows``)."""
+    spec = {
         "data": {"path": str(data), "format": "parquet", "carry": carry},
         "embed": {"model": "rebalance-tiny", "pretrained": "synthetic", "batch_size": 512},
         "cluster": {
@@ -79,10 +115,20 @@ def pipeline_spec(data: Path, marginals: list[str], k: int, level: int, carry: l
             "niter": 20,
             "seed": 0,
         },
-        "balance": {"marginals": marginals, "target": "uniform", "tol": 1.0e-6, "allow_partial": True},
+        # exact unless the arm relaxes (the spec default relaxes cluster marginals)
+        "balance": {"target": "uniform", "tol": 1.0e-6, "allow_partial": True, "relax": "exact"}
+        | arm["balance"],
         "report": {"spectra_by": ["image_cluster"], "html": False},
         "ray": {"address": "local"},
     }
+    if "dedup" in arm:
+        spec["dedup"] = dict(arm["dedup"])
+    if "concepts" in arm:
+        concepts = dict(arm["concepts"])
+        if concepts.get("cap", 1) < 1:
+            concepts["cap"] = max(1, round(concepts["cap"] * rows))
+        spec["concepts"] = concepts
+    return spec
 
 
 def load_embeddings(run: Path) -> dict[str, np.ndarray]:
@@ -217,14 +263,15 @@ def main(argv: list[str] | None = None) -> dict:
     with ray_session(RaySpec(address="local")):
         run = out / "run"
         weights: dict[str, np.ndarray] = {}
+        weight_keys: dict[str, np.ndarray] = {}
         balance_info = {}
         for name in args.specs:
             t0 = time.time()
             saved = out / f"weights-{name}"
-            marker = {"rows": args.rows, "k": args.k, "level": args.level, "marginals": SPECS[name]}
+            marker = {"rows": args.rows, "k": args.k, "level": args.level, "arm": SPECS[name]}
             if not (saved / "done.json").is_file() or json.loads((saved / "done.json").read_text()) != marker:
                 rebalance.run(
-                    pipeline_spec(pool, SPECS[name], args.k, args.level, ["label", "render"]),
+                    pipeline_spec(pool, SPECS[name], args.k, args.level, CARRY, args.rows),
                     run,
                     until="balance",
                 )
@@ -232,15 +279,26 @@ def main(argv: list[str] | None = None) -> dict:
                 shutil.copytree(run / "weights", saved)
                 shutil.copy(run / "balance.json", saved / "balance.json")
                 atomic_write_json(marker, saved / "done.json")
-            weights[name] = read_parts(saved, columns=["weight"]).column("weight").to_numpy()
+            table = read_parts(saved, columns=["key", "weight"])
+            weight_keys[name] = table.column("key").to_numpy(zero_copy_only=False)
+            weights[name] = table.column("weight").to_numpy()
             b = json.loads((saved / "balance.json").read_text())
-            balance_info[name] = {k: b.get(k) for k in ("converged", "ess_fraction", "max_weight_value")}
+            balance_info[name] = {
+                k: b.get(k) for k in ("converged", "passes", "ess_fraction", "max_weight_value")
+            }
             timings[f"run-{name}"] = time.time() - t0
         test_dir = write_balanced_set(out / "test-data", args.test, seed=1002)
         rebalance.run(
-            pipeline_spec(test_dir, ["image_cluster"], 8, 4, ["label"]), out / "test-run", until="embed"
+            pipeline_spec(
+                test_dir, {"balance": {"marginals": ["image_cluster"]}}, 8, 4, ["label"], args.test
+            ),
+            out / "test-run",
+            until="embed",
         )
     emb = load_embeddings(run)
+    for name, keys in weight_keys.items():  # the weights parts list the rows in the embeddings' order
+        if not np.array_equal(keys, emb["key"]):
+            raise RuntimeError(f"weights of {name} are not in the order of {run / 'embeddings'}")
     test = load_embeddings(out / "test-run")
     caps = pa.concat_tables(
         pq.read_table(p, columns=["key", "txt"]) for p in sorted(test_dir.glob("part-*.parquet"))
@@ -272,6 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
     for arm, w in weights.items():
         shares = np.bincount(emb["label"], weights=w, minlength=len(LABELS)) / w.sum()
         results.setdefault("concept_share", {})[arm] = shares.tolist()
+        results.setdefault("concept_tv", {})[arm] = float(0.5 * np.abs(shares - 1 / len(LABELS)).sum())
         for seed in args.seeds:
             t0 = time.time()
             idx = draw_weighted(w, n_draws, seed, 0)
@@ -292,15 +351,46 @@ def main(argv: list[str] | None = None) -> dict:
                 flush=True,
             )
     arms = list(weights)
-    table, paired = {}, {}
-    for arm in arms:
-        recs = {r["seed"]: r for r in results["runs"] if r["arm"] == arm}
-        base = {r["seed"]: r for r in results["runs"] if r["arm"] == "plain"}
-        extra = ("draw_tv_to_uniform", "distinct_renders_drawn")
-        table[arm] = {m: summarise([r[m] for r in recs.values()]) for m in METRICS + extra}
-        if arm != "plain":
-            paired[arm] = {m: summarise([recs[s][m] - base[s][m] for s in args.seeds]) for m in METRICS}
+    by_arm = {arm: {r["seed"]: r for r in results["runs"] if r["arm"] == arm} for arm in arms}
+    extra = ("draw_tv_to_uniform", "distinct_renders_drawn")
+    table = {
+        arm: {m: summarise([r[m] for r in by_arm[arm].values()]) for m in METRICS + extra} for arm in arms
+    }
+
+    def paired_to(ref: str) -> dict:
+        return {
+            arm: {m: summarise([by_arm[arm][s][m] - by_arm[ref][s][m] for s in args.seeds]) for m in METRICS}
+            for arm in arms
+            if arm != ref
+        }
+
+    paired = paired_to("plain")
     results["summary"], results["paired_difference_to_plain"] = table, paired
+    if DEFAULT_ARM in by_arm:  # every arm against the spec default's marginals (the candidates' before/after)
+        results["paired_difference_to_default"] = paired_to(DEFAULT_ARM)
+    # per concept: the paired difference to plain of each concept's accuracy, mean and std over seeds; the
+    # concept that falls most, and how many fall by more than twice their own seed spread
+    drops = {}
+    for arm in arms:
+        if arm == "plain":
+            continue
+        drops[arm] = {}
+        for kind in ("probe", "zeroshot"):
+            d = np.array(
+                [
+                    np.subtract(by_arm[arm][s][f"{kind}_per_class"], by_arm["plain"][s][f"{kind}_per_class"])
+                    for s in args.seeds
+                ]
+            )
+            mean, std = d.mean(0), d.std(0, ddof=1) if len(args.seeds) > 1 else np.zeros(d.shape[1])
+            worst = int(np.argmin(mean))
+            drops[arm][kind] = {
+                "worst_concept": LABELS[worst],
+                "mean": float(mean[worst]),
+                "std": float(std[worst]),
+                "concepts_below_2std": int(np.sum(mean < -2 * std)),
+            }
+    results["concept_drop_to_plain"] = drops
     timings["total"] = time.time() - t_start
     results["seconds"] = timings
     atomic_write_json(results, out / "results.json")
@@ -317,11 +407,34 @@ def main(argv: list[str] | None = None) -> dict:
             f"  {arm:15s} {cells} {row['draw_tv_to_uniform']['mean']:13.3f} "
             f"{row['distinct_renders_drawn']['mean']:9.0f}"
         )
-    print("\npaired difference to plain (same seed), mean ± std:")
-    for arm, row in paired.items():
-        print(f"  {arm:15s} " + " ".join(f"{row[m]['mean']:+.4f} ± {row[m]['std']:.4f}" for m in METRICS))
+    for ref, rows in (("plain", paired), (DEFAULT_ARM, results.get("paired_difference_to_default", {}))):
+        if rows:
+            print(f"\npaired difference to {ref} (same seed), mean ± std:")
+        for arm, row in rows.items():
+            print(f"  {arm:15s} " + " ".join(f"{row[m]['mean']:+.4f} ± {row[m]['std']:.4f}" for m in METRICS))
+    print(
+        "\nper concept, paired difference to plain: the concept that falls most (mean ± std over seeds) and"
+    )
+    print("the concepts whose mean fall exceeds twice their seed std, probe | zero-shot:")
+    for arm, row in drops.items():
+        print(
+            f"  {arm:15s} "
+            + " | ".join(
+                f"{r['worst_concept']:>15s} {r['mean']:+.3f} ± {r['std']:.3f} ({r['concepts_below_2std']})"
+                for r in row.values()
+            )
+        )
     print(f"frozen towers without heads: {json.dumps(results['frozen_towers'])}")
-    print(f"\nbalance runs: {json.dumps(balance_info)}")
+    print("\nbalance runs (concept TV to uniform: of the weights, of the draws averaged over seeds):")
+    print(
+        f"  {'arm':15s} {'converged':>9s} {'passes':>6s} {'ESS':>6s} {'max w':>8s} {'TV w':>6s} {'TV draws':>8s}"
+    )
+    for arm, b in balance_info.items():
+        print(
+            f"  {arm:15s} {b['converged']!s:>9s} {b['passes']!s:>6s} {b['ess_fraction']:6.3f}"
+            f" {b['max_weight_value']:8.2f} {results['concept_tv'][arm]:6.3f}"
+            f" {table[arm]['draw_tv_to_uniform']['mean']:8.3f}"
+        )
     print(
         f"seconds: {json.dumps({k: round(v) for k, v in timings.items()})}; results: {out / 'results.json'}"
     )

@@ -38,6 +38,7 @@ def test_quick_web_regime_benchmark(tmp_path):
     arms = ["plain", "oracle", *module.SPECS, "logit-adjusted"]
     assert set(results["summary"]) == set(arms)
     assert set(results["paired_difference_to_plain"]) == set(arms) - {"plain"}
+    assert set(results["paired_difference_to_default"]) == set(arms) - {module.DEFAULT_ARM}
     seeds = results["config"]["seeds"]
     assert len(seeds) == 2 and results["config"]["rows"] == 6000
     draws = results["config"]["draws"]
@@ -69,3 +70,39 @@ def test_quick_web_regime_benchmark(tmp_path):
     for seed in seeds:
         assert by["oracle", seed]["draw_tv_to_uniform"] < by["plain", seed]["draw_tv_to_uniform"]
     assert (tmp_path / "web" / "results.json").is_file()
+    _check_balance_arms(results, tmp_path / "web")
+
+
+def _check_balance_arms(results, out):
+    """The balance arms' own invariants: relaxed arms converge (a relaxed problem always has a solution) with
+    a larger ESS than the exact arm over the same marginals (for one marginal the relaxed weights are the
+    exact ones to the power rho / (1 + rho), so the ESS can only rise); dedup meets the coarse level exactly
+    and weighs the rows of a near-duplicate group in one coarse cluster alike; MetaCLIP curation moves the
+    concept mix toward uniform."""
+    from rebalance.data.parts import read_parts
+
+    b = results["balance"]
+    for relaxed, exact in (
+        ("image-text-rho1", "image-text"),
+        ("image-text-rho3", "image-text"),
+        ("levels-rho1", "levels"),
+    ):
+        assert b[relaxed]["converged"] is True
+        assert b[relaxed]["ess_fraction"] > b[exact]["ess_fraction"]
+    assert b["image-text-rho1"]["ess_fraction"] > b["image-text-rho3"]["ess_fraction"]
+    assert b["dedup"]["converged"] is True and b["metaclip"]["converged"] is True
+    weights = read_parts(out / "weights-dedup", columns=["key", "weight", "dup_group"])
+    assignments = read_parts(out / "run" / "assignments", columns=["key", "image_cluster_1"])
+    assert weights.column("key").to_pylist() == assignments.column("key").to_pylist()
+    w = weights.column("weight").to_numpy()
+    level = assignments.column("image_cluster_1").to_numpy()
+    mass = np.bincount(level, weights=w)[np.unique(level)]
+    assert np.allclose(mass, mass.mean(), rtol=1e-4)
+    cells = {}
+    for g, c, wi in zip(weights.column("dup_group").to_pylist(), level.tolist(), w.tolist(), strict=True):
+        cells.setdefault((g, c), []).append(wi)
+    assert len(cells) < len(w)  # some rows are near-copies of others
+    assert all(np.ptp(v) <= 1e-9 * max(v) for v in cells.values())
+    share = results["concept_share"]
+    assert share["metaclip"][0] < share["plain"][0] and share["metaclip"][-1] > share["plain"][-1]
+    assert results["concept_tv"]["metaclip"] < results["concept_tv"]["plain"]
