@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import ray
@@ -94,28 +94,45 @@ class ActorPool:
     def map(self, method: str, items: Sequence[tuple], desc: str = "", unit: str = "shard") -> list[Any]:
         """Call ``actor.method(*item)`` for every item, one item per idle started actor; results in item
         order."""
-        results: list[Any] = [None] * len(items)
-        queue = list(range(len(items)))[::-1]
+        return list(self.imap(method, items, desc, unit, window=max(1, len(items))))
+
+    def imap(
+        self,
+        method: str,
+        items: Sequence[tuple],
+        desc: str = "",
+        unit: str = "shard",
+        window: int | None = None,
+    ) -> Iterator[Any]:
+        """:meth:`map`, the results yielded in item order as they come, so that the caller can fold them
+        instead of holding them all: items are submitted at most ``window`` (default two per actor) ahead of
+        the next one to yield, so at most that many results wait in this process."""
+        window = window or 2 * len(self.actors)
+        finished: dict[int, Any] = {}
         running: dict[ray.ObjectRef, tuple[int, Any]] = {}
+        submitted = yielded = 0
         if items:
             self._wait_for_first()
         idle = list(self._ready)
         with tqdm(total=len(items), desc=desc, unit=unit, disable=not desc, leave=False) as bar:
-            while queue or running:
-                while queue and idle:
+            while yielded < len(items):
+                if yielded in finished:
+                    yield finished.pop(yielded)
+                    yielded += 1
+                    continue
+                while submitted < min(len(items), yielded + window) and idle:
                     actor = idle.pop()
-                    i = queue.pop()
-                    running[actor.call.remote(method, *items[i])] = (i, actor)
+                    running[actor.call.remote(method, *items[submitted])] = (submitted, actor)
+                    submitted += 1
                 done, _ = ray.wait(list(running) + list(self._starting), num_returns=1)
                 if done[0] in self._starting:
                     self._started(done)
                     idle.append(self._ready[-1])
                     continue
                 i, actor = running.pop(done[0])
-                results[i] = ray.get(done[0])
+                finished[i] = ray.get(done[0])
                 idle.append(actor)
                 bar.update(1)
-        return results
 
     def shutdown(self) -> None:
         """Kill the pool's actors."""
