@@ -11,10 +11,10 @@ A worker node is removed mid-stage, as a lost spot instance would be, and a fres
   ``PartsLostError`` and a rerun with the same ``--out`` redoes that stage only, to the same weights.
 """
 
+import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -81,21 +81,32 @@ def _spec(demo_run: Path, tmp_path: Path, address: str, **balance) -> Path:
     return path
 
 
-def _run(spec: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "rebalance.cli", "run", str(spec), "--out", str(out)],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+def _run(spec: Path, out: Path, log: Path) -> subprocess.Popen:
+    """The CLI run of ``spec`` into ``out``, its output to ``log`` (a file: nobody reads a pipe meanwhile)."""
+    with open(log, "w") as handle:
+        return subprocess.Popen(
+            [sys.executable, "-m", "rebalance.cli", "run", str(spec), "--out", str(out)],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=handle, stderr=subprocess.STDOUT,
+        )  # fmt: skip
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 900) -> tuple[int, str]:
+def _finish(proc: subprocess.Popen, log: Path, timeout: float = 900) -> tuple[int, str]:
     try:
-        output, _ = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
-        output, _ = proc.communicate()
-    return proc.returncode, output
+        proc.wait()
+    return proc.returncode, log.read_text()
+
+
+def _until(condition, proc: subprocess.Popen, timeout: float = 600) -> bool:
+    """Poll ``condition()`` until it is true (True) or the run ends or the time is up (False)."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def _assert_same_result(out: Path, demo_run: Path) -> None:
@@ -110,28 +121,22 @@ def _assert_same_result(out: Path, demo_run: Path) -> None:
     )
 
 
+# Nodes are removed and added from the test's main thread: a Ray node registers signal handlers.
+
+
 def test_node_lost_while_embedding_is_survived(cluster, demo_run, tmp_path):
-    out = tmp_path / "run"
-    spec = _spec(demo_run, tmp_path, cluster.address)
-    removed: list[int] = []
-
-    def remove_a_node_mid_stage():
-        deadline = time.monotonic() + 600
-        while not list((out / "embeddings").glob("_part-*.json")):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                return
-            time.sleep(0.05)
-        removed.append(len(list((out / "embeddings").glob("_part-*.json"))))
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    proc = _run(_spec(demo_run, tmp_path, cluster.address), out, log)
+    parts = out / "embeddings"
+    if _until(lambda: any(parts.glob("_part-*.json")), proc):
+        committed = len(list(parts.glob("_part-*.json")))
         _replace(cluster, (_actor_nodes(cluster, "EmbedWorker") or sorted(cluster.worker_nodes, key=id))[0])
-
-    proc = _run(spec, out)
-    remover = threading.Thread(target=remove_a_node_mid_stage)
-    remover.start()
-    code, output = _finish(proc)
-    remover.join()
+    else:
+        committed = None
+    code, output = _finish(proc, log)
     assert code == 0, output[-4000:]
-    assert removed and removed[0] < 4, "the node was removed after the embed stage had finished"
-    embed = yaml.safe_load((out / "manifest.json").read_text())["stages"]["embed"]
+    assert committed is not None and committed < 4, "the node was removed after the embed stage had finished"
+    embed = json.loads((out / "manifest.json").read_text())["stages"]["embed"]
     assert embed["status"] == "complete" and not embed["resumed"]  # survived within the run, not by a rerun
     _assert_same_result(out, demo_run)
     a = read_parts(out / "embeddings").column("image").combine_chunks().flatten().to_numpy()
@@ -140,32 +145,21 @@ def test_node_lost_while_embedding_is_survived(cluster, demo_run, tmp_path):
 
 
 def test_node_lost_while_rows_are_resident_reruns_the_stage(cluster, demo_run, tmp_path):
-    out = tmp_path / "run"
+    out, log = tmp_path / "run", tmp_path / "run.log"
     # the row path, and enough passes (one marginal: the first one converges, the rest change nothing)
     # for the node to be removed while the resident parts iterate
     spec = _spec(demo_run, tmp_path, cluster.address, path="rows", iterations=3000)
-    removed: list = []
-
-    def remove_a_holder_node():
-        deadline = time.monotonic() + 600
-        while not removed and time.monotonic() < deadline and proc.poll() is None:
-            nodes = _actor_nodes(cluster, "_PartHolder")
-            if nodes:
-                removed.append(nodes[0])
-                _replace(cluster, nodes[0])
-            time.sleep(0.02)
-
-    proc = _run(spec, out)
-    remover = threading.Thread(target=remove_a_holder_node)
-    remover.start()
-    code, output = _finish(proc)
-    remover.join()
-    assert removed, "no node held a resident part"
+    proc = _run(spec, out, log)
+    holders: list = []
+    if _until(lambda: holders.extend(_actor_nodes(cluster, "_PartHolder")) or holders, proc):
+        _replace(cluster, holders[0])
+    code, output = _finish(proc, log)
+    assert holders, "no node held a resident part"
     assert code != 0 and "PartsLostError" in output, output[-4000:]
-    stages = yaml.safe_load((out / "manifest.json").read_text())["stages"]
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
     assert stages["cluster"]["status"] == "complete" and stages["balance"]["status"] == "failed"
-    code, output = _finish(_run(spec, out))
+    code, output = _finish(_run(spec, out, log), log)
     assert code == 0, output[-4000:]
-    stages = yaml.safe_load((out / "manifest.json").read_text())["stages"]
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
     assert stages["balance"]["status"] == stages["report"]["status"] == "complete"
     _assert_same_result(out, demo_run)

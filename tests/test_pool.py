@@ -7,14 +7,13 @@ import pytest
 from rebalance.runtime.pool import ActorPool, ShardWorker
 
 
-def _mark_and_square(directory: str, i: int) -> int:
-    (Path(directory) / f"started-{i}").touch()
-    return i * i
-
-
 @pytest.mark.ray
 def test_imap_yields_in_order_with_a_bounded_look_ahead(tmp_path, ray_local):
-    items = [(_mark_and_square, str(tmp_path), i) for i in range(12)]
+    def mark_and_square(directory: str, i: int) -> int:  # local: pickled by value for the actors
+        (Path(directory) / f"started-{i}").touch()
+        return i * i
+
+    items = [(mark_and_square, str(tmp_path), i) for i in range(12)]
     window = 3
     with ActorPool(ShardWorker, 2) as pool:
         got = []

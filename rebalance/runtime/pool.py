@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import ray
+from ray.exceptions import ActorDiedError, RayActorError
 from tqdm.auto import tqdm
 
 __all__ = ["ActorPool", "PlacementError", "ShardWorker"]
@@ -106,10 +107,16 @@ class ActorPool:
     ) -> Iterator[Any]:
         """:meth:`map`, the results yielded in item order as they come, so that the caller can fold them
         instead of holding them all: items are submitted at most ``window`` (default two per actor) ahead of
-        the next one to yield, so at most that many results wait in this process."""
+        the next one to yield, so at most that many results wait in this process.
+
+        An item whose actor was lost while running it (its process or node died: ``RayActorError``, after
+        Ray's own task retries) is submitted again, up to MAX_RESTARTS times, to the restarted actor or
+        another one; an actor that Ray reports dead for good leaves the pool."""
         window = window or 2 * len(self.actors)
         finished: dict[int, Any] = {}
         running: dict[ray.ObjectRef, tuple[int, Any]] = {}
+        again: list[int] = []  # items to submit again, lost with their actor
+        lost = [0] * len(items)
         submitted = yielded = 0
         if items:
             self._wait_for_first()
@@ -120,17 +127,30 @@ class ActorPool:
                     yield finished.pop(yielded)
                     yielded += 1
                     continue
-                while submitted < min(len(items), yielded + window) and idle:
+                while idle and (again or submitted < min(len(items), yielded + window)):
                     actor = idle.pop()
-                    running[actor.call.remote(method, *items[submitted])] = (submitted, actor)
-                    submitted += 1
+                    i = again.pop() if again else submitted
+                    submitted += i == submitted
+                    running[actor.call.remote(method, *items[i])] = (i, actor)
+                if not running and not self._starting:
+                    raise RuntimeError(f"every actor of the pool ({self.asked}) died for good")
                 done, _ = ray.wait(list(running) + list(self._starting), num_returns=1)
                 if done[0] in self._starting:
                     self._started(done)
                     idle.append(self._ready[-1])
                     continue
                 i, actor = running.pop(done[0])
-                finished[i] = ray.get(done[0])
+                try:
+                    finished[i] = ray.get(done[0])
+                except RayActorError as err:
+                    lost[i] += 1
+                    if lost[i] > MAX_RESTARTS:
+                        raise
+                    log.warning("%s item %d lost with its actor (%s): submitting it again", desc, i, err)
+                    again.append(i)
+                    if not isinstance(err, ActorDiedError):  # restarting: it takes calls again when back
+                        idle.append(actor)
+                    continue
                 idle.append(actor)
                 bar.update(1)
 
