@@ -155,9 +155,10 @@ def test_node_lost_while_rows_are_resident_reruns_the_stage(cluster, demo_run, t
         _replace(cluster, holders[0])
     code, output = _finish(proc, log)
     assert holders, "no node held a resident part"
-    assert code != 0 and "PartsLostError" in output, output[-4000:]
+    assert code != 0 and "an actor holding parts in memory died" in output, output[-4000:]
     stages = json.loads((out / "manifest.json").read_text())["stages"]
     assert stages["cluster"]["status"] == "complete" and stages["balance"]["status"] == "failed"
+    assert stages["balance"]["error"].startswith("PartsLostError")
     code, output = _finish(_run(spec, out, log), log)
     assert code == 0, output[-4000:]
     stages = json.loads((out / "manifest.json").read_text())["stages"]

@@ -110,12 +110,14 @@ class ActorPool:
         the next one to yield, so at most that many results wait in this process.
 
         An item whose actor was lost while running it (its process or node died: ``RayActorError``, after
-        Ray's own task retries) is submitted again, up to MAX_RESTARTS times, to the restarted actor or
-        another one; an actor that Ray reports dead for good leaves the pool."""
+        Ray's own task retries) is submitted again, up to MAX_RESTARTS times, to the next idle actor; its
+        actor takes items again once it answers after its restart, and leaves the pool when Ray reports it
+        dead for good."""
         window = window or 2 * len(self.actors)
         finished: dict[int, Any] = {}
         running: dict[ray.ObjectRef, tuple[int, Any]] = {}
         again: list[int] = []  # items to submit again, lost with their actor
+        restarting: dict[ray.ObjectRef, Any] = {}  # actors that lost an item, until they answer again
         lost = [0] * len(items)
         submitted = yielded = 0
         if items:
@@ -132,12 +134,22 @@ class ActorPool:
                     i = again.pop() if again else submitted
                     submitted += i == submitted
                     running[actor.call.remote(method, *items[i])] = (i, actor)
-                if not running and not self._starting:
+                if not running and not self._starting and not restarting:
                     raise RuntimeError(f"every actor of the pool ({self.asked}) died for good")
-                done, _ = ray.wait(list(running) + list(self._starting), num_returns=1)
+                done, _ = ray.wait([*running, *self._starting, *restarting], num_returns=1)
                 if done[0] in self._starting:
                     self._started(done)
                     idle.append(self._ready[-1])
+                    continue
+                if done[0] in restarting:  # back after a restart, or dead for good
+                    actor = restarting.pop(done[0])
+                    try:
+                        ray.get(done[0])
+                        idle.append(actor)
+                    except ActorDiedError:
+                        log.warning("%s: an actor of the pool died for good", desc)
+                    except RayActorError:  # still unavailable: ask again
+                        restarting[actor.__ray_ready__.remote()] = actor
                     continue
                 i, actor = running.pop(done[0])
                 try:
@@ -148,8 +160,8 @@ class ActorPool:
                         raise
                     log.warning("%s item %d lost with its actor (%s): submitting it again", desc, i, err)
                     again.append(i)
-                    if not isinstance(err, ActorDiedError):  # restarting: it takes calls again when back
-                        idle.append(actor)
+                    if not isinstance(err, ActorDiedError):  # restarting: it takes items again once back
+                        restarting[actor.__ray_ready__.remote()] = actor
                     continue
                 idle.append(actor)
                 bar.update(1)
