@@ -15,7 +15,7 @@ from PIL import Image
 from shards import write_tar
 
 import rebalance
-from rebalance.data import folder
+from rebalance.data import folder, readers
 from rebalance.data.images import MAX_IMAGE_PIXELS, decode_image
 from rebalance.data.parts import read_parts
 from rebalance.data.readers import (
@@ -339,21 +339,19 @@ def test_laion_layout_end_to_end(tmp_path, ray_local):
     assert result.weights.num_rows == len(kept)
 
 
-def test_duplicate_keys_are_an_error_that_names_them(tmp_path, ray_local):
+def test_duplicate_keys_are_an_error_that_names_them(tmp_path, ray_local, monkeypatch):
     within = tmp_path / "within"
     write_laion(within, (6,), [["x0", "x1", "dup", "x3", "dup", "x5"]])
     with pytest.raises(Exception, match=r"duplicate keys within shard 0.*'dup'"):
         rebalance.run(run_spec(within), tmp_path / "out-within", until="embed")
     across = tmp_path / "across"
     write_laion(across, (5, 5), [["p", "q", "r", "s", "t"], ["u", "q", "v", "t", "w"]])
-    try:  # once the embed stage checks keys across shards itself, the run raises; until then, check here
+    # 4 keys per bucket: more keys than one bucket, so the stage checks them on its actor pool
+    monkeypatch.setattr(readers, "BUCKET_KEYS", 4)
+    with pytest.raises(DuplicateKeyError) as info:
         rebalance.run(run_spec(across), tmp_path / "out-across", until="embed")
-        check_unique_keys(tmp_path / "out-across" / "embeddings", list_shards(DataSpec(path=str(across))))
-    except DuplicateKeyError as err:
-        error = err
-    else:
-        pytest.fail("duplicate keys across shards were not reported")
-    assert error.duplicates == {
+    assert info.value.duplicates == {
         "q": ["part-00000 (0)", "part-00001 (1)"],
         "t": ["part-00000 (0)", "part-00001 (1)"],
     }
+    assert not (tmp_path / "out-across" / "embeddings" / readers.KEY_CHECK).exists()

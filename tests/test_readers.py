@@ -411,7 +411,10 @@ def _fake_parts(directory, parts):
     return [Shard(i, f"/data/s{i}.tar", kind="webdataset", rel=f"s{i}.tar") for i in range(len(parts))]
 
 
-def test_check_unique_keys_across_parts(tmp_path, monkeypatch):
+@pytest.mark.parametrize("bucket_keys", [2**22, 2], ids=["one-bucket", "many-buckets"])
+def test_check_unique_keys_across_parts(tmp_path, monkeypatch, bucket_keys):
+    # many-buckets: 2 keys per bucket, so the duplicates are found by the hash partition's reducers
+    monkeypatch.setattr(readers, "BUCKET_KEYS", bucket_keys)
     shards = _fake_parts(
         tmp_path / "ok",
         [
@@ -438,11 +441,39 @@ def test_check_unique_keys_across_parts(tmp_path, monkeypatch):
     with pytest.raises(DuplicateKeyError, match=r"12 key\(s\).*and 2 more") as info:
         check_unique_keys(tmp_path / "many", shards)
     assert len(info.value.duplicates) == 10
+    assert not (tmp_path / "many" / readers.KEY_CHECK).exists()  # the scratch files are gone
     # Equal hashes of different keys are confirmed on the keys themselves: not an error.
     monkeypatch.setattr(readers, "key_hashes", lambda keys: np.zeros(len(list(keys)), np.uint64))
     assert (
         check_unique_keys(tmp_path / "ok", _fake_parts(tmp_path / "ok", [(["a", "b"], []), (["c"], [])])) == 3
     )
+
+
+def test_check_unique_keys_memory_does_not_grow_with_rows(tmp_path, monkeypatch):
+    """The caller's peak traced memory with 10x the parts (and rows) stays within 1.5x: it holds one part
+    or one bucket at a time, never every key hash. A duplicate in the last part is still named."""
+    import tracemalloc
+
+    monkeypatch.setattr(readers, "BUCKET_KEYS", 10_000)  # large: 10 chunks of 10 parts, 10 buckets
+    rows = 1000
+
+    def peak(n_parts: int, name: str) -> int:
+        parts = [([f"k{p}-{i}" for i in range(rows)], []) for p in range(n_parts)]
+        parts[-1][0][-1] = "k0-7"  # the same key as row 7 of the first part
+        shards = _fake_parts(tmp_path / name, parts)
+        tracemalloc.start()
+        try:
+            with pytest.raises(DuplicateKeyError) as info:
+                check_unique_keys(tmp_path / name, shards)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+            assert info.value.duplicates == {
+                "k0-7": ["part-00000 (s0.tar)", f"part-{n_parts - 1:05d} (s{n_parts - 1}.tar)"]
+            }
+
+    small, large = peak(10, "small"), peak(100, "large")
+    assert large < 1.5 * small, (small, large)
 
 
 def test_a_small_folder_is_split_for_parallel_work(tmp_path):

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from rebalance.data import embeddings, folder, fs, parquet, webdataset
+from rebalance.data.atomic import atomic_save_npy
 from rebalance.data.input_format import UNREADABLE, Columns, InputFormat, LayoutError, Location
 from rebalance.data.parquet import columns_of, vector_matrix
 from rebalance.data.parts import part_path, read_part
@@ -44,12 +47,21 @@ __all__ = [
     "columns_of",
     "dataset_fingerprint",
     "check_unique_keys",
+    "in_process",
+    "key_counts",
     "key_hashes",
     "vector_matrix",
     "MAX_DUPLICATES_NAMED",
 ]
 
 MAX_DUPLICATES_NAMED = 10
+Mapper = Callable[[Callable[..., Any], list[tuple]], list[Any]]
+"""Runs ``fn(*args)`` for every args tuple and returns the results in order: in this process
+(:func:`in_process`) or on a pool of actors (the embed stage's)."""
+
+KEY_CHECK = ".key-check"  # scratch directory of check_unique_keys, under the embeddings directory
+BUCKET_KEYS = 2**22  # key hashes per bucket of check_unique_keys (32 MiB of uint64: what one reduce holds)
+MAX_CONFIRMED = 1000  # repeated hashes whose keys check_unique_keys reads back (a bound on what it names)
 
 FORMATS: dict[str, InputFormat] = {
     f.name: f for f in (embeddings.FORMAT, webdataset.FORMAT, parquet.FORMAT, folder.FORMAT)
@@ -234,36 +246,144 @@ def _part_keys(directory: Path | fs.StoragePath, index: int) -> list[str]:
     return keys + [k for k, reason in summary.get("rejected", []) if not reason.startswith("shard:")]
 
 
-def check_unique_keys(directory: str | os.PathLike | fs.StoragePath, shards: Sequence[Shard]) -> int:
+def in_process(fn: Callable[..., Any], args: list[tuple]) -> list[Any]:
+    """A :data:`Mapper` that calls ``fn`` on every args tuple in this process, one after the other."""
+    return [fn(*a) for a in args]
+
+
+def key_counts(directory: str | os.PathLike | fs.StoragePath, shards: Sequence[Shard]) -> list[int]:
+    """Keys of each committed part of an embed-stage ``directory`` (written and rejected rows, shard-level
+    entries aside), from the part summaries alone."""
+    directory = fs.as_path(directory)
+    counts = []
+    for shard in shards:
+        summary = json.loads(part_path(directory, shard.index, ".json").read_text())
+        rejected = summary.get("rejected", [])
+        counts.append(summary["rows"] + sum(not reason.startswith("shard:") for _, reason in rejected))
+    return counts
+
+
+HASHED = np.dtype([("hash", "<u8"), ("part", "<i8")])  # a key hash and the part it comes from
+
+
+def _bucket_edges(n_buckets: int) -> np.ndarray:
+    """The n_buckets - 1 uint64 boundaries that cut the hash space into equal ranges."""
+    return np.array([(b << 64) // n_buckets for b in range(1, n_buckets)], dtype=np.uint64)
+
+
+def hash_part_keys(directory: str, chunk: int, indices: list[int], n_buckets: int) -> int:
+    """Map call of :func:`check_unique_keys`: the 64-bit hashes of the keys of parts ``indices`` (one chunk
+    of parts) with their part, sorted by hash and cut into ``n_buckets`` ranges of hash values; range b is
+    written to ``<directory>/.key-check/bBBBBB/cCCCCC.npy`` (nothing for an empty range). Returns the
+    number of keys."""
+    root = fs.as_path(directory)
+    tables = [np.empty(0, HASHED)]
+    for index in indices:
+        hashes = key_hashes(_part_keys(root, index))
+        tables.append(np.rec.fromarrays([hashes, np.full(hashes.size, index)], dtype=HASHED))
+    hashed = np.concatenate(tables)
+    del tables
+    hashed = hashed[np.argsort(hashed["hash"], kind="stable")]
+    cuts = [0, *np.searchsorted(hashed["hash"], _bucket_edges(n_buckets)).tolist(), hashed.size]
+    for b, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
+        if hi > lo:
+            atomic_save_npy(hashed[lo:hi], root / KEY_CHECK / f"b{b:05d}" / f"c{chunk:05d}.npy")
+    return int(hashed.size)
+
+
+def repeated_in_bucket(directory: str, bucket: int, limit: int) -> tuple[int, dict[int, list[int]]]:
+    """Reduce call of :func:`check_unique_keys`: the hashes that occur more than once in bucket ``bucket``
+    over all chunks: (how many, {hash: the parts holding it} for the ``limit`` smallest of them)."""
+    files = sorted((fs.as_path(directory) / KEY_CHECK / f"b{bucket:05d}").glob("c*.npy"))
+    hashed = np.concatenate([np.empty(0, HASHED), *(fs.read_npy(f) for f in files)])
+    hashed = hashed[np.argsort(hashed["hash"], kind="stable")]
+    hashes = hashed["hash"]
+    repeated = _repeated(hashes)
+    named: dict[int, list[int]] = {}
+    for value in repeated[:limit]:
+        lo, hi = np.searchsorted(hashes, value, side="left"), np.searchsorted(hashes, value, side="right")
+        named[int(value)] = sorted(set(hashed["part"][lo:hi].tolist()))
+    return int(repeated.size), named
+
+
+def _chunks(indices: list[int], counts: list[int], size: int) -> list[list[int]]:
+    """Consecutive groups of ``indices`` of at most ``size`` keys each (``counts`` per index), at least one
+    index per group."""
+    chunks: list[list[int]] = []
+    held = size
+    for index, count in zip(indices, counts, strict=True):
+        if held + count > size:
+            chunks.append([])
+            held = 0
+        chunks[-1].append(index)
+        held += count
+    return chunks
+
+
+def keys_with_hashes(directory: str, index: int, hashes: list[int]) -> dict[str, int]:
+    """Confirm call of :func:`check_unique_keys`: the keys of part ``index`` whose hash is among
+    ``hashes``, with their number of occurrences in the part."""
+    keys = _part_keys(fs.as_path(directory), index)
+    found = np.flatnonzero(np.isin(key_hashes(keys), np.asarray(hashes, np.uint64)))
+    counts: dict[str, int] = {}
+    for j in found.tolist():
+        counts[keys[j]] = counts.get(keys[j], 0) + 1
+    return counts
+
+
+def check_unique_keys(
+    directory: str | os.PathLike | fs.StoragePath,
+    shards: Sequence[Shard],
+    mapper: Mapper = in_process,
+    tasks: int = 1,
+    counts: list[int] | None = None,
+) -> int:
     """Check that no key occurs twice among the committed parts of an embed-stage ``directory`` (written
     and rejected rows); returns the number of keys. Raises :class:`DuplicateKeyError` naming up to
     MAX_DUPLICATES_NAMED repeated keys and the parts (and shards) they occur in.
 
-    Streams part by part, keeping a 64-bit hash per key (8 bytes a row, never the keys themselves); parts
-    holding a repeated hash are read a second time to confirm the repeat on the keys (hash collisions are
-    not errors).
+    A hash partition, so that no process holds more than BUCKET_KEYS key hashes or one part, whatever the
+    number of rows N: the parts are cut into consecutive chunks of at most BUCKET_KEYS keys (and at least
+    ``tasks`` chunks), each chunk's sorted 64-bit key hashes (with their part) are cut into
+    B = max(tasks, ceil(N / BUCKET_KEYS)) ranges of hash values and written to a scratch directory (map, one
+    call per chunk: chunks x B small files); each range is merged over the chunks and its repeated hashes
+    found (reduce, one call per range); the parts holding the first MAX_CONFIRMED repeated hashes read
+    their keys again to confirm them (hash collisions are not errors). The caller holds the parts' key
+    counts, B results and at most MAX_CONFIRMED hashes. ``mapper`` runs the calls (:func:`in_process`, or
+    on actors); ``counts`` are the parts' key counts when the caller has them (:func:`key_counts`). The
+    scratch directory is removed before and after.
     """
     directory = fs.as_path(directory)
-    hashes, owners = [], []
-    for position, shard in enumerate(shards):
-        h = key_hashes(_part_keys(directory, shard.index))
-        hashes.append(h)
-        owners.append(np.full(h.size, position, np.int32))
-    if not hashes:
+    if not shards:
         return 0
-    flat, owner = np.concatenate(hashes), np.concatenate(owners)
-    del hashes, owners
-    repeated = _repeated(flat)
-    if not repeated.size:
-        return int(flat.size)
+    scratch = directory / KEY_CHECK
+    fs.remove(scratch)  # a crashed attempt's files
+    counts = key_counts(directory, shards) if counts is None else counts
+    n_keys = sum(counts)
+    n_buckets = max(1, min(tasks, n_keys), math.ceil(n_keys / BUCKET_KEYS))
+    chunks = _chunks([s.index for s in shards], counts, min(BUCKET_KEYS, math.ceil(n_keys / max(1, tasks))))
+    root = str(directory)
+    try:
+        total = sum(mapper(hash_part_keys, [(root, c, idx, n_buckets) for c, idx in enumerate(chunks)]))
+        found = mapper(repeated_in_bucket, [(root, b, MAX_CONFIRMED) for b in range(n_buckets)])
+    finally:
+        fs.remove(scratch)
+    repeated = sum(count for count, _ in found)
+    if not repeated:
+        return total
+    confirm: dict[int, list[int]] = {}  # part index -> hashes to read back
+    for value, parts in sorted((v, p) for _, named in found for v, p in named.items())[:MAX_CONFIRMED]:
+        for index in parts:
+            confirm.setdefault(index, []).append(value)
+    label = {s.index: s.label for s in shards}
     where: dict[str, list[str]] = {}
-    for position in np.unique(owner[np.isin(flat, repeated)]).tolist():
-        shard = shards[position]
-        keys = _part_keys(directory, shard.index)
-        for j in np.flatnonzero(np.isin(key_hashes(keys), repeated)):
-            where.setdefault(keys[j], []).append(f"part-{shard.index:05d} ({shard.label})")
+    indices = sorted(confirm)
+    for index, counts in zip(indices, mapper(keys_with_hashes, [(root, i, confirm[i]) for i in indices]),
+                             strict=True):  # fmt: skip
+        for key, count in counts.items():
+            where.setdefault(key, []).extend([f"part-{index:05d} ({label[index]})"] * count)
     duplicates = {k: v for k, v in where.items() if len(v) > 1}
     if duplicates:
         named = dict(list(duplicates.items())[:MAX_DUPLICATES_NAMED])
-        raise DuplicateKeyError(named, len(duplicates), "across shards")
-    return int(flat.size)
+        raise DuplicateKeyError(named, len(duplicates) + max(0, repeated - MAX_CONFIRMED), "across shards")
+    return total

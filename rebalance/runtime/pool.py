@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import ray
+from ray.exceptions import ActorDiedError, RayActorError
 from tqdm.auto import tqdm
 
 __all__ = ["ActorPool", "PlacementError", "ShardWorker"]
@@ -94,28 +95,76 @@ class ActorPool:
     def map(self, method: str, items: Sequence[tuple], desc: str = "", unit: str = "shard") -> list[Any]:
         """Call ``actor.method(*item)`` for every item, one item per idle started actor; results in item
         order."""
-        results: list[Any] = [None] * len(items)
-        queue = list(range(len(items)))[::-1]
+        return list(self.imap(method, items, desc, unit, window=max(1, len(items))))
+
+    def imap(
+        self,
+        method: str,
+        items: Sequence[tuple],
+        desc: str = "",
+        unit: str = "shard",
+        window: int | None = None,
+    ) -> Iterator[Any]:
+        """:meth:`map`, the results yielded in item order as they come, so that the caller can fold them
+        instead of holding them all: items are submitted at most ``window`` (default two per actor) ahead of
+        the next one to yield, so at most that many results wait in this process.
+
+        An item whose actor was lost while running it (its process or node died: ``RayActorError``, after
+        Ray's own task retries) is submitted again, up to MAX_RESTARTS times, to the next idle actor; its
+        actor takes items again once it answers after its restart, and leaves the pool when Ray reports it
+        dead for good."""
+        window = window or 2 * len(self.actors)
+        finished: dict[int, Any] = {}
         running: dict[ray.ObjectRef, tuple[int, Any]] = {}
+        again: list[int] = []  # items to submit again, lost with their actor
+        restarting: dict[ray.ObjectRef, Any] = {}  # actors that lost an item, until they answer again
+        lost = [0] * len(items)
+        submitted = yielded = 0
         if items:
             self._wait_for_first()
         idle = list(self._ready)
         with tqdm(total=len(items), desc=desc, unit=unit, disable=not desc, leave=False) as bar:
-            while queue or running:
-                while queue and idle:
+            while yielded < len(items):
+                if yielded in finished:
+                    yield finished.pop(yielded)
+                    yielded += 1
+                    continue
+                while idle and (again or submitted < min(len(items), yielded + window)):
                     actor = idle.pop()
-                    i = queue.pop()
+                    i = again.pop() if again else submitted
+                    submitted += i == submitted
                     running[actor.call.remote(method, *items[i])] = (i, actor)
-                done, _ = ray.wait(list(running) + list(self._starting), num_returns=1)
+                if not running and not self._starting and not restarting:
+                    raise RuntimeError(f"every actor of the pool ({self.asked}) died for good")
+                done, _ = ray.wait([*running, *self._starting, *restarting], num_returns=1)
                 if done[0] in self._starting:
                     self._started(done)
                     idle.append(self._ready[-1])
                     continue
+                if done[0] in restarting:  # back after a restart, or dead for good
+                    actor = restarting.pop(done[0])
+                    try:
+                        ray.get(done[0])
+                        idle.append(actor)
+                    except ActorDiedError:
+                        log.warning("%s: an actor of the pool died for good", desc)
+                    except RayActorError:  # still unavailable: ask again
+                        restarting[actor.__ray_ready__.remote()] = actor
+                    continue
                 i, actor = running.pop(done[0])
-                results[i] = ray.get(done[0])
+                try:
+                    finished[i] = ray.get(done[0])
+                except RayActorError as err:
+                    lost[i] += 1
+                    if lost[i] > MAX_RESTARTS:
+                        raise
+                    log.warning("%s item %d lost with its actor (%s): submitting it again", desc, i, err)
+                    again.append(i)
+                    if not isinstance(err, ActorDiedError):  # restarting: it takes items again once back
+                        restarting[actor.__ray_ready__.remote()] = actor
+                    continue
                 idle.append(actor)
                 bar.update(1)
-        return results
 
     def shutdown(self) -> None:
         """Kill the pool's actors."""

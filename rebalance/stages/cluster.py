@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -285,6 +286,20 @@ def _distinct_rows(x: np.ndarray, k: int) -> int:
     return len(set(x.view(f"V{x.shape[1] * x.itemsize}").ravel().tolist()))
 
 
+def _fold_summaries(
+    summaries: Iterable[dict[str, Any]], ks: dict[str, int]
+) -> tuple[dict[str, np.ndarray], set[str]]:
+    """Rows per cluster of every side, (k,) int64, summed over the parts' assignment summaries, and the
+    devices that assigned them."""
+    sizes = {side: np.zeros(k, np.int64) for side, k in ks.items()}
+    devices = set()
+    for summary in summaries:
+        devices.add(summary.get("device", "cpu"))
+        for side in ks:
+            sizes[side] += np.asarray(summary["sizes"][side], np.int64)
+    return sizes, devices
+
+
 def kmeans_placement(resources: ClusterResources, driver_gpu: bool) -> str:
     """Where k-means trains: ``driver`` when the driver's faiss has a GPU, or when the cluster has no GPU
     and its autoscaler can add none; else ``gpu actor`` (a one-GPU actor, so that the autoscaler starts a GPU
@@ -464,6 +479,7 @@ def run_cluster(ctx: StageContext) -> dict[str, Any]:
         ks = {side: info[side]["k"] for side in ks}
         seconds["train"], clock = time.perf_counter() - clock, time.perf_counter()
         summaries = _assign_in_driver(items, str(out_dir), keys, positions, sample, centroids, parents)
+        sizes, devices = _fold_summaries(summaries, ks)
         del sample
         if dedup is not None:
             seconds["assign"], clock = time.perf_counter() - clock, time.perf_counter()
@@ -491,6 +507,7 @@ def run_cluster(ctx: StageContext) -> dict[str, Any]:
             # 3. Assignment of every row: by GPU actors where the cluster has GPUs, else by the pool.
             model_ref = ray.put((centroids, parents))
             assign_on = assign_placement(ctx.resources)
+            # the parts' summaries are folded as they come: O(k) held, not O(parts k)
             if assign_on == "gpu actors":
                 gpus = max(ctx.resources.gpus, ctx.resources.capacity.gpus)
                 # no CPU asked, as for GPU k-means: the stage's CPU pool may hold every CPU of a GPU node
@@ -499,26 +516,25 @@ def run_cluster(ctx: StageContext) -> dict[str, Any]:
                     placement_timeout_s=ctx.spec.ray.placement_timeout_s,
                 ) as gpu_pool:  # fmt: skip
                     work = [(_assign_on_gpu_actor, p, str(out_dir), i, model_ref) for i, p in items]
-                    summaries = gpu_pool.map("call", work, "assign")
+                    sizes, devices = _fold_summaries(gpu_pool.imap("call", work, "assign"), ks)
             else:
                 work = [(_assign, p, str(out_dir), i, model_ref) for i, p in items]
-                summaries = pool.map("call", work, "assign")
+                sizes, devices = _fold_summaries(pool.imap("call", work, "assign"), ks)
             if dedup is not None:
                 seconds["assign"], clock = time.perf_counter() - clock, time.perf_counter()
                 tasks = ctx.workers(len(items))
                 dedup_info = run_dedup(root, indices, n_rows, ks[dedup.side], dedup, on_pool(pool), tasks)
     seconds["dedup" if dedup is not None else "assign"] = time.perf_counter() - clock
     for side in ks:
-        sizes = np.sum([s["sizes"][side] for s in summaries], axis=0)
-        info[side]["sizes"] = sizes.astype(int).tolist()
-        info[side]["empty_clusters"] = int((sizes == 0).sum())
-        below = sizes
+        info[side]["sizes"] = sizes[side].tolist()
+        info[side]["empty_clusters"] = int((sizes[side] == 0).sum())
+        below = sizes[side]
         for level in info[side]["levels"]:
             below = np.bincount(level["parent"], weights=below, minlength=level["k"])
             level["sizes"] = below.astype(int).tolist()
     atomic_write_json(info, clusters_dir / "clusters.json")
     device = ",".join(sorted({info[side]["device"] for side in ks}))
-    assign_device = ",".join(sorted({s.get("device", "cpu") for s in summaries}))
+    assign_device = ",".join(sorted(devices))
     summary = {"rows": n_rows, "k": ks, "device": device, "placement": placement,
                "assign": {"placement": assign_on, "device": assign_device},
                "seconds": {k: round(v, 3) for k, v in seconds.items()}}  # fmt: skip

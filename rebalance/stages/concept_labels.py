@@ -127,16 +127,21 @@ def run_concepts(ctx: StageContext) -> dict[str, Any]:
     root = str(ctx.run.root)
     indices = [s.index for s in ctx.shards]
     what = ray.put((concepts, automaton, prompts, prompt_vectors))
+    # the parts' summaries are folded as they come: the driver holds one count per entry and prompt
+    rows = unmatched = 0
+    counts = np.zeros(len(vocabulary) if vocabulary is not None else 0, np.int64)
+    totals = np.zeros(len(prompts) + 1 if prompts is not None else 0, np.int64)
     with ActorPool(ShardWorker, ctx.workers(len(indices))) as pool:
-        summaries = pool.map("call", [(label_part, root, i, what) for i in indices], "concepts")
-    rows = sum(s["rows"] for s in summaries)
+        for s in pool.imap("call", [(label_part, root, i, what) for i in indices], "concepts"):
+            rows += s["rows"]
+            if vocabulary is not None:
+                np.add.at(counts, np.asarray(s["entries"], np.int64), np.asarray(s["counts"], np.int64))
+                unmatched += s["unmatched"]
+            if prompts is not None:
+                totals += np.asarray(s["zero_shot"], np.int64)
     record: dict[str, Any] = {"enabled": True, **dataclasses.asdict(concepts), "rows": rows}
     info: dict[str, Any] = {"enabled": True, "rows": rows}
     if vocabulary is not None:
-        counts = np.zeros(len(vocabulary), np.int64)
-        for s in summaries:
-            np.add.at(counts, np.asarray(s["entries"], np.int64), np.asarray(s["counts"], np.int64))
-        unmatched = sum(s["unmatched"] for s in summaries)
         names = list(vocabulary)
         if concepts.unmatched == "entry":
             names.append(NONE_LABEL)
@@ -169,8 +174,7 @@ def run_concepts(ctx: StageContext) -> dict[str, Any]:
             )
             record["warning"] = "the vocabulary matches no row"
     if prompts is not None:
-        totals = np.sum([s["zero_shot"] for s in summaries], axis=0).astype(int).tolist()
-        per_prompt = dict(zip([*prompts, NONE_LABEL], totals, strict=True))
+        per_prompt = dict(zip([*prompts, NONE_LABEL], totals.tolist(), strict=True))
         record["zero_shot_counts"] = per_prompt
         info["zero_shot_none"] = per_prompt[NONE_LABEL]
     atomic_write_json(record, out_dir / "concepts.json")

@@ -8,12 +8,15 @@ inside each ``<side>_cluster``. Three passes over the parts, each spread over th
    batch holds about :data:`BATCH_ROWS` rows, and at least one batch per actor (at most one per cluster);
 2. group: one task per batch orders each cluster's rows by key and finds its groups with
    :func:`rebalance.kernels.dedup.duplicate_roots` (cosine >= ``dedup.threshold``, tiles of
-   ``dedup.block`` rows); it returns only the rows of groups of two or more (key, group, size);
-3. label: every assignments part gains ``dup_group`` (string: the smallest key of the row's group, the
-   row's own key when it has no near-duplicate) and ``dup_size`` (int32: rows in the group).
+   ``dedup.block`` rows); it writes the rows of groups of two or more (key, group, size) per part they come
+   from, ``clusters/dedup-shuffle/groups/part-NNNNN/bNNNNN.parquet``, and returns its rows per group size;
+3. label: every assignments part reads its own group files and gains ``dup_group`` (string: the smallest
+   key of the row's group, the row's own key when it has no near-duplicate) and ``dup_size`` (int32: rows
+   in the group).
 
 ``clusters/dedup.json`` records the threshold, the number of groups, the rows in groups of two or more and
-the number of groups of each size. The driver holds only the rows that have a near-duplicate.
+the number of groups of each size. The driver holds B histograms of group sizes, never rows: an actor
+holds one part, or one batch of clusters.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 
 from rebalance.data.atomic import atomic_write_json, atomic_write_table
 from rebalance.data.fs import as_path, read_table, remove
@@ -55,10 +57,9 @@ SHUFFLE = "dedup-shuffle"
 @dataclass(frozen=True)
 class Runner:
     """How the passes run: ``map(fn, [args, ...], what)`` calls fn on every args tuple (on the actors, or
-    in this process); ``share(obj)`` makes a large argument shared by every call (``ray.put`` for actors)."""
+    in this process)."""
 
     map: Callable[[Callable, list[tuple], str], list[Any]]
-    share: Callable[[Any], Any] = lambda obj: obj
 
 
 def in_process() -> Runner:
@@ -68,7 +69,7 @@ def in_process() -> Runner:
 
 def on_pool(pool: ActorPool) -> Runner:
     """Every call on ``pool``'s actors."""
-    return Runner(lambda fn, args, what: pool.map("call", [(fn, *a) for a in args], what), ray.put)
+    return Runner(lambda fn, args, what: pool.map("call", [(fn, *a) for a in args], what))
 
 
 def _side_matrix(table: pa.Table, side: str) -> np.ndarray:
@@ -93,6 +94,7 @@ def shuffle_part(run_root: str, index: int, side: str, n_batches: int) -> int:
         rows = np.flatnonzero(batch == b)
         table = pa.table({
             "key": keys.take(pa.array(rows)),
+            "part": pa.array(np.full(rows.size, index), pa.int32()),
             "cluster": pa.array(cluster[rows], pa.int32()),
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(x[rows].ravel()), x.shape[1]),
         })  # fmt: skip
@@ -102,15 +104,15 @@ def shuffle_part(run_root: str, index: int, side: str, n_batches: int) -> int:
     return labels.num_rows
 
 
-def group_batch(run_root: str, batch: int, threshold: float, block: int) -> pa.Table:
-    """The near-duplicate groups of every cluster of one batch: a table of the rows in groups of two or
-    more, ``key``, ``dup_group`` (the group's smallest key) and ``dup_size``."""
-    directory = as_path(run_root) / "clusters" / SHUFFLE / f"b{batch:05d}"
-    files = sorted(directory.glob("part-*.parquet"))
-    empty = pa.table({"key": pa.array([], pa.string()), "dup_group": pa.array([], pa.string()),
-                      "dup_size": pa.array([], pa.int32())})  # fmt: skip
+def group_batch(run_root: str, batch: int, threshold: float, block: int) -> list[int]:
+    """The near-duplicate groups of every cluster of one batch. The rows in groups of two or more (``key``,
+    ``dup_group``: the group's smallest key, ``dup_size``) are written per part they come from, to
+    ``clusters/dedup-shuffle/groups/part-NNNNN/bBBBBB.parquet``; returns the rows per group size (a list
+    indexed by size, sizes 0 and 1 left at 0)."""
+    shuffle = as_path(run_root) / "clusters" / SHUFFLE
+    files = sorted((shuffle / f"b{batch:05d}").glob("part-*.parquet"))
     if not files:
-        return empty
+        return []
     table = pa.concat_tables([read_table(f) for f in files])
     table = table.take(pc.sort_indices(table, [("cluster", "ascending"), ("key", "ascending")]))
     cluster = table.column("cluster").to_numpy()
@@ -123,19 +125,28 @@ def group_batch(run_root: str, batch: int, threshold: float, block: int) -> pa.T
     sizes = np.bincount(roots, minlength=roots.size)[roots]
     dup = np.flatnonzero(sizes > 1)
     if dup.size == 0:
-        return empty
-    keys = table.column("key").combine_chunks()
-    return pa.table({"key": keys.take(pa.array(dup)), "dup_group": keys.take(pa.array(roots[dup])),
-                     "dup_size": pa.array(sizes[dup], pa.int32())})  # fmt: skip
+        return []
+    keys, parts = table.column("key").combine_chunks(), table.column("part").to_numpy()[dup]
+    groups = pa.table({"key": keys.take(pa.array(dup)), "dup_group": keys.take(pa.array(roots[dup])),
+                       "dup_size": pa.array(sizes[dup], pa.int32())})  # fmt: skip
+    for part in np.unique(parts).tolist():
+        rows = groups.filter(pa.array(parts == part))
+        atomic_write_table(rows, shuffle / "groups" / f"part-{part:05d}" / f"b{batch:05d}.parquet")
+    return np.bincount(sizes[dup]).tolist()
 
 
-def label_part(run_root: str, index: int, groups: pa.Table) -> dict[str, Any]:
-    """Add ``dup_group`` and ``dup_size`` to assignments part ``index`` from ``groups`` (the rows that have
-    a near-duplicate); rows not in it are their own group of one. Idempotent."""
-    out = as_path(run_root) / "assignments"
+def label_part(run_root: str, index: int) -> dict[str, Any]:
+    """Add ``dup_group`` and ``dup_size`` to assignments part ``index`` from the groups :func:`group_batch`
+    wrote for it (the part's rows that have a near-duplicate); other rows are their own group of one.
+    Idempotent."""
+    root = as_path(run_root)
+    out = root / "assignments"
     summary = part_summary(out, index)
     if summary.get("dedup"):
         return summary
+    files = sorted((root / "clusters" / SHUFFLE / "groups" / f"part-{index:05d}").glob("b*.parquet"))
+    schema = pa.schema([("key", pa.string()), ("dup_group", pa.string()), ("dup_size", pa.int32())])
+    groups = pa.concat_tables([schema.empty_table(), *(read_table(f) for f in files)]).combine_chunks()
     table = read_part(out, index)
     table = table.drop_columns([c for c in ("dup_group", "dup_size") if c in table.column_names])
     keys = table.column("key")
@@ -158,17 +169,17 @@ def run_dedup(
     remove(shuffle)  # a crashed attempt's files
     n_batches = max(1, min(k, max(tasks, math.ceil(n_rows / BATCH_ROWS))))
     runner.map(shuffle_part, [(run_root, i, spec.side, n_batches) for i in indices], "dedup shuffle")
-    tables = runner.map(
+    histograms = runner.map(
         group_batch, [(run_root, b, spec.threshold, spec.block) for b in range(n_batches)], "dedup groups"
     )
-    groups = pa.concat_tables(tables).combine_chunks()
-    shared = runner.share(groups)
-    runner.map(label_part, [(run_root, i, shared) for i in indices], "dedup labels")
+    runner.map(label_part, [(run_root, i) for i in indices], "dedup labels")
     remove(shuffle)
-    sizes = np.asarray(groups.column("dup_size").to_numpy(), dtype=np.int64)
-    per_size = np.bincount(sizes) // np.maximum(np.arange(sizes.max() + 1 if sizes.size else 1), 1)
+    rows_by_size = np.zeros(max(map(len, histograms), default=0), np.int64)
+    for h in histograms:
+        rows_by_size[: len(h)] += h
+    per_size = rows_by_size // np.maximum(np.arange(rows_by_size.size), 1)
     multi = {int(s): int(c) for s, c in enumerate(per_size) if s >= 2 and c > 0}
-    rows_in_multi = int(sizes.size)
+    rows_in_multi = int(rows_by_size.sum())
     info = {
         "side": spec.side,
         "threshold": spec.threshold,

@@ -19,13 +19,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rebalance.data import readers
 from rebalance.data.atomic import atomic_open, atomic_write_json
 from rebalance.data.images import decode_image
 from rebalance.data.parts import part_path, part_summary
-from rebalance.data.readers import RowBatch, Shard, check_unique_keys, read_shard
+from rebalance.data.readers import RowBatch, Shard, check_unique_keys, key_counts, read_shard
 from rebalance.kernels.vectors import normalize_rows
 from rebalance.runtime.placement import plan_embed
-from rebalance.runtime.pool import ActorPool
+from rebalance.runtime.pool import ActorPool, ShardWorker
 from rebalance.runtime.prefetch import prefetch
 from rebalance.spec import DataSpec, EmbedSpec
 from rebalance.stages.context import StageContext
@@ -234,20 +235,52 @@ def run_embed(ctx: StageContext) -> dict[str, Any]:
             placement_timeout_s=ctx.spec.ray.placement_timeout_s,
         ) as pool:
             pool.map("embed_shard", [(s, str(out_dir)) for s in todo], desc="embed")
-    check_unique_keys(out_dir, ctx.shards)  # also on a resumed run: parts may come from several attempts
-    summaries = [part_summary(out_dir, s.index) for s in ctx.shards]
-    rejected = [tuple(r) for s in summaries for r in s["rejected"]]
+    _check_keys(ctx, out_dir)  # also on a resumed run: parts may come from several attempts
+    # One part summary at a time: the driver keeps counts and the first MAX_REJECTED_IN_MANIFEST rejections.
+    rows = count = 0
+    by_reason: Counter = Counter()
+    listed: list[dict[str, str]] = []
+    values: dict[str, set[str]] = {"device": set(), "dtype": set()}
+    for shard in ctx.shards:
+        summary = part_summary(out_dir, shard.index)
+        rows += summary["rows"]
+        count += len(summary["rejected"])
+        by_reason.update(r.split(" (")[0] for _, r in summary["rejected"])
+        room = MAX_REJECTED_IN_MANIFEST - len(listed)
+        listed += [{"key": k, "reason": r} for k, r in summary["rejected"][: max(room, 0)]]
+        for name, seen in values.items():
+            if summary.get(name):
+                seen.add(summary[name])
     return {
-        "rows": sum(s["rows"] for s in summaries),
+        "rows": rows,
         # parts of a resumed run may come from other devices: every value seen, comma-separated
-        **{f: ",".join(sorted({s[f] for s in summaries if s.get(f)})) or None for f in ("device", "dtype")},
+        **{name: ",".join(sorted(seen)) or None for name, seen in values.items()},
         "shards": len(ctx.shards),
         "format": ctx.fmt,
         "sides": ctx.sides,
         "rejected": {
-            "count": len(rejected),
-            "by_reason": dict(Counter(r.split(" (")[0] for _, r in rejected)),
-            "rows": [{"key": k, "reason": r} for k, r in rejected[:MAX_REJECTED_IN_MANIFEST]],
-            "complete_list": "embeddings/_part-*.json" if len(rejected) > MAX_REJECTED_IN_MANIFEST else None,
+            "count": count,
+            "by_reason": dict(by_reason),
+            "rows": listed,
+            "complete_list": "embeddings/_part-*.json" if count > MAX_REJECTED_IN_MANIFEST else None,
         },
     }
+
+
+def _check_keys(ctx: StageContext, out_dir: Any) -> None:
+    """:func:`check_unique_keys` over the committed parts: in the driver when every key hash fits one
+    bucket (:data:`~rebalance.data.readers.BUCKET_KEYS`), else on a pool of CPU actors, one bucket per
+    reduce call, so the driver's memory does not grow with the number of rows."""
+    counts = key_counts(out_dir, ctx.shards)
+    if sum(counts) <= readers.BUCKET_KEYS:
+        check_unique_keys(out_dir, ctx.shards, counts=counts)
+        return
+    workers = ctx.workers(len(ctx.shards))
+    with ActorPool(ShardWorker, workers) as pool:
+        check_unique_keys(
+            out_dir,
+            ctx.shards,
+            lambda fn, args: pool.map("call", [(fn, *a) for a in args], "key check"),
+            tasks=workers,
+            counts=counts,
+        )

@@ -132,39 +132,44 @@ class Survey:
 
 def survey(root: str, indices: list[int], spec: BalanceSpec, workers: int) -> Survey:
     """Survey every part's labels on a pool of ``workers`` actors, choose the path and, on the cell path,
-    gather every part's cell table (counting again the parts whose table was too large to return)."""
+    gather every part's cell table (counting again the parts whose table was too large to return).
+
+    The parts' label counts are folded as they come, so the driver holds each marginal's values once,
+    plus the cell tables (at most ``balance.max_cells`` rows in all)."""
     marginals = marginal_order(spec)
     with ActorPool(ShardWorker, workers) as pool:
         per_part = max(1, spec.max_cells // len(indices))
-        surveys = pool.map(
-            "call", [(survey_part, root, i, marginals, per_part) for i in indices], "survey labels"
-        )
-        path, reason = choose_path(spec, surveys)
-        cell_counts = None
-        if path == "cell":
-            cell_counts = [s["cells"] for s in surveys]
-            if any(c is None for c in cell_counts):
-                cell_counts = pool.map(
-                    "call", [(count_cells, root, i, marginals) for i in indices], "count cells"
-                )
-    values, counts = merge_values(surveys, marginals)
-    return Survey(path, reason, values, counts, cell_counts)
+        values: list[pa.Table] | None = None
+        cell_counts: list[pa.Table | None] = []
+        n_cells = 0
+        jobs = [(survey_part, root, i, marginals, per_part) for i in indices]
+        for found in pool.imap("call", jobs, "survey labels"):
+            values = found["values"] if values is None else [
+                _sum_counts(pa.concat_tables([a, b]), m)
+                for a, b, m in zip(values, found["values"], marginals, strict=True)
+            ]  # fmt: skip
+            n_cells += found["n_cells"]
+            cell_counts.append(found["cells"] if n_cells <= spec.max_cells else None)
+        path, reason = choose_path(spec, n_cells)
+        if path == "cell" and any(c is None for c in cell_counts):
+            cell_counts = pool.map(
+                "call", [(count_cells, root, i, marginals) for i in indices], "count cells"
+            )
+    merged = [_sum_counts(v, m).sort_by(m) for v, m in zip(values, marginals, strict=True)]
+    counts = [v.column(COUNT).to_numpy().astype(np.float64) for v in merged]
+    return Survey(path, reason, [v.column(m).combine_chunks() for v, m in zip(merged, marginals, strict=True)],
+                  counts, cell_counts if path == "cell" else None)  # fmt: skip
 
 
-def merge_values(surveys: list[dict], marginals: list[str]) -> tuple[list[pa.Array], list[np.ndarray]]:
-    """Each marginal's sorted distinct values and its rows per value, merged over the parts' surveys."""
-    values, counts = [], []
-    for i, m in enumerate(marginals):
-        merged = pa.concat_tables([s["values"][i] for s in surveys]).group_by(m).aggregate([(COUNT, "sum")])
-        merged = merged.sort_by(m)
-        values.append(merged.column(m).combine_chunks())
-        counts.append(merged.column(f"{COUNT}_sum").to_numpy().astype(np.float64))
-    return values, counts
+def _sum_counts(table: pa.Table, marginal: str) -> pa.Table:
+    """Rows per value of ``marginal`` in a table of (value, ``count_all``) rows, values repeated."""
+    summed = table.group_by(marginal).aggregate([(COUNT, "sum")])
+    return pa.table({marginal: summed[marginal], COUNT: summed[f"{COUNT}_sum"]})
 
 
-def choose_path(spec: BalanceSpec, surveys: list[dict]) -> tuple[str, str]:
-    """The IPF path (``cell`` or ``rows``) and the reason, from ``balance.path`` and the parts' cells."""
-    bound = sum(s["n_cells"] for s in surveys)
+def choose_path(spec: BalanceSpec, bound: int) -> tuple[str, str]:
+    """The IPF path (``cell`` or ``rows``) and the reason, from ``balance.path`` and the number of cells
+    the parts hold in all (``bound``: each part's distinct label tuples, summed)."""
     if spec.path != "auto":
         return spec.path, f"balance.path: {spec.path}"
     if bound <= spec.max_cells:

@@ -1,0 +1,26 @@
+"""ActorPool.imap: results in item order, at most ``window`` items submitted ahead of the consumer."""
+
+from pathlib import Path
+
+import pytest
+
+from rebalance.runtime.pool import ActorPool, ShardWorker
+
+
+@pytest.mark.ray
+def test_imap_yields_in_order_with_a_bounded_look_ahead(tmp_path, ray_local):
+    def mark_and_square(directory: str, i: int) -> int:  # local: pickled by value for the actors
+        (Path(directory) / f"started-{i}").touch()
+        return i * i
+
+    items = [(mark_and_square, str(tmp_path), i) for i in range(12)]
+    window = 3
+    with ActorPool(ShardWorker, 2) as pool:
+        got = []
+        for i, result in enumerate(pool.imap("call", items, window=window)):
+            started = len(list(tmp_path.glob("started-*")))
+            # result i is yielded before item i + window is submitted
+            assert started <= i + window, (i, started)
+            got.append(result)
+        assert got == [i * i for i in range(12)]
+        assert pool.map("call", items) == got
