@@ -24,3 +24,21 @@ def test_imap_yields_in_order_with_a_bounded_look_ahead(tmp_path, ray_local):
             got.append(result)
         assert got == [i * i for i in range(12)]
         assert pool.map("call", items) == got
+
+
+@pytest.mark.ray
+def test_resident_parts_that_cannot_load_fail_instead_of_waiting_forever(ray_local):
+    import ray
+
+    from rebalance.runtime.resident import PartsLostError, ResidentParts
+
+    def load(i: int) -> int:  # local: pickled by value for the actors
+        return i
+
+    # an actor asking for more CPUs than the local Ray has is never placed: the load gives up after 2 s
+    with pytest.raises(PartsLostError, match="not placed within 2 s while loading"):
+        ResidentParts(load, [(1,), (2,)], 2, num_cpus=64, load_timeout_s=2)
+    # placeable actors load and reduce as before
+    with ResidentParts(load, [(1,), (2,), (3,)], 2, load_timeout_s=60) as parts:
+        assert parts.reduce(lambda state: state) == 6
+    assert ray.is_initialized()

@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from rebalance.runtime.pool import DEFAULT_PLACEMENT_TIMEOUT_S
 
 __all__ = ["PartsLostError", "ResidentParts"]
 
@@ -44,11 +46,19 @@ class _PartHolder:
 class ResidentParts:
     """``n_actors`` actors holding ``load(*item)`` for every item, for repeated reductions.
 
-    Use as a context manager (the actors are killed on exit). ``num_cpus`` per actor.
+    Use as a context manager (the actors are killed on exit). ``num_cpus`` per actor. Loading waits at most
+    ``load_timeout_s`` (an actor Ray cannot place, or one lost with its node before it answers, would
+    otherwise be waited on forever): then :class:`PartsLostError`.
     """
 
     def __init__(
-        self, load: Callable[..., Any], items: Sequence[tuple], n_actors: int, *, num_cpus: float = 1
+        self,
+        load: Callable[..., Any],
+        items: Sequence[tuple],
+        n_actors: int,
+        *,
+        num_cpus: float = 1,
+        load_timeout_s: float = DEFAULT_PLACEMENT_TIMEOUT_S,
     ):
         if not items:
             raise ValueError("ResidentParts needs at least one item")
@@ -57,12 +67,15 @@ class ResidentParts:
         self.actors = [remote_cls.remote() for _ in range(n_actors)]
         self._dealt = [list(range(j, len(items), n_actors)) for j in range(n_actors)]
         load_ref = ray.put(load)
-        self._get(
-            [
-                a.load.remote(load_ref, [items[i] for i in idx])
-                for a, idx in zip(self.actors, self._dealt, strict=True)
-            ]
-        )
+        loads = [
+            a.load.remote(load_ref, [items[i] for i in idx])
+            for a, idx in zip(self.actors, self._dealt, strict=True)
+        ]
+        try:
+            self._get(loads, timeout=load_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
 
     def reduce(self, fn: Callable[..., np.ndarray], *args: Any, combine: Combine = np.add) -> np.ndarray:
         """combine over all parts of ``fn(state, *args)`` (``np.add`` for sums, ``np.logaddexp`` for
@@ -71,13 +84,18 @@ class ResidentParts:
         return reduce(combine, [r for r in results if r is not None])
 
     @staticmethod
-    def _get(refs: list[ray.ObjectRef]) -> list[Any]:
+    def _get(refs: list[ray.ObjectRef], timeout: float | None = None) -> list[Any]:
         try:
-            return ray.get(refs)
+            return ray.get(refs, timeout=timeout)
         except RayActorError as err:
             raise PartsLostError(
                 "an actor holding parts in memory died during the iteration; rerun the run with the same "
                 "--out to redo this stage"
+            ) from err
+        except GetTimeoutError as err:
+            raise PartsLostError(
+                f"an actor holding parts in memory died or was not placed within {timeout:g} s while loading "
+                "its parts; rerun the run with the same --out to redo this stage"
             ) from err
 
     def shutdown(self) -> None:

@@ -116,7 +116,8 @@ def run_balance(ctx: StageContext) -> dict[str, Any]:
         else:
             base = dup_base(spec, values, marginals)  # dup_group: each row starts at exp(base) / their sum
             total = n_rows if base is None else float(np.exp(base) @ counts[-1])
-            parts = RowParts([(root, i, marginals, values, total, base) for i in indices], workers)
+            items = [(root, i, marginals, values, total, base) for i in indices]
+            parts = RowParts(items, workers, ctx.spec.ray.placement_timeout_s)
         with parts:
             record["feasibility"] = check(parts, spec, values, counts, targets)
             flow = record["feasibility"]["flow"]

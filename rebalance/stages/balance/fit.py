@@ -37,6 +37,7 @@ from rebalance.kernels.ipf import (
     strongest_within,
 )
 from rebalance.kernels.scaling import Scaling
+from rebalance.runtime.pool import DEFAULT_PLACEMENT_TIMEOUT_S
 from rebalance.runtime.resident import ResidentParts
 from rebalance.spec import DUP_GROUP, BalanceSpec
 from rebalance.stages.balance.survey import BalanceError, dup_base, encode_labels, load_labels, marginal_order
@@ -146,8 +147,8 @@ class RowParts(ResidentParts):
     """Every part's rows (label codes, IPF mass) resident on actors: ``RowParts(items, workers)`` loads
     part (run_root, index, marginals, values, n_rows[, base]) of each item."""
 
-    def __init__(self, items: list[tuple], workers: int):
-        super().__init__(_load_rows, items, workers)
+    def __init__(self, items: list[tuple], workers: int, load_timeout_s: float = DEFAULT_PLACEMENT_TIMEOUT_S):
+        super().__init__(_load_rows, items, workers, load_timeout_s=load_timeout_s)
 
     def ipf(
         self,
