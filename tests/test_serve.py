@@ -11,6 +11,7 @@ import io
 import ipaddress
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -520,6 +521,15 @@ def _raw(server, head: bytes, body: bytes = b"", timeout: float = 30) -> tuple[i
             chunk = sock.recv(65536)
             if not chunk:
                 break
+            answer += chunk
+        # the body may come in later packets than the head: read it to its Content-Length
+        head_part, _, rest = answer.partition(b"\r\n\r\n")
+        length = re.search(rb"(?im)^content-length:\s*(\d+)", head_part)
+        while length is not None and len(rest) < int(length.group(1)):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
             answer += chunk
     return int(answer.split(b" ")[1]), answer
 
