@@ -1,7 +1,6 @@
 """``benchmarks/scale.py``: its generator writes the clip-retrieval layout that ``format: embeddings`` reads,
 with the long-tailed concept carried as metadata; ``--quick`` runs end to end and measures every stage."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,21 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bench import load_benchmark
 
 from rebalance.data.embeddings import list_laion_shards, read_laion_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("scale_benchmark", ROOT / "benchmarks" / "scale.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_generator_writes_the_clip_retrieval_layout(tmp_path):
-    info = _benchmark().generate(tmp_path, rows=3001, dim=16, shards=3, concepts=50, zipf=1.1, seed=1)
+    info = load_benchmark("scale").generate(
+        tmp_path, rows=3001, dim=16, shards=3, concepts=50, zipf=1.1, seed=1
+    )
     shards = list_laion_shards(tmp_path)
     assert len(shards) == 3
     keys, concepts, image, text = [], [], [], []

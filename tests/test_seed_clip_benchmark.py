@@ -2,27 +2,16 @@
 balancing iterations and the MetaCLIP-like curation): the structure of its results and the invariants of its
 curation, checked against values computed here from the generator's own labels and counts."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
+from bench import load_benchmark
 
 from jobs.dataset import ImageTextParquet
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("seed_clip_benchmark", ROOT / "benchmarks" / "seed_clip.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
 def test_quick_seed_clip_benchmark(tmp_path):
-    bench = _benchmark()
+    bench = load_benchmark("seed_clip")
     res = bench.main(["--quick", "--out", str(tmp_path), "--towers", "synthetic"])
     assert res["settings"]["rows"] == 3000 and res["settings"]["seeds"] == [0, 1, 2]
 

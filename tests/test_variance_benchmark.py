@@ -10,24 +10,14 @@ over from k = 2 on) the comparison is with the plug-in factor at each dataset's 
 run in-process through its command-line entry point, ``main(["--quick"])``.
 """
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
+from bench import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
 Z = 4.0
 
 
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("variance_benchmark", ROOT / "benchmarks" / "variance.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_quick_variance_benchmark_agrees_with_the_prediction():
-    summary = _benchmark().main(["--quick"])
+    summary = load_benchmark("variance").main(["--quick"])
     (res,) = summary["results"]
     assert res["redrawn"] == 0 and res["n"] == 2000 and res["reps"] == 1000
     assert res["functions"] == ["worst", "cell", "xy"]

@@ -2,27 +2,15 @@
 structure of its results and the invariants of its arms, not their values. Run in-process through the
 benchmark's entry point, ``main(["--quick", ...])``; it starts its own local Ray."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
+from bench import load_benchmark
 
 from rebalance.data.synthetic import LABELS
 
-ROOT = Path(__file__).resolve().parents[1]
 # chi-square with 23 degrees of freedom, upper 0.1 % point: the draws are deterministic (seeded), so this
 # bound decides once whether they follow the intended distribution within sampling error
 CHI2_23_999 = 49.73
-
-
-def _benchmark():
-    spec = importlib.util.spec_from_file_location(
-        "web_regime_benchmark", ROOT / "benchmarks" / "web_regime.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _chi2(observed, expected_share):
@@ -33,7 +21,7 @@ def _chi2(observed, expected_share):
 @pytest.mark.slow
 @pytest.mark.ray
 def test_quick_web_regime_benchmark(tmp_path):
-    module = _benchmark()
+    module = load_benchmark("web_regime")
     results = module.main(["--quick", "--out", str(tmp_path / "web")])
     arms = ["plain", "oracle", *module.SPECS, "logit-adjusted"]
     assert set(results["summary"]) == set(arms)
