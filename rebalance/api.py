@@ -161,7 +161,11 @@ def run(
     if todo:
         first = STAGES.index(todo[0])
         sides = [side for side, c in (("image", image_column), ("text", text_column)) if c is not None]
-        check_run(spec, out, shards, sides, embed=first == 0, keep=keep, cluster="cluster" in wanted[first:])
+        prompts = spec.concepts is not None and spec.concepts.prompts is not None
+        check_run(
+            spec, out, shards, sides, embed=first == 0, keep=keep, cluster="cluster" in wanted[first:],
+            model=fmt != "embeddings" or prompts,
+        )  # fmt: skip
         for stage in wanted[:first]:
             log.info("stage %s: skipped (complete)", stage)
         header = {"spec": spec.to_dict(), "versions": package_versions(), "inputs": inputs}

@@ -44,13 +44,16 @@ def check_run(
     embed: bool,
     keep: tuple[str, ...] = (),
     cluster: bool = True,
+    model: bool = True,
 ) -> None:
-    """Every check that needs no Ray: the model and its weights (when the embed stage will run), k of each
-    of the dataset's ``sides`` against the rows the inputs' metadata declares (when the cluster stage will
-    run), and the run directory (last: it may create the directory; ``keep`` as in
+    """Every check that needs no Ray: the model and its weights (when the embed stage will run and
+    ``model``: the run encodes images, captions or zero-shot prompts; precomputed vectors need none), k of
+    each of the dataset's ``sides`` against the rows the inputs' metadata declares (when the cluster stage
+    will run), and the run directory (last: it may create the directory; ``keep`` as in
     :func:`check_run_directory`)."""
     if embed:
-        check_model(spec.embed)
+        if model:
+            check_model(spec.embed)
         check_vocabulary_matches(spec, shards)
     rows = known_row_count(shards) if cluster else None
     if rows is not None:

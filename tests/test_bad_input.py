@@ -311,7 +311,10 @@ def write_laion(root, sizes, keys, d=8, seed=0):
     return vectors
 
 
-def test_laion_layout_end_to_end(tmp_path, ray_local):
+def test_laion_layout_end_to_end(tmp_path, ray_local, monkeypatch):
+    # precomputed vectors need no model: a tag whose weights this offline machine lacks is not refused
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     root = tmp_path / "laion"
     keys = [[f"a{j}" for j in range(30)], [f"b{j}" for j in range(24)]]
     vectors = write_laion(root, (30, 24), keys)
@@ -320,6 +323,7 @@ def test_laion_layout_end_to_end(tmp_path, ray_local):
     np.save(root / "img_emb" / "img_emb_1.npy", bad)
     spec = run_spec(root, marginals=("image_cluster", "source"), carry=["source"])
     spec["balance"]["allow_partial"] = True
+    spec["embed"] = {**spec.get("embed", {}), "model": "ViT-B-32", "pretrained": "openai"}
     result = rebalance.run(spec, tmp_path / "out")
     assert result.manifest["stages"]["embed"]["format"] == "embeddings"
     embedded = read_parts(tmp_path / "out" / "embeddings")

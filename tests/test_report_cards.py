@@ -117,3 +117,61 @@ def test_cards_go_to_the_most_down_and_up_weighted_larger_first_among_ties():
     assert _shown(rows, mean_weight).tolist() == sorted(down + up)
     few = np.array([0, 4, 1])
     assert _shown(few, np.ones(3)).tolist() == [1, 2]  # up to CARDS_PER_COLUMN: every non-empty group
+
+
+def test_folding_parts_as_they_come_equals_one_pass_over_all_rows(monkeypatch):
+    """The driver folds the concept pass's part results one by one (:func:`concepts._fold`); the folded
+    counts, sums, truth tables, picks and samples equal those computed directly over all rows at once."""
+    from rebalance.stages import concepts
+
+    for name, size in (("MAP_POINTS", 7), ("WEIGHT_SAMPLE", 11), ("LARGEST_WEIGHTS", 3)):
+        monkeypatch.setattr(concepts, name, size)
+    rng = np.random.default_rng(3)
+    n_rows, n_groups, n_truth, k = 900, 6, 4, 5
+    group = rng.integers(-1, n_groups, n_rows)  # -1: no label
+    truth = rng.integers(0, n_truth, n_rows)
+    weight = rng.gamma(2.0, size=n_rows)
+    x = rng.standard_normal((n_rows, 3))
+    priority = rng.integers(0, 50, n_rows).astype(float)  # ties: broken by row order, as in one pass
+    distance = rng.random(n_rows)
+    keys = [f"k{i:04d}" for i in range(n_rows)]
+    part_of = np.repeat(np.arange(4), [100, 0, 500, 300])  # an empty part too
+    plan = [{"column": "image_cluster", "kind": "cluster", "groups": n_groups}]
+    n_random = max(k, concepts.CAPTIONS_PER_CONCEPT)
+
+    def summary(rows: np.ndarray, part: int) -> dict:
+        g, ok = group[rows], group[rows] >= 0
+        pick = lambda score, m: concepts._picks(score, g, n_groups, m, [keys[i] for i in rows], part)  # noqa: E731
+        zeros = np.zeros(rows.size, np.int64)
+        sample = lambda score, m: {"priority": score[rows][smallest_per_group(score[rows], zeros, 1, m)]}  # noqa: E731
+        return {
+            "columns": {"image_cluster": {
+                "rows": np.bincount(g[ok], minlength=n_groups),
+                "weight": np.bincount(g[ok], weights=weight[rows][ok], minlength=n_groups),
+                "sum": group_sums(x[rows][ok], g[ok], n_groups),
+                "truth": np.bincount(g[ok] * n_truth + truth[rows][ok], minlength=n_groups * n_truth
+                                     ).reshape(n_groups, n_truth),
+                "random": pick(priority[rows], n_random),
+                "central": pick(distance[rows], k),
+            }},
+            "map": sample(priority, 7),
+            "weights": sample(priority, 11),
+            "largest": {"score": sample(-weight, 3)["priority"]},
+        }  # fmt: skip
+
+    folded = None
+    for part in range(4):
+        folded = concepts._fold(folded, summary(np.flatnonzero(part_of == part), part), plan, k)
+    whole = summary(np.arange(n_rows), 0)["columns"]["image_cluster"]
+    got = folded["columns"]["image_cluster"]
+    for name in ("rows", "truth"):
+        np.testing.assert_array_equal(got[name], whole[name])
+    np.testing.assert_allclose(got["weight"], whole["weight"], rtol=1e-12)
+    np.testing.assert_allclose(got["sum"], whole["sum"], rtol=1e-12, atol=1e-12)
+    for name in ("random", "central"):
+        assert got[name]["key"] == whole[name]["key"]
+        np.testing.assert_array_equal(
+            got[name]["part"], part_of[[int(key[1:]) for key in whole[name]["key"]]]
+        )
+    np.testing.assert_array_equal(folded["map"]["priority"], np.sort(priority)[:7])
+    np.testing.assert_array_equal(folded["largest"]["score"], np.sort(-weight)[:3])

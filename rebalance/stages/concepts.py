@@ -407,8 +407,9 @@ NO_PICKS = {"score": np.zeros(0), "group": np.zeros(0, np.int64), "key": [], "pa
 
 
 def _merge_groups(entries: list[dict], k: int) -> dict[str, Any]:
-    """The CARDS_PER_COLUMN largest near-duplicate groups over the parts' :func:`_largest_groups`: ``names``
-    (group keys), ``size``, ``rows``, ``weight`` and ``random`` picks (``group``: position in ``names``)."""
+    """The CARDS_PER_COLUMN largest near-duplicate groups over the parts' :func:`_largest_groups`, in their
+    shape: ``group`` (group keys), ``size``, ``rows``, ``weight`` and ``random`` picks (``group``: position in
+    ``group``). A group outside a part's largest cannot be among the largest of all (sizes are global)."""
     size: dict[str, int] = {}
     for e in entries:
         size.update(zip(e["group"], e["size"].tolist(), strict=True))
@@ -428,11 +429,38 @@ def _merge_groups(entries: list[dict], k: int) -> dict[str, Any]:
                       "key": [key for key, kept in zip(p["key"], keep, strict=True) if kept],
                       "part": p["part"][keep]})  # fmt: skip
     return {
-        "names": names,
+        "group": names,
         "size": np.array([size[g] for g in names], np.int64),
         "rows": rows,
         "weight": weight,
         "random": _concat_picks(picks, len(names), max(k, CAPTIONS_PER_CONCEPT)),
+    }
+
+
+def _fold(acc: dict | None, part: dict, plan: list[dict], k: int) -> dict:
+    """Two :func:`concepts_part` results (of parts, or of parts already folded) merged into one of the same
+    shape: counts, weights, sums and truth tables add, picks keep the smallest scores per group (ties by part
+    order, as one merge of all parts would). Folding the parts as they come holds one result on the driver,
+    O(G d) per concept column, instead of every part's."""
+    if acc is None:
+        return part
+    columns = {}
+    for item in plan:
+        column, n = item["column"], item["groups"]
+        a, b = acc["columns"][column], part["columns"][column]
+        if item["kind"] == DUP_GROUP:
+            columns[column] = _merge_groups([a, b], k)
+            continue
+        m = {name: a[name] + b[name] for name in ("rows", "weight", "sum", "truth") if name in a}
+        for name, size in (("random", max(k, CAPTIONS_PER_CONCEPT)), ("central", k)):
+            if name in a:
+                m[name] = _concat_picks([a[name], b[name]], n, size)
+        columns[column] = m
+    return {
+        "columns": columns,
+        "map": _bottom([acc["map"], part["map"]], MAP_POINTS, "priority"),
+        "weights": _bottom([acc["weights"], part["weights"]], WEIGHT_SAMPLE, "priority"),
+        "largest": _bottom([acc["largest"], part["largest"]], LARGEST_WEIGHTS, "score"),
     }
 
 
@@ -483,18 +511,18 @@ def compute_concepts(ctx: StageContext) -> tuple[dict[str, Any], dict[str, dict]
         concepts_part, root, plan=plan, truth=truth, truth_vocab=truth_vocab, seed=seed, k=k
     )
     with ActorPool(ShardWorker, ctx.workers(len(ctx.shards))) as pool:
-        parts = pool.map("call", [(one, s.index) for s in ctx.shards], "concepts")
+        folded = None
+        for part in pool.imap("call", [(one, s.index) for s in ctx.shards], "concepts"):
+            folded = _fold(folded, part, plan, k)
         means, merged, names = {}, {}, {}
         shown_entries = None
         for item in plan:
             column, n = item["column"], item["groups"]
-            entries = [p["columns"][column] for p in parts]
+            m = folded["columns"][column]
             if item["kind"] == DUP_GROUP:
-                m = _merge_groups(entries, k)
-                m["central"], names[column] = NO_PICKS, m.pop("names")
+                m["central"], names[column] = NO_PICKS, m.pop("group")
                 merged[column] = m
                 continue
-            m = {name: sum(e[name] for e in entries) for name in ("rows", "weight")}
             if item["kind"] == "concept":  # the entries with a card only (up to millions of entries)
                 rows = m["rows"]
                 shown_entries = _shown(rows, np.where(rows > 0, m["weight"] / np.maximum(rows, 1), np.nan))
@@ -505,33 +533,29 @@ def compute_concepts(ctx: StageContext) -> tuple[dict[str, Any], dict[str, dict]
                 names[column] = [entry_names[i] for i in shown_entries.tolist()]
                 merged[column] = m
                 continue
-            m["sum"] = sum(e["sum"] for e in entries)
-            m["random"] = _concat_picks([e["random"] for e in entries], n, max(k, CAPTIONS_PER_CONCEPT))
-            if "central" in entries[0]:
-                m["central"] = _concat_picks([e["central"] for e in entries], n, k)
-            else:
+            if "central" not in m:
                 means[column] = m["sum"] / np.maximum(m["rows"], 1)[:, None]
-            if truth_vocab is not None:
-                m["truth"] = sum(e["truth"] for e in entries)
             names[column] = [_label(item, g) for g in range(n)]
             merged[column] = m
         if means or shown_entries is not None:
             two = functools.partial(
                 central_part, root, plan=plan, means=means, k=k, shown_entries=shown_entries, seed=seed
             )
-            centres = pool.map("call", [(two, s.index) for s in ctx.shards], "concept centres")
+            sizes = {i["column"]: (i["groups"], k) for i in plan if i["column"] in means}
+            if shown_entries is not None:
+                sizes["concept"] = (shown_entries.size, max(k, CAPTIONS_PER_CONCEPT))
+            centres = None
+            for c in pool.imap("call", [(two, s.index) for s in ctx.shards], "concept centres"):
+                centres = c if centres is None else {
+                    column: _concat_picks([centres[column], c[column]], *sizes[column]) for column in sizes
+                }  # fmt: skip
             for item in plan:
                 if item["column"] in means:
-                    merged[item["column"]]["central"] = _concat_picks(
-                        [c[item["column"]] for c in centres], item["groups"], k
-                    )
+                    merged[item["column"]]["central"] = centres[item["column"]]
             if shown_entries is not None:
-                merged["concept"]["random"] = _concat_picks(
-                    [c["concept"] for c in centres], shown_entries.size, max(k, CAPTIONS_PER_CONCEPT)
-                )
-        sample = _bottom([p["map"] for p in parts], MAP_POINTS, "priority")
-        weight_sample = _bottom([p["weights"] for p in parts], WEIGHT_SAMPLE, "priority")["weight"]
-        largest = _bottom([p["largest"] for p in parts], LARGEST_WEIGHTS, "score")
+                merged["concept"]["random"] = centres["concept"]
+        sample, largest = folded["map"], folded["largest"]
+        weight_sample = folded["weights"]["weight"]
 
         columns: dict[str, Any] = {}
         wanted: dict[int, tuple[set, set]] = {}
