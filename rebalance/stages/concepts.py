@@ -19,6 +19,8 @@ streamed passes over the run directory (parts in a pool):
 2. for the other concepts (levels, carried values, prompts): the rows nearest the concept's mean
    embedding; for the vocabulary entries that get a card: their seeded random rows.
 
+The driver folds each pass's part results as they come (:func:`_fold`), so it holds one merged result.
+
 The chosen rows are then read back from the input shards by key (:mod:`rebalance.data.thumbnails`):
 ``report.thumbnails`` thumbnails per shown concept and up to :data:`CAPTIONS_PER_CONCEPT` captions for its
 words. Everything the page holds is bounded: :data:`CARDS_PER_COLUMN` cards per column, :data:`MAP_POINTS`
