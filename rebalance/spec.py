@@ -588,6 +588,17 @@ class Spec:
             raise SpecError(
                 "concepts.field", f"is not a column in data.carry {list(self.data.carry)}", field_name
             )
+        computed = [
+            c for c in self.data.carry
+            if c in concepts or cluster_marginal(c) is not None or (c == DUP_GROUP and self.dedup is not None)
+        ]  # fmt: skip
+        if computed:
+            raise SpecError(
+                "data.carry",
+                "names a column the run computes itself (a cluster, dup_group or concepts marginal); rename "
+                "that column in the dataset",
+                computed[0],
+            )
         if "concept" in self.balance.targets:
             raise SpecError(
                 "balance.targets.concept", "the concept marginal's target is set by concepts.cap", "concept"

@@ -156,3 +156,20 @@ def test_relax_auto_relaxes_cluster_marginals_only(data_dir):
     for name in ("source", "dup_group", "concept", "zero_shot", "image_clusters", "my_cluster"):
         assert spec.balance.relax_for(name) is None, name
     assert Spec.from_dict(spec.to_dict()) == spec
+
+
+def test_a_carried_column_may_not_shadow_a_column_the_run_computes(data_dir):
+    from rebalance.data.synthetic import PROMPTS_FILE, VOCABULARY_FILE
+
+    concepts = {"vocabulary": str(VOCABULARY_FILE), "field": "caption", "prompts": str(PROMPTS_FILE)}
+    for carry, extra in (
+        (["caption", "concept"], {"concepts": concepts}),
+        (["caption", "zero_shot"], {"concepts": concepts}),
+        (["image_cluster"], {}),
+        (["dup_group"], {"dedup": {"threshold": 0.99}}),
+    ):
+        with pytest.raises(SpecError, match="'data.carry': names a column the run computes itself") as info:
+            Spec.from_dict({"data": {"path": data_dir, "carry": carry}, **extra})
+        assert repr(carry[-1]) in str(info.value)
+    # without the section that computes it, the name is the user's own column
+    Spec.from_dict({"data": {"path": data_dir, "carry": ["concept", "dup_group"]}})

@@ -117,9 +117,14 @@ def part_accumulators(
                 yield (column, side, phase, p), acc
 
 
-def _put_part(run_root: str, index: int, plan: list[dict[str, Any]], sample_seed: int) -> dict:
-    """Map call: every partition accumulator of one part, put in the object store (this actor owns them)."""
-    return {key: ray.put(acc) for key, acc in part_accumulators(run_root, index, plan, sample_seed)}
+def _put_parts(run_root: str, indices: list[int], plan: list[dict[str, Any]], sample_seed: int) -> dict:
+    """Map call: every partition accumulator of a run of parts, merged in part order, put in the object
+    store (this actor owns them). One call per actor, so the store holds A sets of accumulators, not M."""
+    merged: dict[tuple, GroupMoments | GroupSample] = {}
+    for index in indices:
+        for key, acc in part_accumulators(run_root, index, plan, sample_seed):
+            merged[key] = merged[key].merge(acc) if key in merged else acc
+    return {key: ray.put(acc) for key, acc in merged.items()}
 
 
 def reduce_spectra(accumulators: list[GroupMoments | GroupSample | ray.ObjectRef]) -> dict[str, np.ndarray]:
@@ -197,12 +202,15 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _map_reduce(ctx: StageContext, fn: functools.partial, keys: list[tuple]) -> list[dict[str, np.ndarray]]:
-    """The map calls (one per part), then the reduce calls (one per key), on one pool: its actors own the
-    map outputs, which are lost with them."""
-    with ActorPool(ShardWorker, ctx.workers(len(ctx.shards))) as pool:
-        parts = pool.map("call", [(fn, s.index) for s in ctx.shards], "spectra")
-        items = [(reduce_spectra, [part[key] for part in parts]) for key in keys]
-        del parts
+    """The map calls (one per actor, each over a contiguous run of parts), then the reduce calls (one per
+    key, merging the runs in part order), on one pool: its actors own the map outputs, which are lost with
+    them. The merge order, and so the last bits of the spectra, depend on the number of actors."""
+    workers = ctx.workers(len(ctx.shards))
+    runs = [run.tolist() for run in np.array_split([s.index for s in ctx.shards], workers) if run.size]
+    with ActorPool(ShardWorker, workers) as pool:
+        maps = pool.map("call", [(fn, run) for run in runs], "spectra", "run")
+        items = [(reduce_spectra, [m[key] for m in maps]) for key in keys]
+        del maps
         return pool.map("call", items, "spectra reduce", "group")
 
 
@@ -211,7 +219,7 @@ def compute_spectra(ctx: StageContext) -> dict[str, Any]:
     plan = _plan(ctx)
     if not plan:
         return {}
-    fn = functools.partial(_put_part, str(ctx.run.root), plan=plan, sample_seed=ctx.spec.cluster.seed)
+    fn = functools.partial(_put_parts, str(ctx.run.root), plan=plan, sample_seed=ctx.spec.cluster.seed)
     keys = [
         (item["column"], item["side"], phase, p)
         for item in plan
