@@ -25,10 +25,12 @@ plain's), and the product's weights under each ``--specs`` entry (``image``: ``i
 default before ``relax: auto``), ``allow_partial``; ``image-text-rho1`` / ``-rho3``, ``levels-rho1``: the same relaxed,
 ``balance.relax`` 1 or 3; ``dedup``: near-duplicate groups balanced (``dedup``, ``[dup_group,
 image_cluster_1]``); ``metaclip``: MetaCLIP curation of the captions, ``concepts.vocabulary`` = the 24
-concepts and their words, marginal ``concept``). Prints mean ± sample std over seeds, the per-seed paired
-difference of every arm to ``plain`` and to ``image-text``, and per arm its balance run (converged, passes,
-ESS, largest weight) and the concept distribution's total variation to uniform (weights and draws); writes
-``OUT/results.json``.
+concepts and their words, marginal ``concept``; ``default``: the spec's own cluster and balance defaults,
+k auto, relax auto). ``--specs`` also takes the ``SWEEP`` arms: the coarse level at other k
+(``levels-K``, ``levels-K-rho1``) and the defaults with one coarse level (``default-level``,
+``default-level-image``). Prints mean ± sample std over seeds, the per-seed paired difference of every arm
+to ``plain`` and to ``default``, and per arm its balance run (converged, passes, ESS, largest weight) and
+the concept distribution's total variation to uniform (weights and draws); writes ``OUT/results.json``.
 """
 
 from __future__ import annotations
@@ -56,8 +58,10 @@ from rebalance.losses import balanced_clip_loss, logit_adjusted_loss  # noqa: E4
 from rebalance.samplers import draw_weighted  # noqa: E402
 
 # Each arm is one balance run over the same pool: the spec sections it sets (``balance`` always; ``dedup``
-# and ``concepts`` where the arm needs that stage). ``dedup`` last: its section reruns the cluster stage
-# (the groups are written with the assignments), so an arm after it would rerun it again.
+# and ``concepts`` where the arm needs that stage; ``cluster`` where it changes the clusters). ``dedup``
+# last: its section reruns the cluster stage (the groups are written with the assignments), so an arm
+# after it would rerun it again (and the smoke test reads the dedup run's assignments). An arm that changes
+# the cluster section (``default``, the ``SWEEP`` arms) reruns the cluster stage too.
 # DEDUP_THRESHOLD: chosen on the 100,000-row pool's image vectors (docs/downstream.md, "Web regime"): the
 # tiny model hardly separates a concept's renders (47 % of the pairs inside a render and 14 % of the pairs
 # of different renders of a concept reach cosine 0.95), so below 0.99 the groups chain into whole clusters;
@@ -68,7 +72,9 @@ from rebalance.samplers import draw_weighted  # noqa: E402
 DEDUP_THRESHOLD = 0.998
 METACLIP_CAP = 0.01
 EXACT_IMAGE_TEXT = {"marginals": ["image_cluster", "text_cluster"]}
-DEFAULT_ARM = "image-text"  # the spec default's marginals, exact: every arm is also compared with it
+DEFAULT_ARM = "default"  # the spec's defaults: every arm is also compared with it
+# an arm with this key set runs the spec's own cluster and balance defaults, changed only where it says
+SPEC_DEFAULTS = "spec_defaults"
 SPECS: dict[str, dict] = {
     "image": {"balance": {"marginals": ["image_cluster"]}},
     "levels": {"balance": {"marginals": ["image_cluster_1"]}},
@@ -81,11 +87,41 @@ SPECS: dict[str, dict] = {
         "concepts": {"vocabulary": str(VOCABULARY_FILE), "field": "txt", "cap": METACLIP_CAP},
         "balance": {"marginals": ["concept"]},
     },
+    # the spec's own defaults (``SPEC_DEFAULTS``: no cluster or balance setting but the data): k auto =
+    # round(sqrt(N)) image and text clusters, [image_cluster, text_cluster] relaxed (relax: auto, rho 1)
+    "default": {SPEC_DEFAULTS: True, "balance": {}},
     "dedup": {
         "dedup": {"threshold": DEDUP_THRESHOLD},
         "balance": {"marginals": ["dup_group", "image_cluster_1"]},
     },
 }
+# Arms outside the default set (``--specs`` names them): how the coarse level fares when its k is not the
+# true number of concepts (``levels-K``: cluster.levels [K] over the 64 clusters, exact; ``-rho1``
+# relaxed), and the spec defaults with one coarse level of round(sqrt(k)) clusters (k auto = 316 at
+# 100,000 rows: level 18), balanced at that level: image and text relaxed (``default-level``: balance.level
+# 1, the default marginals and relax) or the image side exact (``default-level-image``).
+SWEEP_LEVELS = (8, 12, 16, 32, 48)
+SWEEP: dict[str, dict] = {}
+for _k in SWEEP_LEVELS:
+    SWEEP[f"levels-{_k}"] = {"cluster": {"levels": [_k]}, "balance": {"marginals": ["image_cluster_1"]}}
+    SWEEP[f"levels-{_k}-rho1"] = {
+        "cluster": {"levels": [_k]},
+        "balance": {"marginals": ["image_cluster_1"], "relax": 1.0},
+    }
+SWEEP["default-level"] = {SPEC_DEFAULTS: True, "cluster": {"levels": [18]}, "balance": {"level": 1}}
+SWEEP["default-level-image"] = {
+    SPEC_DEFAULTS: True,
+    "cluster": {"levels": [18]},
+    "balance": {"marginals": ["image_cluster_1"], "relax": "exact"},
+}
+# the level that the silhouette of the 316 image centroids picks among 6 - 64 (docs/downstream.md)
+SWEEP["default-level-24"] = {SPEC_DEFAULTS: True, "cluster": {"levels": [24]}, "balance": {"level": 1}}
+SWEEP["default-level-24-image"] = {
+    SPEC_DEFAULTS: True,
+    "cluster": {"levels": [24]},
+    "balance": {"marginals": ["image_cluster_1"]},
+}
+ARMS = SPECS | SWEEP
 METRICS = (
     "probe_balanced",
     "probe_tail",
@@ -100,24 +136,31 @@ CARRY = ["label", "render", "txt"]
 
 
 def pipeline_spec(data: Path, arm: dict, k: int, level: int, carry: list[str], rows: int) -> dict:
-    """The pipeline's spec for one arm (``SPECS`` entry): its balance section over uniform targets, exact
+    """The pipeline's spec for one arm (``ARMS`` entry): its balance section over uniform targets, exact
     (``relax: exact``) unless the arm sets ``relax`` (``allow_partial``, so an exact run that does not
-    converge still gives its weights), its ``dedup`` and ``concepts`` sections when set (a concepts ``cap``
-    below 1 is a fraction of ``rows``)."""
-    spec = {
-        "data": {"path": str(data), "format": "parquet", "carry": carry},
-        "embed": {"model": "rebalance-tiny", "pretrained": "synthetic", "batch_size": 512},
-        "cluster": {
+    converge still gives its weights), its ``cluster`` settings laid over k image / text / joint clusters
+    and one coarse level, its ``dedup`` and ``concepts`` sections when set (a concepts ``cap`` below 1 is a
+    fraction of ``rows``). An arm with ``SPEC_DEFAULTS`` gets only its own cluster and balance settings,
+    the spec's defaults for the rest."""
+    if arm.get(SPEC_DEFAULTS):
+        cluster, balance = dict(arm.get("cluster", {})), dict(arm["balance"])
+    else:
+        cluster = {
             "image": {"k": k},
             "text": {"k": k},
             "joint": {"k": k},
             "levels": [level],
             "niter": 20,
             "seed": 0,
-        },
+        } | arm.get("cluster", {})
         # exact unless the arm relaxes (the spec default relaxes cluster marginals)
-        "balance": {"target": "uniform", "tol": 1.0e-6, "allow_partial": True, "relax": "exact"}
-        | arm["balance"],
+        balance = {"target": "uniform", "tol": 1.0e-6, "allow_partial": True, "relax": "exact"}
+        balance |= arm["balance"]
+    spec = {
+        "data": {"path": str(data), "format": "parquet", "carry": carry},
+        "embed": {"model": "rebalance-tiny", "pretrained": "synthetic", "batch_size": 512},
+        "cluster": cluster,
+        "balance": balance,
         "report": {"spectra_by": ["image_cluster"], "html": False},
         "ray": {"address": "local"},
     }
@@ -234,7 +277,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--epochs", type=int, default=1, help="passes over the drawn rows (1: each draw seen once)"
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--specs", nargs="+", choices=list(SPECS), default=list(SPECS))
+    parser.add_argument(
+        "--specs", nargs="+", choices=list(ARMS), default=list(SPECS), help="default: every arm of SPECS"
+    )
     parser.add_argument("--k", type=int, default=64, help="image / text / joint clusters")
     parser.add_argument("--level", type=int, default=24, help="clusters of the coarse level (cluster.levels)")
     parser.add_argument("--test", type=int, default=50, help="held-out images per concept")
@@ -268,16 +313,17 @@ def main(argv: list[str] | None = None) -> dict:
         for name in args.specs:
             t0 = time.time()
             saved = out / f"weights-{name}"
-            marker = {"rows": args.rows, "k": args.k, "level": args.level, "arm": SPECS[name]}
+            marker = {"rows": args.rows, "k": args.k, "level": args.level, "arm": ARMS[name]}
             if not (saved / "done.json").is_file() or json.loads((saved / "done.json").read_text()) != marker:
                 rebalance.run(
-                    pipeline_spec(pool, SPECS[name], args.k, args.level, CARRY, args.rows),
+                    pipeline_spec(pool, ARMS[name], args.k, args.level, CARRY, args.rows),
                     run,
                     until="balance",
                 )
                 shutil.rmtree(saved, ignore_errors=True)
                 shutil.copytree(run / "weights", saved)
                 shutil.copy(run / "balance.json", saved / "balance.json")
+                shutil.copy(run / "clusters" / "clusters.json", saved / "clusters.json")
                 atomic_write_json(marker, saved / "done.json")
             table = read_parts(saved, columns=["key", "weight"])
             weight_keys[name] = table.column("key").to_numpy(zero_copy_only=False)

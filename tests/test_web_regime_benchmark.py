@@ -2,6 +2,8 @@
 structure of its results and the invariants of its arms, not their values. Run in-process through the
 benchmark's entry point, ``main(["--quick", ...])``; it starts its own local Ray."""
 
+import json
+
 import numpy as np
 import pytest
 from bench import load_benchmark
@@ -79,6 +81,14 @@ def _check_balance_arms(results, out):
         assert b[relaxed]["ess_fraction"] > b[exact]["ess_fraction"]
     assert b["image-text-rho1"]["ess_fraction"] > b["image-text-rho3"]["ess_fraction"]
     assert b["dedup"]["converged"] is True and b["metaclip"]["converged"] is True
+    # the spec's own defaults: k auto = round(sqrt(6000)) = 77 image clusters (text: at most that, the
+    # distinct captions of the sample bound it), both cluster marginals relaxed with rho 1 (relax: auto)
+    clusters = json.loads((out / "weights-default" / "clusters.json").read_text())
+    assert clusters["image"]["k"] == 77 and 1 < clusters["text"]["k"] <= 77 and "joint" not in clusters
+    record = json.loads((out / "weights-default" / "balance.json").read_text())
+    assert record["marginals"] == ["image_cluster", "text_cluster"]
+    assert record["relax"] == {"image_cluster": 1.0, "text_cluster": 1.0}
+    assert b["default"]["converged"] is True
     weights = read_parts(out / "weights-dedup", columns=["key", "weight", "dup_group"])
     assignments = read_parts(out / "run" / "assignments", columns=["key", "image_cluster_1"])
     assert weights.column("key").to_pylist() == assignments.column("key").to_pylist()
