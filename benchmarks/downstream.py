@@ -186,9 +186,41 @@ def train_arm(
         if arm.endswith(kind):
             argv += ["--weights", str(runs[kind])]
             break
+    return run_job(train_longtail if arm.startswith("sup-") else train_clip, argv, out)
+
+
+def probe_arm(
+    arm: str, seed: int, arm_out: Path, summary: dict, sets: tuple[Path, Path, Path], metrics: tuple[str, ...]
+) -> tuple[dict, dict]:
+    """``jobs.linear_probe`` on the model an arm trained into ``arm_out``: fitted on ``sets[0]``, tested on
+    ``sets[1]``, head / tail by the class counts of ``sets[2]``. Returns the probe's result and the arm's
+    record (its ``metrics``, per-class accuracy and the job's last loss)."""
+    probe_train, probe_test, counts_from = sets
+    argv = [
+        str(probe_train),
+        "--test-data",
+        str(probe_test),
+        "--pretrained",
+        str(arm_out / "model.safetensors"),
+    ]
+    argv += ["--class-counts-from", str(counts_from), "--cpu"]
+    probe = linear_probe.probe(linear_probe.build_parser().parse_args(argv))
+    record = {
+        "arm": arm,
+        "seed": seed,
+        "train_loss": summary["last_metrics"].get("loss"),
+        "probe": {k: probe[k] for k in metrics},
+        "probe_per_class": probe["per_class_accuracy"],
+    }
+    return probe, record
+
+
+def run_job(job, argv: list[str], out: Path) -> dict:
+    """``job.main(argv)`` (a training job module writing into ``out``) with its stdout in
+    ``out/job_stdout.txt``; returns the job's ``out/summary.json``."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "job_stdout.txt", "w") as log, contextlib.redirect_stdout(log):
-        (train_longtail if arm.startswith("sup-") else train_clip).main(argv)
+        job.main(argv)
     return json.loads((out / "summary.json").read_text())
 
 
@@ -286,7 +318,6 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads(previous.read_text())
         if all(old["config"].get(k) == results["config"][k] for k in budget_keys):
             results["runs"] = old["runs"]
-    probe_parser = linear_probe.build_parser()
     for arm in args.arms:
         for seed in args.seeds:
             if any(r["arm"] == arm and r["seed"] == seed for r in results["runs"]):
@@ -294,27 +325,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.time()
             arm_out = out / "arms" / f"{arm}-seed{seed}"
             summary = train_arm(arm, seed, data, runs, arm_out, args, probe_test)
-            probe_args = probe_parser.parse_args(
-                [
-                    str(probe_train),
-                    "--test-data",
-                    str(probe_test),
-                    "--pretrained",
-                    str(arm_out / "model.safetensors"),
-                    "--class-counts-from",
-                    str(data),
-                    "--cpu",
-                ]
-            )
-            probe = linear_probe.probe(probe_args)
-            record = {
-                "arm": arm,
-                "seed": seed,
-                "seconds": time.time() - t0,
-                "train_loss": summary["last_metrics"].get("loss"),
-                "probe": {k: probe[k] for k in METRICS},
-                "probe_per_class": probe["per_class_accuracy"],
-            }
+            probe, record = probe_arm(arm, seed, arm_out, summary, (probe_train, probe_test, data), METRICS)
+            record["seconds"] = time.time() - t0
             if arm.startswith("sup-"):
                 ev = json.loads((arm_out / "eval.json").read_text())
                 record["classifier"] = {k: ev["raw"][k] for k in METRICS}

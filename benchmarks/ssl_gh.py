@@ -23,7 +23,6 @@ keeps the finished (arm, seed) records.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
@@ -31,9 +30,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from downstream import summarise, write_balanced_set  # noqa: E402
+from downstream import probe_arm, run_job, summarise, write_balanced_set  # noqa: E402
 
-from jobs import linear_probe, train_ssl  # noqa: E402
+from jobs import train_ssl  # noqa: E402
 from rebalance.data.atomic import atomic_write_json  # noqa: E402
 from rebalance.data.synthetic import generate_dataset  # noqa: E402
 
@@ -44,7 +43,7 @@ BUDGET += ("probe_train", "probe_test")
 
 
 def train(arm: str, seed: int, data: Path, out: Path, args: argparse.Namespace) -> dict:
-    """One ``jobs.train_ssl`` run (its stdout goes to ``out/job_stdout.txt``); returns its summary."""
+    """One ``jobs.train_ssl`` run into ``out`` (its stdout in ``out/job_stdout.txt``); returns its summary."""
     argv = [str(data), "--out", str(out), "--seed", str(seed), "--epochs", str(args.epochs)]
     argv += ["--steps-per-epoch", str(args.steps_per_epoch), "--batch-size", str(args.batch_size)]
     argv += ["--lr", str(args.lr)]
@@ -56,10 +55,7 @@ def train(arm: str, seed: int, data: Path, out: Path, args: argparse.Namespace) 
             "--gh-ramp-epochs",
             str(args.gh_ramp_epochs),
         ]
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "job_stdout.txt", "w") as log, contextlib.redirect_stdout(log):
-        train_ssl.main(argv)
-    return json.loads((out / "summary.json").read_text())
+    return run_job(train_ssl, argv, out)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -105,7 +101,6 @@ def main(argv: list[str] | None = None) -> dict:
         old = json.loads(previous.read_text())
         if all(old["config"].get(k) == v for k, v in config.items()):
             results["runs"] = old["runs"]
-    probe_parser = linear_probe.build_parser()
     with ray_session(RaySpec(address="local")):
         for seed in args.seeds:
             for arm in ARMS:
@@ -114,25 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
                 t0 = time.time()
                 arm_out = out / "arms" / f"{arm}-seed{seed}"
                 summary = train(arm, seed, data, arm_out, args)
-                probe = linear_probe.probe(
-                    probe_parser.parse_args(
-                        [str(probe_train), "--test-data", str(probe_test), "--cpu"]
-                        + [
-                            "--pretrained",
-                            str(arm_out / "model.safetensors"),
-                            "--class-counts-from",
-                            str(data),
-                        ]
-                    )
-                )
-                record = {
-                    "arm": arm,
-                    "seed": seed,
-                    "seconds": time.time() - t0,
-                    "train_loss": summary["last_metrics"].get("loss"),
-                    "probe": {k: probe[k] for k in METRICS},
-                    "probe_per_class": probe["per_class_accuracy"],
-                }
+                sets = (probe_train, probe_test, data)
+                probe, record = probe_arm(arm, seed, arm_out, summary, sets, METRICS)
+                record["seconds"] = time.time() - t0
                 results["runs"].append(record)
                 atomic_write_json(results, previous)
                 print(
