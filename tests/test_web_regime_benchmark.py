@@ -104,3 +104,33 @@ def _check_balance_arms(results, out):
     share = results["concept_share"]
     assert share["metaclip"][0] < share["plain"][0] and share["metaclip"][-1] > share["plain"][-1]
     assert results["concept_tv"]["metaclip"] < results["concept_tv"]["plain"]
+
+
+def test_every_arm_is_the_spec_it_names(tmp_path):
+    """Every arm, the ``SWEEP`` ones included, builds a valid spec at the full benchmark's settings (k 64,
+    level 24), and the ``SPEC_DEFAULTS`` arms keep the spec's own cluster and balance defaults."""
+    from rebalance.spec import Spec
+
+    module = load_benchmark("web_regime")
+
+    def spec(name):
+        return Spec.from_dict(
+            module.pipeline_spec(tmp_path, module.ARMS[name], 64, 24, module.CARRY, 100_000)
+        )
+
+    for name, arm in module.ARMS.items():
+        s = spec(name)
+        if arm.get(module.SPEC_DEFAULTS):
+            assert s.cluster.image.k == s.cluster.text.k == "auto" and s.cluster.joint is None
+            assert s.balance.allow_partial is False and s.balance.tol == 1e-6
+        else:
+            assert s.cluster.image.k == 64 and s.balance.relax_for("image_cluster") in (None, 1.0, 3.0)
+    default = spec("default")
+    assert default.cluster.levels == () and default.balance.marginals == ("image_cluster", "text_cluster")
+    assert default.balance.relax == "auto" and default.balance.relax_for("image_cluster") == 1.0
+    assert spec("default-level").balance.marginals == ("image_cluster_1", "text_cluster_1")
+    assert spec("default-level").cluster.levels == (18,)
+    for k in module.SWEEP_LEVELS:
+        assert spec(f"levels-{k}").cluster.levels == (k,)
+        assert spec(f"levels-{k}").balance.relax_for("image_cluster_1") is None
+        assert spec(f"levels-{k}-rho1").balance.relax_for("image_cluster_1") == 1.0
