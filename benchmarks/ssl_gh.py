@@ -1,9 +1,10 @@
 """Geometric Harmonization (issue 16, item 3b): SimCLR with and without GH on the long-tailed built-in data.
 
     nice -n 10 .venv/bin/python benchmarks/ssl_gh.py --out runs/ssl-gh          # 3 seeds x 2 arms
-    .venv/bin/python benchmarks/ssl_gh.py --quick --out runs/ssl-gh-quick      # 1 seed, 2 short runs (smoke test)
+    nice -n 10 .venv/bin/python benchmarks/ssl_gh.py --out runs/ssl-gh --arms infonce gh gh-run
+    .venv/bin/python benchmarks/ssl_gh.py --quick --out runs/ssl-gh-quick      # 1 seed, 2 short runs
 
-Both arms are the real job, ``jobs.train_ssl`` (``rebalance-tiny``'s image tower from random weights, 2-layer
+Every arm is the real job, ``jobs.train_ssl`` (``rebalance-tiny``'s image tower from random weights, 2-layer
 projection head, two augmented views, InfoNCE at temperature 0.2), on the built-in long-tailed dataset
 (``generate_dataset``: 3,000 rows, 24 concepts, head / tail 63), same seeds, steps, batch and learning rate:
 
@@ -11,13 +12,16 @@ projection head, two augmented views, InfoNCE at temperature 0.2), on the built-
 - ``gh``: ``--gh``: InfoNCE + the GH loss (Zhou et al. 2023; ``rebalance.losses.GeometricHarmonizationLoss``)
   on a simplex ETF of ``--gh-classes`` vertices with a uniform class marginal, weight 0 for
   ``--gh-warmup-epochs`` (default half the epochs: GH starts from a warmed-up SSL model) and then ramped to
-  1 over ``--gh-ramp-epochs``.
+  1 over ``--gh-ramp-epochs``;
+- ``gh-run`` (only when ``--arms`` names it): the same with ``--gh-run OUT/run`` instead, the job's
+  documented path: K and the class marginal pi from the image clusters of a rebalance run of the dataset
+  with the spec's defaults (k auto = round(sqrt(3000)) = 55 clusters; pi their row fractions, long-tailed).
 
 Each trained tower is scored by ``jobs.linear_probe`` (frozen features, logistic regression fitted on a
 balanced set of ``--probe-train`` fresh renders per concept, tested on ``--probe-test`` per concept; tail =
 the 8 concepts with the fewest rows in the training data). Prints mean ± sample std over seeds per arm and
-the per-seed paired difference ``gh - infonce``; writes ``OUT/results.json``. A re-run with the same budget
-keeps the finished (arm, seed) records.
+the per-seed paired difference of each GH arm to ``infonce``; writes ``OUT/results.json``. A re-run with the
+same budget keeps the finished (arm, seed) records.
 """
 
 from __future__ import annotations
@@ -32,23 +36,27 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from downstream import probe_arm, run_job, summarise, write_balanced_set  # noqa: E402
 
+import rebalance  # noqa: E402
 from jobs import train_ssl  # noqa: E402
 from rebalance.data.atomic import atomic_write_json  # noqa: E402
 from rebalance.data.synthetic import generate_dataset  # noqa: E402
 
-ARMS = ("infonce", "gh")
+ARMS = ("infonce", "gh", "gh-run")
 METRICS = ("balanced_accuracy", "tail_accuracy", "head_accuracy", "class_gap")
 BUDGET = ("epochs", "steps_per_epoch", "batch_size", "lr", "gh_classes", "gh_warmup_epochs", "gh_ramp_epochs")
 BUDGET += ("probe_train", "probe_test")
 
 
-def train(arm: str, seed: int, data: Path, out: Path, args: argparse.Namespace) -> dict:
-    """One ``jobs.train_ssl`` run into ``out`` (its stdout in ``out/job_stdout.txt``); returns its summary."""
+def train(arm: str, seed: int, data: Path, out: Path, args: argparse.Namespace, run: Path | None) -> dict:
+    """One ``jobs.train_ssl`` run into ``out`` (its stdout in ``out/job_stdout.txt``); returns its summary.
+    ``run``: the rebalance run whose image clusters give ``gh-run`` its K and pi."""
     argv = [str(data), "--out", str(out), "--seed", str(seed), "--epochs", str(args.epochs)]
     argv += ["--steps-per-epoch", str(args.steps_per_epoch), "--batch-size", str(args.batch_size)]
     argv += ["--lr", str(args.lr)]
-    if arm == "gh":
-        argv += ["--gh", "--gh-classes", str(args.gh_classes)]
+    if arm in ("gh", "gh-run"):
+        argv += (
+            ["--gh", "--gh-classes", str(args.gh_classes)] if arm == "gh" else ["--gh", "--gh-run", str(run)]
+        )
         argv += [
             "--gh-warmup-epochs",
             str(args.gh_warmup_epochs),
@@ -64,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--out", default="runs/ssl-gh", help="working directory (default: %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=["infonce", "gh"])
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--steps-per-epoch", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -77,6 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--probe-test", type=int, default=50, help="balanced test images per concept")
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs of 3 steps of 32, small probe")
     args = parser.parse_args(argv)
+    if "infonce" not in args.arms:
+        parser.error("--arms must include infonce (the reference of the paired differences)")
     if args.quick:
         args.seeds, args.epochs, args.steps_per_epoch, args.batch_size = args.seeds[:1], 2, 3, 32
         args.probe_train, args.probe_test = 5, 10
@@ -102,13 +113,19 @@ def main(argv: list[str] | None = None) -> dict:
         if all(old["config"].get(k) == v for k, v in config.items()):
             results["runs"] = old["runs"]
     with ray_session(RaySpec(address="local")):
+        run = None
+        if "gh-run" in args.arms:  # the spec's defaults on the dataset, up to the clusters
+            run = out / "run"
+            embed = {"model": "rebalance-tiny", "pretrained": "synthetic"}
+            spec = {"data": {"path": str(data)}, "embed": embed, "ray": {"address": "local"}}
+            rebalance.run(spec, run, until="cluster")
         for seed in args.seeds:
-            for arm in ARMS:
+            for arm in args.arms:
                 if any(r["arm"] == arm and r["seed"] == seed for r in results["runs"]):
                     continue
                 t0 = time.time()
                 arm_out = out / "arms" / f"{arm}-seed{seed}"
-                summary = train(arm, seed, data, arm_out, args)
+                summary = train(arm, seed, data, arm_out, args, run)
                 sets = (probe_train, probe_test, data)
                 probe, record = probe_arm(arm, seed, arm_out, summary, sets, METRICS)
                 record["seconds"] = time.time() - t0
@@ -121,12 +138,17 @@ def main(argv: list[str] | None = None) -> dict:
                     flush=True,
                 )
     by = {(r["arm"], r["seed"]): r for r in results["runs"]}
-    seeds = [s for s in args.seeds if all((a, s) in by for a in ARMS)]
+    seeds = [s for s in args.seeds if all((a, s) in by for a in args.arms)]
     results["summary"] = {
-        arm: {m: summarise([by[arm, s]["probe"][m] for s in seeds]) for m in METRICS} for arm in ARMS
+        arm: {m: summarise([by[arm, s]["probe"][m] for s in seeds]) for m in METRICS} for arm in args.arms
     }
-    results["paired_difference"] = {
-        m: summarise([by["gh", s]["probe"][m] - by["infonce", s]["probe"][m] for s in seeds]) for m in METRICS
+    results["paired_difference_to_infonce"] = {
+        arm: {
+            m: summarise([by[arm, s]["probe"][m] - by["infonce", s]["probe"][m] for s in seeds])
+            for m in METRICS
+        }
+        for arm in args.arms
+        if arm != "infonce"
     }
     results["seconds"] = time.time() - t_start
     atomic_write_json(results, previous)
@@ -136,9 +158,10 @@ def main(argv: list[str] | None = None) -> dict:
         f" {args.batch_size}, GH warm-up {args.gh_warmup_epochs} epochs; seeds {seeds}; mean ± sample std"
     )
     print(f"  {'arm':18s} " + " ".join(f"{m:>17s}" for m in METRICS))
-    rows = [*((a, results["summary"][a]) for a in ARMS), ("gh - infonce", results["paired_difference"])]
+    rows = [(a, results["summary"][a]) for a in args.arms]
+    rows += [(f"{a} - infonce", row) for a, row in results["paired_difference_to_infonce"].items()]
     for name, row in rows:
-        sign = "+" if name.startswith("gh -") else ""
+        sign = "+" if name.endswith(" - infonce") else ""
         print(
             f"  {name:18s} " + " ".join(f"{row[m]['mean']:{sign}.4f} ± {row[m]['std']:.4f}" for m in METRICS)
         )
