@@ -189,12 +189,24 @@ def train_arm(
     return run_job(train_longtail if arm.startswith("sup-") else train_clip, argv, out)
 
 
+def todo(runs: list[dict], pairs: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The (arm, seed) ``pairs`` without a record in ``runs`` (those an earlier invocation finished)."""
+    done = {(r["arm"], r["seed"]) for r in runs}
+    return [pair for pair in pairs if pair not in done]
+
+
 def probe_arm(
-    arm: str, seed: int, arm_out: Path, summary: dict, sets: tuple[Path, Path, Path], metrics: tuple[str, ...]
+    arm: str,
+    seed: int,
+    arm_out: Path,
+    summary: dict,
+    sets: tuple[Path, Path, Path],
+    metrics: tuple[str, ...],
+    t0: float,
 ) -> tuple[dict, dict]:
     """``jobs.linear_probe`` on the model an arm trained into ``arm_out``: fitted on ``sets[0]``, tested on
     ``sets[1]``, head / tail by the class counts of ``sets[2]``. Returns the probe's result and the arm's
-    record (its ``metrics``, per-class accuracy and the job's last loss)."""
+    record (its ``metrics``, per-class accuracy, the job's last loss, seconds since ``t0``)."""
     probe_train, probe_test, counts_from = sets
     argv = [
         str(probe_train),
@@ -211,6 +223,7 @@ def probe_arm(
         "train_loss": summary["last_metrics"].get("loss"),
         "probe": {k: probe[k] for k in metrics},
         "probe_per_class": probe["per_class_accuracy"],
+        "seconds": time.time() - t0,
     }
     return probe, record
 
@@ -318,33 +331,29 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads(previous.read_text())
         if all(old["config"].get(k) == results["config"][k] for k in budget_keys):
             results["runs"] = old["runs"]
-    for arm in args.arms:
-        for seed in args.seeds:
-            if any(r["arm"] == arm and r["seed"] == seed for r in results["runs"]):
-                continue
-            t0 = time.time()
-            arm_out = out / "arms" / f"{arm}-seed{seed}"
-            summary = train_arm(arm, seed, data, runs, arm_out, args, probe_test)
-            probe, record = probe_arm(arm, seed, arm_out, summary, (probe_train, probe_test, data), METRICS)
-            record["seconds"] = time.time() - t0
-            if arm.startswith("sup-"):
-                ev = json.loads((arm_out / "eval.json").read_text())
-                record["classifier"] = {k: ev["raw"][k] for k in METRICS}
-                record["classifier_posthoc"] = {k: ev["posthoc_adjusted"][k] for k in METRICS}
-                record["classifier_per_class"] = ev["raw"]["per_class_accuracy"]
-            results["runs"].append(record)
-            print(
-                f"{arm:20s} seed {seed}: probe bal.acc {probe['balanced_accuracy']:.4f} tail {probe['tail_accuracy']:.4f}"
-                + (
-                    f" | classifier bal.acc {record['classifier']['balanced_accuracy']:.4f}"
-                    f" tail {record['classifier']['tail_accuracy']:.4f}"
-                    if "classifier" in record
-                    else ""
-                )
-                + f" ({record['seconds']:.0f} s)",
-                flush=True,
+    for arm, seed in todo(results["runs"], [(a, s) for a in args.arms for s in args.seeds]):
+        t0 = time.time()
+        arm_out = out / "arms" / f"{arm}-seed{seed}"
+        summary = train_arm(arm, seed, data, runs, arm_out, args, probe_test)
+        probe, record = probe_arm(arm, seed, arm_out, summary, (probe_train, probe_test, data), METRICS, t0)
+        if arm.startswith("sup-"):
+            ev = json.loads((arm_out / "eval.json").read_text())
+            record["classifier"] = {k: ev["raw"][k] for k in METRICS}
+            record["classifier_posthoc"] = {k: ev["posthoc_adjusted"][k] for k in METRICS}
+            record["classifier_per_class"] = ev["raw"]["per_class_accuracy"]
+        results["runs"].append(record)
+        print(
+            f"{arm:20s} seed {seed}: probe bal.acc {probe['balanced_accuracy']:.4f} tail {probe['tail_accuracy']:.4f}"
+            + (
+                f" | classifier bal.acc {record['classifier']['balanced_accuracy']:.4f}"
+                f" tail {record['classifier']['tail_accuracy']:.4f}"
+                if "classifier" in record
+                else ""
             )
-            atomic_write_json(results, out / "results.json")
+            + f" ({record['seconds']:.0f} s)",
+            flush=True,
+        )
+        atomic_write_json(results, out / "results.json")
 
     # every finished record counts, also those of earlier invocations with other --arms / --seeds
     arms = [a for a in ARMS if any(r["arm"] == a for r in results["runs"])]

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from downstream import probe_arm, run_job, summarise, write_balanced_set  # noqa: E402
+from downstream import probe_arm, run_job, summarise, todo, write_balanced_set  # noqa: E402
 
 import rebalance  # noqa: E402
 from jobs import train_ssl  # noqa: E402
@@ -119,24 +119,20 @@ def main(argv: list[str] | None = None) -> dict:
             embed = {"model": "rebalance-tiny", "pretrained": "synthetic"}
             spec = {"data": {"path": str(data)}, "embed": embed, "ray": {"address": "local"}}
             rebalance.run(spec, run, until="cluster")
-        for seed in args.seeds:
-            for arm in args.arms:
-                if any(r["arm"] == arm and r["seed"] == seed for r in results["runs"]):
-                    continue
-                t0 = time.time()
-                arm_out = out / "arms" / f"{arm}-seed{seed}"
-                summary = train(arm, seed, data, arm_out, args, run)
-                sets = (probe_train, probe_test, data)
-                probe, record = probe_arm(arm, seed, arm_out, summary, sets, METRICS)
-                record["seconds"] = time.time() - t0
-                results["runs"].append(record)
-                atomic_write_json(results, previous)
-                print(
-                    f"{arm:8s} seed {seed}: probe balanced {probe['balanced_accuracy']:.4f}"
-                    f" tail {probe['tail_accuracy']:.4f} loss {record['train_loss']:.3f}"
-                    f" ({record['seconds']:.0f} s)",
-                    flush=True,
-                )
+        for arm, seed in todo(results["runs"], [(a, s) for s in args.seeds for a in args.arms]):
+            t0 = time.time()
+            arm_out = out / "arms" / f"{arm}-seed{seed}"
+            summary = train(arm, seed, data, arm_out, args, run)
+            sets = (probe_train, probe_test, data)
+            probe, record = probe_arm(arm, seed, arm_out, summary, sets, METRICS, t0)
+            results["runs"].append(record)
+            atomic_write_json(results, previous)
+            print(
+                f"{arm:8s} seed {seed}: probe balanced {probe['balanced_accuracy']:.4f}"
+                f" tail {probe['tail_accuracy']:.4f} loss {record['train_loss']:.3f}"
+                f" ({record['seconds']:.0f} s)",
+                flush=True,
+            )
     by = {(r["arm"], r["seed"]): r for r in results["runs"]}
     seeds = [s for s in args.seeds if all((a, s) in by for a in args.arms)]
     results["summary"] = {
