@@ -222,7 +222,10 @@ class ClusterSpec:
     ``joint``: also k-means on each row's joint vector (its unit image and text vectors concatenated and
     scaled by 1/sqrt(2), a unit vector), giving ``joint_cluster``; null (the default) for none. ``init``:
     how each k-means run starts, ``kmeans++`` (D^2 seeding) or ``random`` (k distinct random rows, faiss's
-    own start); ``nredo`` runs from seeds seed, seed + 1, ... and keeps the smallest squared error.
+    own start); ``nredo`` runs from seeds seed, seed + 1, ... and keeps the smallest squared error;
+    ``auto`` (the default): as many as a work budget allows for the side's training sample
+    (:func:`rebalance.kernels.kmeans.auto_nredo`, resolved by the cluster stage; ``clusters.json`` records
+    the number run).
     """
 
     image: KMeansSpec = field(default_factory=KMeansSpec)
@@ -233,7 +236,7 @@ class ClusterSpec:
     spherical: bool = True
     sample_per_centroid: int = 256
     seed: int = 0
-    nredo: int = 1  # random initialisations; the best objective is kept
+    nredo: int | Literal["auto"] = "auto"  # seeded restarts; the best objective is kept
     levels: tuple[int, ...] = ()  # coarser levels: k-means on the centroids of the level below
     resampling_steps: int = 10  # per coarser level: re-run k-means on each cluster's nearest members
 
@@ -251,8 +254,10 @@ class ClusterSpec:
             below = k
         if self.niter < 1:
             raise SpecError("cluster.niter", "must be >= 1", self.niter)
-        if self.nredo < 1:
-            raise SpecError("cluster.nredo", "must be >= 1", self.nredo)
+        if self.nredo != "auto" and (
+            isinstance(self.nredo, bool) or not isinstance(self.nredo, int) or self.nredo < 1
+        ):
+            raise SpecError("cluster.nredo", "must be an integer >= 1 or 'auto'", self.nredo)
         if self.sample_per_centroid < 1:
             raise SpecError("cluster.sample_per_centroid", "must be >= 1", self.sample_per_centroid)
         if self.resampling_steps < 0:

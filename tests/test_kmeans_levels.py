@@ -116,21 +116,42 @@ def sse(x, centroids):
     return float(assign(x, np.ascontiguousarray(centroids, dtype=np.float32))[1].astype(np.float64).sum())
 
 
-def test_seeded_restarts_match_scikit_learn_on_a_long_tailed_mixture():
-    """k-means++ seeds, best of 20 seeded restarts (nredo): NMI within 0.02 of scikit-learn's
+def test_default_restarts_match_scikit_learn_on_a_long_tailed_mixture():
+    """The default (``cluster.nredo: auto``, k-means++ seeds): NMI within 0.02 of scikit-learn's
     KMeans(n_init=10) and objective <= 1.01x of it; faiss's random start, which spends centroids on the
     head and merges the tail, is measurably worse on the same vectors."""
     from sklearn.cluster import KMeans
     from sklearn.metrics import normalized_mutual_info_score as nmi
 
+    from rebalance.spec import ClusterSpec
+
     x, truth = long_tailed_mixture()
     reference = KMeans(8, n_init=10, random_state=0).fit(x)
     ref_nmi, ref_obj = nmi(truth, reference.labels_), sse(x, reference.cluster_centers_)
-    ours = train_kmeans(x, 8, spherical=False, nredo=20, init="kmeans++").centroids
+    default = ClusterSpec()
+    assert default.nredo == "auto" and default.init == "kmeans++"
+    ours = train_kmeans(x, 8, spherical=False, nredo=default.nredo, init=default.init).centroids
     assert nmi(truth, assign(x, ours)[0]) >= ref_nmi - 0.02
     assert sse(x, ours) <= 1.01 * ref_obj
     random = train_kmeans(x, 8, spherical=False, init="random").centroids
     assert sse(x, random) > 1.03 * ref_obj and nmi(truth, assign(x, random)[0]) < ref_nmi - 0.05
+
+
+def test_auto_nredo_follows_the_work_budget():
+    """nredo auto = clamp(floor(2^28 / (n k d)), 1, 10): 10 on issue 15's mixture, 1 at the issue's scale,
+    and train_kmeans runs that many (the best of them is the best of the explicit runs)."""
+    from rebalance.kernels.kmeans import auto_nredo
+
+    assert auto_nredo(3730, 8, 48) == 10  # 1.4e6 multiply-adds per iteration
+    assert auto_nredo(262_144, 1024, 512) == 1
+    assert [auto_nredo(8192, 32, 512), auto_nredo(8192, 33, 512), auto_nredo(2**20, 16, 16)] == [2, 1, 1]
+    assert auto_nredo(2**28 // 3, 1, 1) == 3
+    x, _ = zipf_mixture(n=300, seed=2)
+    auto = train_kmeans(x, 4, niter=5, nredo="auto").centroids
+    np.testing.assert_array_equal(auto, train_kmeans(x, 4, niter=5, nredo=10).centroids)
+    for bad in (0, True, "many"):
+        with pytest.raises(ValueError, match="nredo must be an integer >= 1 or 'auto'"):
+            train_kmeans(x, 4, nredo=bad)
 
 
 def test_kmeans_plus_plus_paths_draw_distinct_rows():

@@ -103,6 +103,20 @@ def test_yaml_numbers_without_a_dot_are_numbers(data_dir, tmp_path):
         Spec.from_dict({"data": {"path": data_dir}, "cluster": {"niter": "1e1"}})
 
 
+def test_cluster_nredo_is_auto_or_a_positive_integer(data_dir):
+    def nredo(value):
+        return Spec.from_dict({"data": {"path": data_dir}, "cluster": {"nredo": value}}).cluster.nredo
+
+    assert Spec.from_dict({"data": {"path": data_dir}}).cluster.nredo == "auto"
+    assert nredo("auto") == "auto" and nredo(20) == 20 and nredo(1) == 1
+    for bad in (0, -2):
+        with pytest.raises(SpecError, match=r"'cluster.nredo': must be an integer >= 1 or 'auto'"):
+            nredo(bad)
+    for bad in ("many", 2.5, True, "Auto"):
+        with pytest.raises(SpecError, match="'cluster.nredo': expected an integer or 'auto'"):
+            nredo(bad)
+
+
 def test_unknown_keys_suggest_the_right_one(data_dir):
     with pytest.raises(SpecError, match=r"'cluster.nitre': unknown field; did you mean 'niter'"):
         Spec.from_dict({"data": {"path": data_dir}, "cluster": {"nitre": 3}})

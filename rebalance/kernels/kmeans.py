@@ -19,6 +19,7 @@ __all__ = [
     "closest_per_cluster",
     "level_labels",
     "kmeans_plus_plus",
+    "auto_nredo",
     "joint_vectors",
 ]
 
@@ -109,15 +110,15 @@ def d2_sample(x: np.ndarray, m: int, rng: np.random.Generator) -> tuple[np.ndarr
 
 
 def greedy_kmeans_plus_plus(
-    y: np.ndarray, k: int, rng: np.random.Generator, weights: np.ndarray | None = None
+    y: np.ndarray, k: int, rng: np.random.Generator, weights: np.ndarray | None = None, trials: int = 0
 ) -> np.ndarray:
     """Greedy weighted k-means++ (scikit-learn's ``kmeans_plusplus``): indices (k,) of k rows of ``y`` (c, d),
-    the first drawn with probability proportional to its weight, each next the best of 2 + ln k rows drawn
-    with probability w D^2 / sum w D^2: the one that leaves the smallest sum_i w_i min_j ||y_i - c_j||^2.
-    O(c k d log k): meant for c a small multiple of k."""
+    the first drawn with probability proportional to its weight, each next the best of ``trials`` rows
+    (at least 2 + ln k, scikit-learn's number) drawn with probability w D^2 / sum w D^2: the one that leaves
+    the smallest sum_i w_i min_j ||y_i - c_j||^2. O(c k d trials): meant for c a small multiple of k."""
     c = y.shape[0]
     w = np.ones(c) if weights is None else np.asarray(weights, dtype=np.float64)
-    trials = 2 + int(np.log(k))
+    trials = max(trials, 2 + int(np.log(k)))
     norms = np.einsum("ij,ij->i", y, y).astype(np.float64)
 
     def sq_dist(rows: np.ndarray) -> np.ndarray:  # (len(rows), c)
@@ -146,18 +147,22 @@ def greedy_kmeans_plus_plus(
 
 
 KMEANS_PP_ALL_ROWS = 4096  # kmeans_plus_plus runs greedy k-means++ on every row of at most this many rows
+KMEANS_PP_ALL_ROWS_TRIALS = 16  # greedy trials per centre on that path (candidates: 2 + ln k)
 
 
 def kmeans_plus_plus(x: np.ndarray, k: int, seed: int = 0, *, oversample: int = 2) -> np.ndarray:
     """k-means++ seeds: k distinct rows of ``x`` (n, d), (k, d) float32, built for k-means at scale.
 
     With n <= max(oversample * k, ``KMEANS_PP_ALL_ROWS``), greedy k-means++ on every row
-    (:func:`greedy_kmeans_plus_plus`, as scikit-learn seeds). Otherwise in the manner of k-means|| (Bahmani et al. 2012): exact D^2 sampling of
+    (:func:`greedy_kmeans_plus_plus`, as scikit-learn seeds, with max(2 + ln k,
+    ``KMEANS_PP_ALL_ROWS_TRIALS``) trials per centre: on long-tailed mixtures a single run then reaches
+    scikit-learn's ``KMeans(n_init=10)`` about as often as another ``n_init=10`` run does, docs/design.md
+    "Seeding"). Otherwise in the manner of k-means|| (Bahmani et al. 2012): exact D^2 sampling of
     oversample * k candidate rows (:func:`d2_sample`, n oversample k d multiply-adds in faiss GEMMs,
     about ``oversample`` Lloyd iterations), each weighted by the number of rows nearest to it, then greedy
-    weighted k-means++ on the candidates picks the k seeds. The greedy step's local trials are what finds
-    small, distant clusters of a long-tailed mixture that plain D^2 sampling (which spends draws on the
-    spread of the head clusters) misses."""
+    weighted k-means++ (2 + ln k trials) on the candidates picks the k seeds. The greedy step's local
+    trials are what finds small, distant clusters of a long-tailed mixture that plain D^2 sampling (which
+    spends draws on the spread of the head clusters) misses."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = x.shape[0]
     if not 1 <= k <= n:
@@ -166,21 +171,37 @@ def kmeans_plus_plus(x: np.ndarray, k: int, seed: int = 0, *, oversample: int = 
         raise ValueError(f"oversample must be >= 1, got {oversample}")
     rng = np.random.default_rng(seed)
     if n <= max(oversample * k, KMEANS_PP_ALL_ROWS):
-        return x[greedy_kmeans_plus_plus(x, k, rng)].copy()
+        return x[greedy_kmeans_plus_plus(x, k, rng, trials=KMEANS_PP_ALL_ROWS_TRIALS)].copy()
     candidates, nearest = d2_sample(x, oversample * k, rng)
     weights = np.bincount(nearest, minlength=candidates.size).astype(np.float64)
     return x[candidates[greedy_kmeans_plus_plus(x[candidates], k, rng, weights)]].copy()
 
 
+AUTO_NREDO_BUDGET = 2**28  # multiply-adds per Lloyd iteration, summed over the restarts of nredo: auto
+AUTO_NREDO_MAX = 10  # the most restarts nredo: auto gives (scikit-learn's n_init)
+
+
+def auto_nredo(n: int, k: int, d: int) -> int:
+    """``nredo: auto`` for k-means of k centroids on n training rows of dimension d:
+    clamp(floor(B / (n k d)), 1, R_max), B = ``AUTO_NREDO_BUDGET`` = 2^28, R_max = ``AUTO_NREDO_MAX`` = 10.
+
+    One Lloyd iteration costs n k d multiply-adds, so the restarts together cost at most B per iteration
+    (beyond what one run costs): many where a run is cheap, as scikit-learn's n_init = 10, and 1 from
+    n k d > B / 2 on (k >= 33 at d = 512 with 256 training rows per centroid; 262,144 x 512 with k = 1024
+    is 1.4e11)."""
+    return int(min(AUTO_NREDO_MAX, max(1, AUTO_NREDO_BUDGET // max(1, n * k * d))))
+
+
 def train_kmeans(
     x: np.ndarray, k: int, *, niter: int = 20, spherical: bool = True, seed: int = 0, gpu: bool = False,
-    nredo: int = 1, init: str = "kmeans++",
+    nredo: int | str = 1, init: str = "kmeans++",
 ) -> KMeansResult:  # fmt: skip
     """Train k-means on ``x`` (n, d) float32 with faiss; the caller bounds n (faiss does no subsampling here).
 
     Spherical k-means re-normalises the centroids each iteration (for L2-normalised CLIP vectors).
     ``nredo`` runs from seeds seed, seed + 1, ... and keeps the centroids with the smallest sum of squared
-    distances sum_i min_j ||x_i - c_j||^2 (one criterion for spherical and plain k-means alike).
+    distances sum_i min_j ||x_i - c_j||^2 (one criterion for spherical and plain k-means alike);
+    ``"auto"``: :func:`auto_nredo` runs.
     ``init``: ``kmeans++`` (:func:`kmeans_plus_plus`, fed to faiss as its initial centroids) or ``random``
     (faiss's own start: k distinct random rows).
     """
@@ -190,6 +211,10 @@ def train_kmeans(
     n, d = x.shape
     if k < 1 or k > n:
         raise ValueError(f"k must lie in [1, {n}] for {n} training rows, got {k}")
+    if nredo == "auto":
+        nredo = auto_nredo(n, k, d)
+    if isinstance(nredo, bool) or not isinstance(nredo, int) or nredo < 1:
+        raise ValueError(f"nredo must be an integer >= 1 or 'auto', got {nredo!r}")
     best: tuple[float, KMeansResult] | None = None
     for redo in range(nredo):
         km = faiss.Kmeans(

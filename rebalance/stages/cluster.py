@@ -39,6 +39,7 @@ from rebalance.data.parts import part_path, part_summary, write_part
 from rebalance.data.readers import vector_matrix
 from rebalance.kernels.kmeans import (
     assign,
+    auto_nredo,
     gpu_available,
     hierarchical_kmeans,
     joint_vectors,
@@ -391,9 +392,13 @@ def _train_sides(
                 f"cluster.levels[0] = {spec.levels[0]} exceeds cluster.{side}.k = {k} (the level below); "
                 f"lower cluster.levels or set cluster.{side}.k"
             )
-        log.info("cluster: %s k-means, k=%d on %d x %d (%s)", side, k, *x.shape, "GPU" if gpu else "CPU")
+        nredo = auto_nredo(x.shape[0], k, x.shape[1]) if spec.nredo == "auto" else spec.nredo
+        log.info(
+            "cluster: %s k-means, k=%d on %d x %d, %d run(s) (%s)", side, k, *x.shape, nredo,
+            "GPU" if gpu else "CPU",
+        )  # fmt: skip
         result = train_kmeans(
-            x, k, niter=spec.niter, spherical=spec.spherical, seed=spec.seed, gpu=gpu, nredo=spec.nredo,
+            x, k, niter=spec.niter, spherical=spec.spherical, seed=spec.seed, gpu=gpu, nredo=nredo,
             init=spec.init,
         )  # fmt: skip
         centroids[side] = result.centroids
@@ -403,7 +408,7 @@ def _train_sides(
             "d": int(x.shape[1]),
             "seed": spec.seed,
             "niter": spec.niter,
-            "nredo": spec.nredo,
+            "nredo": nredo,
             "init": spec.init,
             "spherical": spec.spherical,
             "train_rows": int(x.shape[0]),
