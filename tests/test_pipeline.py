@@ -58,6 +58,8 @@ def test_demo_prints_summary_and_writes_contract(demo_run):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
     clusters = json.loads((demo_run / "clusters" / "clusters.json").read_text())
     assert clusters["image"]["k"] == 16 and sum(clusters["image"]["sizes"]) == 3000
+    # cluster.nredo auto, recorded as the runs made: clamp(2^28 // (n k d), 1, 10) on 3000 x 64, k = 16
+    assert clusters["image"]["nredo"] == clusters["text"]["nredo"] == min(10, 2**28 // (3000 * 16 * 64)) == 10
 
 
 def test_every_key_exactly_once(demo_run):
