@@ -157,7 +157,7 @@ def kmeans_plus_plus(x: np.ndarray, k: int, seed: int = 0, *, oversample: int = 
     (:func:`greedy_kmeans_plus_plus`, as scikit-learn seeds, with max(2 + ln k,
     ``KMEANS_PP_ALL_ROWS_TRIALS``) trials per centre: on long-tailed mixtures a single run then reaches
     scikit-learn's ``KMeans(n_init=10)`` about as often as another ``n_init=10`` run does, docs/design.md
-    "Seeding"). Otherwise in the manner of k-means|| (Bahmani et al. 2012): exact D^2 sampling of
+    "Restarts"). Otherwise in the manner of k-means|| (Bahmani et al. 2012): exact D^2 sampling of
     oversample * k candidate rows (:func:`d2_sample`, n oversample k d multiply-adds in faiss GEMMs,
     about ``oversample`` Lloyd iterations), each weighted by the number of rows nearest to it, then greedy
     weighted k-means++ (2 + ln k trials) on the candidates picks the k seeds. The greedy step's local
@@ -185,8 +185,8 @@ def auto_nredo(n: int, k: int, d: int) -> int:
     """``nredo: auto`` for k-means of k centroids on n training rows of dimension d:
     clamp(floor(B / (n k d)), 1, R_max), B = ``AUTO_NREDO_BUDGET`` = 2^28, R_max = ``AUTO_NREDO_MAX`` = 10.
 
-    One Lloyd iteration costs n k d multiply-adds, so the restarts together cost at most B per iteration
-    (beyond what one run costs): many where a run is cheap, as scikit-learn's n_init = 10, and 1 from
+    One Lloyd iteration costs n k d multiply-adds, so where this gives 2 or more runs, all of them together
+    cost at most B per iteration: many where a run is cheap, as scikit-learn's n_init = 10, and 1 from
     n k d > B / 2 on (k >= 33 at d = 512 with 256 training rows per centroid; 262,144 x 512 with k = 1024
     is 1.4e11)."""
     return int(min(AUTO_NREDO_MAX, max(1, AUTO_NREDO_BUDGET // max(1, n * k * d))))
