@@ -144,11 +144,6 @@ def test_node_lost_while_embedding_is_survived(cluster, demo_run, tmp_path):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
-@pytest.mark.skip(
-    reason="known fault, open in issue 17: after the node is replaced, the rerun's part-holding actors were "
-    "not placed on this machine (loading timed out after ray.placement_timeout_s); the first run's "
-    "PartsLostError is covered, the rerun is not yet reliable"
-)
 def test_node_lost_while_rows_are_resident_reruns_the_stage(cluster, demo_run, tmp_path):
     out, log = tmp_path / "run", tmp_path / "run.log"
     # the row path, and enough passes (one marginal: the first one converges, the rest change nothing)

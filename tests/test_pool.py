@@ -42,3 +42,18 @@ def test_resident_parts_that_cannot_load_fail_instead_of_waiting_forever(ray_loc
     with ResidentParts(load, [(1,), (2,), (3,)], 2, load_timeout_s=60) as parts:
         assert parts.reduce(lambda state: state) == 6
     assert ray.is_initialized()
+
+
+@pytest.mark.ray
+def test_resident_parts_load_on_the_actors_the_live_cpus_hold(ray_local):
+    """Asked for more one-CPU actors than the two CPUs of the local Ray (as a run sized from a lost node's
+    CPUs before Ray noticed the loss): the actors that cannot be placed are given up and every item is
+    loaded, once, on those placed."""
+    from rebalance.runtime.resident import ResidentParts
+
+    def load(i: int) -> list[int]:  # local: pickled by value for the actors
+        return [i]
+
+    with ResidentParts(load, [(i,) for i in range(7)], 3, load_timeout_s=60) as parts:
+        assert len(parts.actors) == 2
+        assert sorted(parts.reduce(lambda state: state, combine=lambda a, b: a + b)) == list(range(7))

@@ -5,10 +5,16 @@ dealt round-robin), then every driver step sends one small message (a ratio, a p
 each applies ``fn(state, *args)`` to its parts and combines the results, and the driver combines the
 actors'. The state lives only in actor memory, so an actor lost mid-iteration cannot be redone item by
 item: :class:`PartsLostError` says so, and a rerun of the stage (resume) starts the iteration again.
+
+The items are dealt once the actors are placed, to those Ray placed: a run sized from the CPUs of a node
+lost moments before (Ray counts a node until its health checks have failed, about 15 s by default) asks
+for more actors than the cluster now holds, and those the live CPUs cannot hold are given up.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Sequence
 from functools import reduce
 from typing import Any
@@ -21,7 +27,10 @@ from rebalance.runtime.pool import DEFAULT_PLACEMENT_TIMEOUT_S
 
 __all__ = ["PartsLostError", "ResidentParts"]
 
+log = logging.getLogger(__name__)
+
 Combine = Callable[[np.ndarray, np.ndarray], np.ndarray]
+PLACEMENT_POLL_S = 1.0  # how often the live CPUs are read while actors wait to be placed
 
 
 class PartsLostError(RuntimeError):
@@ -65,17 +74,55 @@ class ResidentParts:
         n_actors = max(1, min(n_actors, len(items)))
         remote_cls = ray.remote(_PartHolder).options(num_cpus=num_cpus, max_restarts=0)
         self.actors = [remote_cls.remote() for _ in range(n_actors)]
-        self._dealt = [list(range(j, len(items), n_actors)) for j in range(n_actors)]
-        load_ref = ray.put(load)
-        loads = [
-            a.load.remote(load_ref, [items[i] for i in idx])
-            for a, idx in zip(self.actors, self._dealt, strict=True)
-        ]
+        deadline = time.monotonic() + load_timeout_s
         try:
-            self._get(loads, timeout=load_timeout_s)
+            self._place(num_cpus, deadline, load_timeout_s)
+            n_actors = len(self.actors)
+            self._dealt = [list(range(j, len(items), n_actors)) for j in range(n_actors)]
+            load_ref = ray.put(load)
+            loads = [
+                a.load.remote(load_ref, [items[i] for i in idx])
+                for a, idx in zip(self.actors, self._dealt, strict=True)
+            ]
+            self._get(loads, timeout=max(0.0, deadline - time.monotonic()), limit=load_timeout_s)
         except BaseException:
             self.shutdown()
             raise
+
+    def _place(self, num_cpus: float, deadline: float, limit: float) -> None:
+        """Wait until every actor of ``self.actors`` is placed and started. While some wait, the cluster's
+        live CPUs are read every :data:`PLACEMENT_POLL_S`: when they hold fewer actors than are still
+        asked for (never fewer than have started, nor than one), the last waiting ones are killed and
+        dropped from ``self.actors`` (which keeps its order). :class:`PartsLostError` at ``deadline``, its
+        message naming ``limit`` s."""
+        waiting = {a.__ray_ready__.remote(): a for a in self.actors}
+        started = 0
+        while waiting:
+            left = deadline - time.monotonic()
+            done, _ = ray.wait(
+                list(waiting), num_returns=len(waiting), timeout=max(0.0, min(PLACEMENT_POLL_S, left))
+            )
+            self._get(done)  # an actor that died before it started: PartsLostError
+            for ref in done:
+                del waiting[ref]
+            started += len(done)
+            if not waiting:
+                return
+            if time.monotonic() >= deadline:
+                self._get(list(waiting), timeout=0, limit=limit)  # raises PartsLostError
+            fit = int(ray.cluster_resources().get("CPU", 0) // num_cpus) if num_cpus else len(self.actors)
+            excess = len(self.actors) - max(fit, started, 1)
+            if excess > 0:
+                dropped = list(waiting.values())[-excess:]
+                for actor in dropped:
+                    ray.kill(actor)
+                self.actors = [a for a in self.actors if a not in dropped]
+                waiting = {ref: a for ref, a in waiting.items() if a not in dropped}
+                log.warning(
+                    "the cluster's live CPUs hold %d of the %d actors asked for to hold parts (a node was "
+                    "lost or left): loading on %d",
+                    len(self.actors), len(self.actors) + excess, len(self.actors),
+                )  # fmt: skip
 
     def reduce(self, fn: Callable[..., np.ndarray], *args: Any, combine: Combine = np.add) -> np.ndarray:
         """combine over all parts of ``fn(state, *args)`` (``np.add`` for sums, ``np.logaddexp`` for
@@ -84,7 +131,11 @@ class ResidentParts:
         return reduce(combine, [r for r in results if r is not None])
 
     @staticmethod
-    def _get(refs: list[ray.ObjectRef], timeout: float | None = None) -> list[Any]:
+    def _get(
+        refs: list[ray.ObjectRef], timeout: float | None = None, limit: float | None = None
+    ) -> list[Any]:
+        """``ray.get(refs, timeout=timeout)``; a dead actor, or the timeout (``limit`` s in all, for the
+        message), is a :class:`PartsLostError`."""
         try:
             return ray.get(refs, timeout=timeout)
         except RayActorError as err:
@@ -94,8 +145,8 @@ class ResidentParts:
             ) from err
         except GetTimeoutError as err:
             raise PartsLostError(
-                f"an actor holding parts in memory died or was not placed within {timeout:g} s while loading "
-                "its parts; rerun the run with the same --out to redo this stage"
+                f"an actor holding parts in memory died or was not placed within {limit or timeout:g} s "
+                "while loading its parts; rerun the run with the same --out to redo this stage"
             ) from err
 
     def shutdown(self) -> None:
