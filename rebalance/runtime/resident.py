@@ -7,8 +7,8 @@ actors'. The state lives only in actor memory, so an actor lost mid-iteration ca
 item: :class:`PartsLostError` says so, and a rerun of the stage (resume) starts the iteration again.
 
 The items are dealt once the actors are placed, to those Ray placed: a run sized from the CPUs of a node
-lost moments before (Ray counts a node until its health checks have failed, about 15 s by default) asks
-for more actors than the cluster now holds, and those the live CPUs cannot hold are given up.
+lost moments before (Ray counts a node until its health checks have failed: 5 checks 3 s apart by
+default) asks for more actors than the cluster now holds, and those the live CPUs cannot hold are given up.
 """
 
 from __future__ import annotations
