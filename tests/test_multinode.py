@@ -161,7 +161,9 @@ def test_node_lost_while_rows_are_resident_reruns_the_stage(cluster, demo_run, t
     spec = _spec(demo_run, tmp_path, cluster.address, path="rows", iterations=3000)
     proc = _run(spec, out, log)
     holders: list = []
-    if _until(lambda: holders.extend(_actor_nodes(cluster, "_PartHolder")) or holders, proc):
+    # a holder titled ray::_PartHolder.reduce has loaded its parts (one lost before it started holds none:
+    # the stage goes on without it)
+    if _until(lambda: holders.extend(_actor_nodes(cluster, "_PartHolder.reduce")) or holders, proc):
         _replace(cluster, holders[0])
     code, output = _finish(proc, log)
     assert holders, "no node held a resident part"
@@ -172,7 +174,7 @@ def test_node_lost_while_rows_are_resident_reruns_the_stage(cluster, demo_run, t
     code, output = _finish(_run(spec, out, log), log)
     assert code == 0, output[-4000:]
     # sized for three actors (the lost node still counted), the rerun loads on the two nodes there are
-    assert "live CPUs hold 2 of the 3 actors" in output, output[-4000:]
+    assert "1 of the 3 actors asked for to hold parts dropped" in output, output[-4000:]
     stages = json.loads((out / "manifest.json").read_text())["stages"]
     assert stages["balance"]["status"] == stages["report"]["status"] == "complete"
     _assert_same_result(out, demo_run)

@@ -8,7 +8,8 @@ item: :class:`PartsLostError` says so, and a rerun of the stage (resume) starts 
 
 The items are dealt once the actors are placed, to those Ray placed: a run sized from the CPUs of a node
 lost moments before (Ray counts a node until its health checks have failed: 5 checks 3 s apart by
-default) asks for more actors than the cluster now holds, and those the live CPUs cannot hold are given up.
+default) asks for more actors than the cluster now holds. Those the live CPUs cannot hold, and any lost
+with that node before they started, are given up.
 """
 
 from __future__ import annotations
@@ -90,24 +91,30 @@ class ResidentParts:
             raise
 
     def _place(self, num_cpus: float, deadline: float, limit: float) -> None:
-        """Wait until every actor of ``self.actors`` is placed and started. While some wait, the cluster's
-        live CPUs are read every :data:`PLACEMENT_POLL_S`: when they hold fewer actors than are still
-        asked for (never fewer than have started, nor than one), the last waiting ones are killed and
-        dropped from ``self.actors`` (which keeps its order). :class:`PartsLostError` at ``deadline``, its
-        message naming ``limit`` s."""
+        """Wait until every actor of ``self.actors`` is placed and started, dropping from ``self.actors``
+        (which keeps its order) those that will not be: an actor lost with its node before it started
+        (it held nothing yet), and, as the cluster's live CPUs are read every :data:`PLACEMENT_POLL_S`,
+        the last waiting ones when the live CPUs hold fewer actors than are still asked for (never fewer
+        than have started, nor than one); those are killed. :class:`PartsLostError` at ``deadline`` (its
+        message naming ``limit`` s) or when none is left."""
         waiting = {a.__ray_ready__.remote(): a for a in self.actors}
-        started = 0
+        asked, started = len(self.actors), 0
         while waiting:
             left = deadline - time.monotonic()
             done, _ = ray.wait(
                 list(waiting), num_returns=len(waiting), timeout=max(0.0, min(PLACEMENT_POLL_S, left))
             )
-            self._get(done)  # an actor that died before it started: PartsLostError
+            died = []
             for ref in done:
+                try:
+                    ray.get(ref)
+                    started += 1
+                except RayActorError:
+                    died.append(waiting[ref])
                 del waiting[ref]
-            started += len(done)
+            self._drop(died, asked, "lost with its node before it started")
             if not waiting:
-                return
+                break
             if time.monotonic() >= deadline:
                 self._get(list(waiting), timeout=0, limit=limit)  # raises PartsLostError
             fit = int(ray.cluster_resources().get("CPU", 0) // num_cpus) if num_cpus else len(self.actors)
@@ -116,13 +123,22 @@ class ResidentParts:
                 dropped = list(waiting.values())[-excess:]
                 for actor in dropped:
                     ray.kill(actor)
-                self.actors = [a for a in self.actors if a not in dropped]
                 waiting = {ref: a for ref, a in waiting.items() if a not in dropped}
-                log.warning(
-                    "the cluster's live CPUs hold %d of the %d actors asked for to hold parts (a node was "
-                    "lost or left): loading on %d",
-                    len(self.actors), len(self.actors) + excess, len(self.actors),
-                )  # fmt: skip
+                self._drop(dropped, asked, f"the cluster's live CPUs hold {fit}: a node was lost or left")
+        if not self.actors:
+            raise PartsLostError(
+                "every actor asked for to hold parts was lost before it started; rerun the run with the same "
+                "--out to redo this stage"
+            )
+
+    def _drop(self, actors: list[Any], asked: int, why: str) -> None:
+        """Remove ``actors`` (not started, holding nothing) from ``self.actors``, with a warning."""
+        if actors:
+            self.actors = [a for a in self.actors if a not in actors]
+            log.warning(
+                "%d of the %d actors asked for to hold parts dropped (%s): %d left",
+                len(actors), asked, why, len(self.actors),
+            )  # fmt: skip
 
     def reduce(self, fn: Callable[..., np.ndarray], *args: Any, combine: Combine = np.add) -> np.ndarray:
         """combine over all parts of ``fn(state, *args)`` (``np.add`` for sums, ``np.logaddexp`` for
