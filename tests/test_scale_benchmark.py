@@ -59,4 +59,6 @@ def test_quick_run_measures_every_stage(tmp_path):
     embed = results["stages"]["embed"]
     assert embed["actor_peak_rss"] > 0 and embed["bytes_written"] > 0.5 * embed["bytes_read"]
     assert "| total |" in proc.stdout
+    report = results["stages"]["report"]
+    assert report["moments_floor_s"] > 0 and "spectra arithmetic alone" in proc.stdout
     assert not [p for p in tmp_path.iterdir() if p.name != "scale.json"]  # the scratch directory is gone
