@@ -175,8 +175,8 @@ def run_dedup(
     runner.map(label_part, [(run_root, i) for i in indices], "dedup labels")
     remove(shuffle)
     rows_by_size = np.zeros(max(map(len, histograms), default=0), np.int64)
-    for h in histograms:
-        rows_by_size[: len(h)] += h
+    for h in histograms:  # a batch without duplicates returns [] (not an int array)
+        rows_by_size[: len(h)] += np.asarray(h, np.int64)
     per_size = rows_by_size // np.maximum(np.arange(rows_by_size.size), 1)
     multi = {int(s): int(c) for s, c in enumerate(per_size) if s >= 2 and c > 0}
     rows_in_multi = int(rows_by_size.sum())
