@@ -73,8 +73,8 @@ class ResidentParts:
         if not items:
             raise ValueError("ResidentParts needs at least one item")
         n_actors = max(1, min(n_actors, len(items)))
-        remote_cls = ray.remote(_PartHolder).options(num_cpus=num_cpus, max_restarts=0)
-        self.actors = [remote_cls.remote() for _ in range(n_actors)]
+        self._remote_cls = ray.remote(_PartHolder).options(num_cpus=num_cpus, max_restarts=0)
+        self.actors = [self._remote_cls.remote() for _ in range(n_actors)]
         deadline = time.monotonic() + load_timeout_s
         try:
             self._place(num_cpus, deadline, load_timeout_s)
@@ -93,12 +93,14 @@ class ResidentParts:
     def _place(self, num_cpus: float, deadline: float, limit: float) -> None:
         """Wait until every actor of ``self.actors`` is placed and started, dropping from ``self.actors``
         (which keeps its order) those that will not be: an actor lost with its node before it started
-        (it held nothing yet), and, as the cluster's live CPUs are read every :data:`PLACEMENT_POLL_S`,
+        (it held nothing yet) is asked for again in its place, as many times in all as actors were asked
+        for (Ray may place actors on a node it has not yet found dead), then dropped; and, as the cluster's live CPUs are read every :data:`PLACEMENT_POLL_S`,
         the last waiting ones when the live CPUs hold fewer actors than are still asked for (never fewer
         than have started, nor than one); those are killed. :class:`PartsLostError` at ``deadline`` (its
         message naming ``limit`` s) or when none is left."""
         waiting = {a.__ray_ready__.remote(): a for a in self.actors}
         asked, started = len(self.actors), 0
+        replacements = asked  # actors lost before they started are replaced, at most this many in all
         while waiting:
             left = deadline - time.monotonic()
             done, _ = ray.wait(
@@ -112,7 +114,15 @@ class ResidentParts:
                 except RayActorError:
                     died.append(waiting[ref])
                 del waiting[ref]
-            self._drop(died, asked, "lost with its node before it started")
+            for actor in died[:replacements]:  # Ray placed it on a node it had not yet found dead: ask again
+                fresh = self._remote_cls.remote()
+                self.actors[self.actors.index(actor)] = fresh
+                waiting[fresh.__ray_ready__.remote()] = fresh
+                log.warning(
+                    "an actor asked for to hold parts was lost with its node before it started: asked again"
+                )
+            replaced, replacements = min(len(died), replacements), max(0, replacements - len(died))
+            self._drop(died[replaced:], asked, "lost with its node before it started")
             if not waiting:
                 break
             if time.monotonic() >= deadline:
