@@ -94,9 +94,10 @@ class ResidentParts:
         """Wait until every actor of ``self.actors`` is placed and started, dropping from ``self.actors``
         (which keeps its order) those that will not be: an actor lost with its node before it started
         (it held nothing yet) is asked for again in its place, as many times in all as actors were asked
-        for (Ray may place actors on a node it has not yet found dead), then dropped; and, as the cluster's live CPUs are read every :data:`PLACEMENT_POLL_S`,
-        the last waiting ones when the live CPUs hold fewer actors than are still asked for (never fewer
-        than have started, nor than one); those are killed. :class:`PartsLostError` at ``deadline`` (its
+        for (Ray may place actors on a node it has not yet found dead), then dropped; and, as the
+        cluster's live CPUs are read every :data:`PLACEMENT_POLL_S`, the last waiting ones when the live
+        CPUs hold fewer actors than are still asked for (never fewer than have started, nor than one);
+        those are killed. :class:`PartsLostError` at ``deadline`` (its
         message naming ``limit`` s) or when none is left."""
         waiting = {a.__ray_ready__.remote(): a for a in self.actors}
         asked, started = len(self.actors), 0
