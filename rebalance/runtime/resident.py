@@ -97,8 +97,8 @@ class ResidentParts:
         for (Ray may place actors on a node it has not yet found dead), then dropped; and, as the
         cluster's live CPUs are read every :data:`PLACEMENT_POLL_S`, the last waiting ones when the live
         CPUs hold fewer actors than are still asked for (never fewer than have started, nor than one);
-        those are killed. :class:`PartsLostError` at ``deadline`` (its
-        message naming ``limit`` s) or when none is left."""
+        those are killed. :class:`PartsLostError` at ``deadline`` (its message naming ``limit`` s) or when
+        none is left."""
         waiting = {a.__ray_ready__.remote(): a for a in self.actors}
         asked, started = len(self.actors), 0
         replacements = asked  # actors lost before they started are replaced, at most this many in all
@@ -115,15 +115,16 @@ class ResidentParts:
                 except RayActorError:
                     died.append(waiting[ref])
                 del waiting[ref]
-            for actor in died[:replacements]:  # Ray placed it on a node it had not yet found dead: ask again
+            replaced = died[:replacements]  # Ray placed them on a node it had not yet found dead: ask again
+            replacements -= len(replaced)
+            for actor in replaced:
                 fresh = self._remote_cls.remote()
                 self.actors[self.actors.index(actor)] = fresh
                 waiting[fresh.__ray_ready__.remote()] = fresh
                 log.warning(
                     "an actor asked for to hold parts was lost with its node before it started: asked again"
                 )
-            replaced, replacements = min(len(died), replacements), max(0, replacements - len(died))
-            self._drop(died[replaced:], asked, "lost with its node before it started")
+            self._drop(died[len(replaced) :], asked, "lost with its node before it started")
             if not waiting:
                 break
             if time.monotonic() >= deadline:
